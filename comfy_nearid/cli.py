@@ -1,0 +1,75 @@
+"""The ``nearid`` command line: one sub-command per module in :mod:`comfy_nearid.commands`.
+
+Each command module exposes ``add_arguments(parser)`` and ``run(args) -> int``; modules are
+imported only when their command runs (``nearid --help`` stays fast and imports no torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Sequence
+
+from . import __version__
+from .errors import NearIDError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "score": ("comfy_nearid.commands.score", "score generated images against subject reference images"),
+    "eval": ("comfy_nearid.commands.evaluate", "evaluate scorers: SSR/PA (NearID), MTG, DreamBench++ human alignment"),
+    "synth": ("comfy_nearid.commands.synth", "generate the synthetic near-identity benchmark"),
+    "demo": ("comfy_nearid.commands.demo", "run the whole method end to end on the synthetic benchmark"),
+    "convert": ("comfy_nearid.commands.convert", "convert the paper's released checkpoint to a NearID head file"),
+    "backbones": ("comfy_nearid.commands.backbones", "list registered backbones and where their weights are looked for"),
+}
+
+
+def _load_command(name: str):
+    module_name, _ = COMMANDS[name]
+    return importlib.import_module(module_name)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nearid",
+        description="NearID identity scoring: score, evaluate, train and demo identity heads.",
+    )
+    parser.add_argument("--version", action="version", version=f"comfy-nearid {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:  # only the chosen command's module is imported
+            _load_command(name).add_arguments(sp)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if a in COMMANDS), None)
+    return build_parser(command).parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if args.command is None:
+        build_parser().print_help()
+        return 2
+    try:
+        return int(_load_command(args.command).run(args) or 0)
+    except NearIDError as e:
+        print(f"nearid {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"nearid {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def entry_point() -> None:
+    sys.exit(main())
