@@ -1,0 +1,267 @@
+"""Frozen backbones that turn pixels into patch tokens, and their registry.
+
+Architectures are JSON files in ``model_configs/`` read into :class:`BackboneSpec`. Two
+families exist:
+
+- ``siglip``: a timm SigLIP ViT (the tower open_clip builds for its SigLIP2 models, looked up
+  through open_clip's own config so the two never disagree), built with GELU in its tanh form
+  as in the reference; tokens are the final-LayerNorm patch tokens, no class token. Its own
+  pooling is the pretrained MAP head (``attn_pool``).
+- ``mobilenet_v2``: torchvision's ImageNet MobileNetV2; tokens are the stride-16 map joined
+  with the upsampled stride-32 map, layer-normalised (no affine); its own pooling is the
+  global average of the final 1280-channel map.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import InvalidInputError
+from .head import HeadConfig, NearIDHead
+from .images import Preprocess
+
+logger = logging.getLogger(__name__)
+
+FAMILIES = ("siglip", "mobilenet_v2")
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Everything needed to build a backbone, preprocess its input and size its head."""
+
+    name: str
+    family: str
+    image_size: int
+    patch_size: int
+    embed_dim: int
+    head: HeadConfig
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    interpolation: str = "bicubic"
+    description: str = ""
+    open_clip_model: str | None = None
+    pretrained_tag: str | None = None
+    hf_reference: str | None = None
+    timm_model: str | None = None
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    weights_files: tuple[str, ...] = ()
+    weights_sha256: str | None = None
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """Token grid (rows, cols); pixels past ``grid * patch`` are not seen (as in the reference)."""
+        g = self.image_size // self.patch_size
+        return (g, g)
+
+    @property
+    def num_tokens(self) -> int:
+        gh, gw = self.grid_size
+        return gh * gw
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return Preprocess(self.image_size, tuple(self.mean), tuple(self.std), self.interpolation)
+
+    @property
+    def has_pretrained(self) -> bool:
+        return bool(self.weights_files)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "<dict>") -> "BackboneSpec":
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise InvalidInputError(f"backbone config {source}: unknown field(s) {sorted(unknown)}")
+        missing = {"name", "family", "image_size", "patch_size", "embed_dim", "head"} - set(d)
+        if missing:
+            raise InvalidInputError(f"backbone config {source}: missing field(s) {sorted(missing)}")
+        if d["family"] not in FAMILIES:
+            raise InvalidInputError(
+                f"backbone config {source}: family {d['family']!r} is not one of {FAMILIES}"
+            )
+        d = dict(d)
+        d["head"] = HeadConfig(dim=int(d["embed_dim"]), **d["head"])
+        for key in ("mean", "std"):
+            if key in d:
+                d[key] = tuple(float(x) for x in d[key])
+        d["weights_files"] = tuple(d.get("weights_files", ()))
+        return cls(**d)
+
+
+@lru_cache(maxsize=1)
+def _registry() -> dict[str, BackboneSpec]:
+    specs: dict[str, BackboneSpec] = {}
+    folder = resources.files("comfy_nearid") / "model_configs"
+    for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+        if entry.name.endswith(".json"):
+            spec = BackboneSpec.from_dict(json.loads(entry.read_text()), source=entry.name)
+            specs[spec.name] = spec
+    return specs
+
+
+def list_backbones() -> list[str]:
+    """Names of the registered backbones."""
+    return sorted(_registry())
+
+
+def get_backbone_spec(name: str) -> BackboneSpec:
+    try:
+        return _registry()[name]
+    except KeyError:
+        raise InvalidInputError(
+            f"unknown backbone {name!r}; registered backbones: {', '.join(list_backbones())}"
+        ) from None
+
+
+class Backbone(nn.Module):
+    """A frozen image encoder returning patch tokens ``[B, N, D]`` (always eval, no grad)."""
+
+    def __init__(self, spec: BackboneSpec, trunk: nn.Module) -> None:
+        super().__init__()
+        self.spec = spec
+        self.trunk = trunk
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "Backbone":  # frozen: never leaves eval mode
+        return super().train(False)
+
+    def _check_pixels(self, pixels: torch.Tensor) -> None:
+        s = self.spec.image_size
+        if pixels.ndim != 4 or pixels.shape[1] != 3 or pixels.shape[-2:] != (s, s):
+            raise InvalidInputError(
+                f"backbone {self.spec.name} expects preprocessed pixels [B, 3, {s}, {s}], "
+                f"got {tuple(pixels.shape)}"
+            )
+
+    @torch.no_grad()
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised pixels ``[B, 3, S, S]`` -> patch tokens ``[B, N, D]``."""
+        self._check_pixels(pixels)
+        if self.spec.family == "siglip":
+            return self.trunk.forward_features(pixels)
+        return self._mobilenet_tokens(pixels)[0]
+
+    @torch.no_grad()
+    def pooled(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The backbone's own pooled embedding ``[B, D']`` (not normalised)."""
+        self._check_pixels(pixels)
+        if self.spec.family == "siglip":
+            return self.trunk.forward_head(self.trunk.forward_features(pixels), pre_logits=True)
+        _, deep = self._mobilenet_tokens(pixels)
+        final = self.trunk.features[17:](deep)
+        return final.mean(dim=(2, 3))
+
+    def _mobilenet_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.trunk.features
+        s16 = feats[:14](pixels)  # [B, 96, S/16, S/16]
+        s32 = feats[14:17](s16)  # [B, 160, S/32, S/32]
+        up = F.interpolate(s32, size=s16.shape[-2:], mode="nearest")
+        tokens = torch.cat([s16, up], dim=1).flatten(2).transpose(1, 2)
+        return F.layer_norm(tokens, tokens.shape[-1:]), s32
+
+    def pooling_head_state(self) -> dict[str, torch.Tensor] | None:
+        """The pretrained pooling head in :class:`NearIDHead` names, or None if there is none."""
+        pool = getattr(self.trunk, "attn_pool", None)
+        if pool is None:
+            return None
+        return NearIDHead.state_from_timm_attn_pool(
+            {k: v.detach().clone() for k, v in pool.state_dict().items()}
+        )
+
+
+def build_trunk(spec: BackboneSpec) -> nn.Module:
+    """Build the backbone network with random weights (no download)."""
+    if spec.family == "siglip":
+        import timm
+
+        timm_name = spec.timm_model
+        if spec.open_clip_model:
+            timm_name = _timm_name_from_open_clip(spec)
+        kwargs = dict(spec.timm_kwargs)
+        kwargs.setdefault("patch_size", spec.patch_size)
+        return timm.create_model(
+            timm_name,
+            pretrained=False,
+            num_classes=0,
+            img_size=spec.image_size,
+            act_layer="gelu_tanh",  # the reference uses tanh-GELU; timm's SigLIP default is exact
+            **kwargs,
+        )
+    from torchvision.models import mobilenet_v2
+
+    return mobilenet_v2(weights=None)
+
+
+def _timm_name_from_open_clip(spec: BackboneSpec) -> str:
+    import open_clip
+
+    cfg = open_clip.get_model_config(spec.open_clip_model)
+    if cfg is None:
+        raise InvalidInputError(
+            f"open_clip does not know model {spec.open_clip_model!r} (backbone {spec.name}); "
+            "upgrade open_clip_torch"
+        )
+    name = cfg["vision_cfg"].get("timm_model_name")
+    if spec.timm_model and name != spec.timm_model:
+        logger.warning(
+            "open_clip maps %s to timm %s, registry says %s; using open_clip's",
+            spec.open_clip_model, name, spec.timm_model,
+        )
+    return name
+
+
+def load_backbone_state(trunk: nn.Module, spec: BackboneSpec, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load weights in open_clip (``visual.trunk.*``), timm or torchvision layout, strictly."""
+    for prefix in ("visual.trunk.", "trunk.", "module."):
+        if any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            break
+    expected = trunk.state_dict()
+    if spec.family == "mobilenet_v2":
+        state = {k: v for k, v in state.items() if k in expected or not k.startswith("classifier")}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    bad_shape = [
+        f"{k}: expected {tuple(expected[k].shape)}, found {tuple(state[k].shape)}"
+        for k in expected
+        if k in state and tuple(expected[k].shape) != tuple(state[k].shape)
+    ]
+    if missing or unexpected or bad_shape:
+        from .errors import CheckpointError
+
+        raise CheckpointError(
+            f"weights {source} do not fit backbone {spec.name}: "
+            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+            f"(e.g. {unexpected[:3]}), {len(bad_shape)} wrong shapes (e.g. {bad_shape[:2]})"
+        )
+    trunk.load_state_dict(state, strict=True)
+
+
+def build_backbone(
+    name: str | BackboneSpec,
+    pretrained: bool = True,
+    weights: str | Path | None = None,
+    allow_download: bool = False,
+) -> Backbone:
+    """Build a frozen backbone; with ``pretrained`` its weights are found on disk (see
+    :func:`comfy_nearid.weights.resolve_backbone_weights`) or the call fails at once."""
+    spec = name if isinstance(name, BackboneSpec) else get_backbone_spec(name)
+    trunk = build_trunk(spec)
+    if pretrained or weights is not None:
+        from .weights import read_state_dict, resolve_backbone_weights
+
+        path = resolve_backbone_weights(spec, weights, allow_download=allow_download)
+        load_backbone_state(trunk, spec, read_state_dict(path), str(path))
+        logger.info("loaded %s weights from %s", spec.name, path)
+    return Backbone(spec, trunk)

@@ -1,0 +1,293 @@
+"""Image and mask input handling: decoding files, normalising every input kind, preprocessing.
+
+Every image, whatever it arrives as (path, PIL image, numpy array, ``[B,3,H,W]`` tensor,
+ComfyUI ``[B,H,W,C]`` IMAGE tensor), is first turned into 8-bit RGB and then resized with
+Pillow's bicubic filter, exactly as the reference SigLIP processor does. One path for all
+kinds is what makes a file, its PIL image and its ComfyUI tensor give the same embedding.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ImageLoadError, InvalidInputError
+
+ImageInput = Union[str, Path, Image.Image, np.ndarray, torch.Tensor]
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+_RESAMPLE = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to RGB; transparent pixels are composited onto white."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I") or mode == "F":
+        # 16/32-bit integer or float grayscale: scale to 8 bits instead of clipping.
+        arr = np.asarray(img, dtype=np.float64)
+        if mode == "F":
+            top = 1.0 if arr.size and np.nanmax(arr) <= 1.0 else 255.0
+        else:
+            top = 65535.0 if arr.size and arr.max() > 255 else 255.0
+            if mode.startswith("I;16"):
+                top = 65535.0
+        arr = np.clip(np.nan_to_num(arr) / top * 255.0, 0, 255).round().astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "La", "RGBa", "PA") or (
+        mode == "P" and "transparency" in img.info
+    )
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Decode an image file into an RGB PIL image, applying its EXIF orientation.
+
+    Raises :class:`ImageLoadError` naming the file when it is missing, empty, truncated,
+    not an image, zero-sized or larger than Pillow's decompression-bomb limit.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ImageLoadError(p, "file does not exist")
+    if p.is_dir():
+        raise ImageLoadError(p, "is a directory, not an image file")
+    if p.stat().st_size == 0:
+        raise ImageLoadError(p, "file is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(p) as img:
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                return check_image(_to_rgb(img), p)
+    except ImageLoadError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageLoadError(
+            p, f"larger than Pillow's decompression-bomb limit ({Image.MAX_IMAGE_PIXELS} pixels): {e}"
+        ) from e
+    except UnidentifiedImageError as e:
+        raise ImageLoadError(p, "not a recognised image format") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageLoadError(p, f"corrupt or truncated image data ({e})") from e
+
+
+def load_image_bytes(data: bytes, description: str) -> Image.Image:
+    """Decode image bytes (e.g. a dataset cell) to RGB; errors name ``description``."""
+    import io
+
+    if not data:
+        raise ImageLoadError(description, "empty image bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                return check_image(_to_rgb(img), description)
+    except ImageLoadError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageLoadError(description, f"larger than the decompression-bomb limit: {e}") from e
+    except UnidentifiedImageError as e:
+        raise ImageLoadError(description, "not a recognised image format") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageLoadError(description, f"corrupt or truncated image data ({e})") from e
+
+
+def check_image(img: Image.Image, name: Any = "<image>") -> Image.Image:
+    if img.width == 0 or img.height == 0:
+        raise ImageLoadError(str(name), f"zero-size image ({img.width}x{img.height})")
+    return img
+
+
+def _tensor_layout(t: torch.Tensor, layout: str) -> str:
+    if layout in ("BHWC", "BCHW"):
+        return layout
+    if layout != "auto":
+        raise InvalidInputError(f"layout must be 'auto', 'BHWC' or 'BCHW', got {layout!r}")
+    last, second = t.shape[-1], t.shape[1]
+    channels_last = last in (1, 3, 4)
+    channels_first = second in (1, 3, 4)
+    if channels_last and not channels_first:
+        return "BHWC"
+    if channels_first and not channels_last:
+        return "BCHW"
+    if channels_last and channels_first:
+        # ComfyUI IMAGE is [B,H,W,3]; a [B,3,H,3] tensor is ambiguous only for 3-pixel images.
+        if last == 3 and second != 3:
+            return "BHWC"
+        if second == 3 and last != 3:
+            return "BCHW"
+        return "BHWC"
+    raise InvalidInputError(
+        f"cannot tell the channel axis of an image tensor of shape {tuple(t.shape)}: expected "
+        "[B,H,W,C] (ComfyUI IMAGE) or [B,C,H,W] with C in 1, 3, 4"
+    )
+
+
+def tensor_to_uint8(images: torch.Tensor | np.ndarray, layout: str = "auto", name: str = "images") -> np.ndarray:
+    """Validate a batch tensor/array and return uint8 ``[B,H,W,3]``.
+
+    Float input must be finite and within 0..1 (a 1e-3 tolerance is clipped); uint8 input is
+    taken as is. Grayscale is repeated to RGB and a 4th (alpha) channel is dropped.
+    """
+    t = torch.as_tensor(images) if isinstance(images, np.ndarray) else images
+    if t.ndim == 3:
+        t = t.unsqueeze(0)
+    if t.ndim != 4:
+        raise InvalidInputError(f"{name}: expected a 3-D or 4-D image tensor, got shape {tuple(t.shape)}")
+    if t.shape[0] == 0:
+        raise InvalidInputError(f"{name}: the image batch is empty (shape {tuple(t.shape)})")
+    if _tensor_layout(t, layout) == "BCHW":
+        t = t.permute(0, 2, 3, 1)
+    t = t.detach().cpu()
+    if t.shape[1] == 0 or t.shape[2] == 0:
+        raise InvalidInputError(f"{name}: zero-size images (shape {tuple(t.shape)})")
+    if t.dtype == torch.uint8:
+        arr = t.numpy()
+    elif t.is_floating_point():
+        t = t.float()
+        if not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise InvalidInputError(f"{name}: contains {bad} NaN or infinite values")
+        lo, hi = float(t.min()), float(t.max())
+        if lo < -1e-3 or hi > 1 + 1e-3:
+            raise InvalidInputError(
+                f"{name}: float images must be in 0..1, found values in [{lo:.4g}, {hi:.4g}]"
+            )
+        arr = (t.clamp(0, 1) * 255.0).round().to(torch.uint8).numpy()
+    else:
+        raise InvalidInputError(f"{name}: unsupported dtype {t.dtype}; use float in 0..1 or uint8")
+    c = arr.shape[-1]
+    if c == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    elif c == 4:
+        arr = arr[..., :3]
+    elif c != 3:
+        raise InvalidInputError(f"{name}: expected 1, 3 or 4 channels, got {c}")
+    return np.ascontiguousarray(arr)
+
+
+def as_pil_images(images: ImageInput | Sequence[ImageInput], layout: str = "auto") -> list[Image.Image]:
+    """Normalise any supported input into a list of RGB PIL images (in order)."""
+    if isinstance(images, (torch.Tensor, np.ndarray)):
+        arr = tensor_to_uint8(images, layout)
+        return [Image.fromarray(a, mode="RGB") for a in arr]
+    if isinstance(images, (str, Path, Image.Image)):
+        images = [images]
+    out: list[Image.Image] = []
+    for i, item in enumerate(images):
+        if isinstance(item, (str, Path)):
+            out.append(load_image(item))
+        elif isinstance(item, Image.Image):
+            out.append(check_image(_to_rgb(item), f"images[{i}]"))
+        elif isinstance(item, (torch.Tensor, np.ndarray)):
+            arr = tensor_to_uint8(item, layout, name=f"images[{i}]")
+            out.extend(Image.fromarray(a, mode="RGB") for a in arr)
+        else:
+            raise InvalidInputError(
+                f"images[{i}]: unsupported type {type(item).__name__}; expected a path, PIL image, "
+                "numpy array or tensor"
+            )
+    if not out:
+        raise InvalidInputError("images: no image given (empty list)")
+    return out
+
+
+def as_mask_arrays(masks: Any, count: int) -> list[np.ndarray]:
+    """Normalise masks into ``count`` float arrays in 0..1 of shape [H, W] (1 = subject).
+
+    Accepts a ComfyUI MASK ``[B,H,W]`` (or ``[H,W]``, broadcast to every image), a list of PIL
+    images / paths / arrays. A single mask is broadcast to the whole batch.
+    """
+    if isinstance(masks, (torch.Tensor, np.ndarray)):
+        t = torch.as_tensor(masks).detach().cpu()
+        if t.dtype == torch.bool:
+            t = t.float()
+        if t.ndim == 4 and t.shape[1] == 1:
+            t = t[:, 0]
+        if t.ndim == 2:
+            t = t.unsqueeze(0)
+        if t.ndim != 3:
+            raise InvalidInputError(f"masks: expected shape [B,H,W] or [H,W], got {tuple(t.shape)}")
+        t = t.float()
+        if not torch.isfinite(t).all():
+            raise InvalidInputError("masks: contains NaN or infinite values")
+        if t.numel() and (float(t.min()) < -1e-3 or float(t.max()) > 1 + 1e-3):
+            raise InvalidInputError(
+                f"masks: values must be in 0..1, found [{float(t.min()):.4g}, {float(t.max()):.4g}]"
+            )
+        arrays = [m.clamp(0, 1).numpy() for m in t]
+    else:
+        if isinstance(masks, (str, Path, Image.Image)):
+            masks = [masks]
+        arrays = []
+        for i, m in enumerate(masks):
+            if isinstance(m, (str, Path)):
+                p = Path(m)
+                try:
+                    with Image.open(p) as im:
+                        arrays.append(np.asarray(im.convert("L"), dtype=np.float32) / 255.0)
+                except (OSError, ValueError) as e:
+                    raise ImageLoadError(p, f"cannot read mask ({e})") from e
+            elif isinstance(m, Image.Image):
+                arrays.append(np.asarray(m.convert("L"), dtype=np.float32) / 255.0)
+            else:
+                arrays.extend(as_mask_arrays(m, 1) if np.ndim(m) == 2 else as_mask_arrays(m, len(m)))
+    if len(arrays) == 1 and count > 1:
+        arrays = arrays * count
+    if len(arrays) != count:
+        raise InvalidInputError(f"masks: got {len(arrays)} masks for {count} images")
+    return arrays
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize (no crop, aspect not kept) + scale to 0..1 + normalise, as in SigLIP's processor.
+
+    ``image_size`` is the square model input side in pixels.
+    """
+
+    image_size: int
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    interpolation: str = "bicubic"
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """RGB PIL image -> float32 ``[3, S, S]`` normalised pixels."""
+        s = self.image_size
+        img = image if image.mode == "RGB" else _to_rgb(image)
+        if img.size != (s, s):
+            img = img.resize((s, s), resample=_RESAMPLE[self.interpolation])
+        arr = np.asarray(img, dtype=np.float32) / np.float32(255.0)
+        mean = np.asarray(self.mean, dtype=np.float32)
+        std = np.asarray(self.std, dtype=np.float32)
+        arr = (arr - mean) / std
+        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+    def batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """List of RGB PIL images -> ``[B, 3, S, S]``."""
+        return torch.stack([self(im) for im in images])
+
+    def describe(self) -> str:
+        return (
+            f"resize{self.image_size}-{self.interpolation}-squash"
+            f"-mean{','.join(f'{m:g}' for m in self.mean)}-std{','.join(f'{s:g}' for s in self.std)}"
+        )
