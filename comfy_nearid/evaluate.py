@@ -49,6 +49,7 @@ __all__ = [
     "evaluate_table",
     "feature_scorer",
     "format_breakdown",
+    "region_features",
     "format_table",
     "model_scorer",
     "parse_scorer_spec",
@@ -174,6 +175,9 @@ def _plan(
         for source in wanted:
             dists = _padded(sample.distractors[source], sample.id, f"distractors of {source!r}")
             dmasks = _padded(sample.distractor_masks.get(source, []), sample.id, f"distractor masks of {source!r}")
+            # a distractor is inpainted into its view's object region on the same background,
+            # so without a mask of its own it takes its view's mask (MTG data ships only those)
+            dmasks = [dm if dm is not None else vm for dm, vm in zip(dmasks, masks)]
             plan.ids.append(sample.id)
             plan.categories.append(sample.category)
             plan.sources.append(source)
@@ -259,11 +263,15 @@ def _embed_distributed(items: Sequence[tuple["ImageRef", "ImageRef | None"]], sc
     if world <= 1:
         return embed_images(items, scorer.embed_fn, use_masks=scorer.use_masks,
                             batch_size=scorer.batch_size, progress=progress, desc=f"embedding ({scorer.name})")
+    import torch
     from accelerate import PartialState  # lazy: only when launched on several processes
     from accelerate.utils import gather_object
 
-    state = PartialState()
+    # without CUDA, `accelerate launch --multi_gpu` processes must be told to use gloo on CPU
+    state = PartialState(cpu=not torch.cuda.is_available())
     share = list(range(state.process_index, len(items), state.num_processes))
+    logger.info("process %d/%d embeds %d of %d distinct images", state.process_index, state.num_processes,
+                len(share), len(items))
     local = embed_images([items[i] for i in share], scorer.embed_fn, use_masks=scorer.use_masks,
                          batch_size=scorer.batch_size, progress=progress and state.is_main_process,
                          desc=f"embedding ({scorer.name}, {state.num_processes} processes)")
@@ -441,7 +449,8 @@ def csv_result(
     name: str, path: str | Path, *, benchmark: Benchmark = "ssr", n_resamples: int = 1000, seed: int = 0
 ) -> EvalResult:
     """Read a reference-format similarity CSV and compute its metrics."""
-    table = read_similarity_csv(path, default_source=name if benchmark == "ssr" else "mtg")
+    # a reference CSV holds one distractor set without naming it: its rows form one source
+    table = read_similarity_csv(path, default_source="all" if benchmark == "ssr" else "mtg")
     return evaluate_table(name, table, benchmark=benchmark, n_resamples=n_resamples, seed=seed,
                           config={"csv": str(path)})
 
@@ -609,39 +618,70 @@ def model_scorer(
 # Feature scorers: hand-made embeddings that see only one region of the image. They check
 # that the protocol measures what it claims: context-only features must fail on distractors
 # that share the exact background, object-only features must succeed.
-_HIST_BINS = 8  # per channel
+_HIST_BINS = 8  # per colour channel
+_RADIAL_BINS = 12  # shape signature: distances to the centroid / mean distance, over [0, 2.4)
 
 
-def _region_histogram(image: Image.Image, mask: Image.Image | None, region: Literal["object", "background"]) -> np.ndarray:
-    """Normalised joint RGB histogram (``bins^3``) of the object (mask >= 128) or its complement."""
+def _region_pixels(image: Image.Image, mask: Image.Image | None, region: str) -> tuple[np.ndarray, np.ndarray]:
+    """(RGB uint8 ``[H, W, 3]``, bool ``[H, W]`` selection of the region) for one image."""
     if mask is None:
         raise InvalidInputError(f"feature scorer ({region}) needs an object mask for every image")
     rgb = np.asarray(image.convert("RGB"))
-    m = np.asarray(mask.convert("L").resize(image.size, Image.NEAREST)) >= 128
-    keep = m if region == "object" else ~m
-    pixels = rgb[keep].astype(np.int64) * _HIST_BINS // 256  # [P, 3] bin indices
+    subject = np.asarray(mask.convert("L").resize(image.size, Image.NEAREST)) >= 128
+    return rgb, (subject if region == "object" else ~subject)
+
+
+def _colour_histogram(pixels: np.ndarray) -> np.ndarray:
+    """L2-normalised joint RGB histogram (``bins^3``) of ``[P, 3]`` uint8 pixels."""
     hist = np.zeros(_HIST_BINS**3, dtype=np.float64)
     if len(pixels):
-        codes = (pixels[:, 0] * _HIST_BINS + pixels[:, 1]) * _HIST_BINS + pixels[:, 2]
-        hist += np.bincount(codes, minlength=_HIST_BINS**3)
-        hist /= len(pixels)
+        q = pixels.astype(np.int64) * _HIST_BINS // 256
+        hist += np.bincount((q[:, 0] * _HIST_BINS + q[:, 1]) * _HIST_BINS + q[:, 2], minlength=_HIST_BINS**3)
     else:
-        hist[0] = 1e-12  # empty region: a tiny, still-valid direction
-    return hist
+        hist[0] = 1.0  # empty region: some valid direction
+    return hist / np.linalg.norm(hist)
+
+
+def _shape_signature(selected: np.ndarray) -> np.ndarray:
+    """L2-normalised histogram of pixel distances to the region's centroid, divided by their
+    mean: invariant to where the object sits, its size and its rotation."""
+    ys, xs = np.nonzero(selected)
+    hist = np.zeros(_RADIAL_BINS, dtype=np.float64)
+    if len(xs) > 1:
+        dist = np.hypot(xs - xs.mean(), ys - ys.mean())
+        scaled = dist / max(dist.mean(), 1e-9)
+        hist += np.bincount(np.minimum((scaled / 2.4 * _RADIAL_BINS).astype(np.int64), _RADIAL_BINS - 1),
+                            minlength=_RADIAL_BINS)
+    else:
+        hist[0] = 1.0
+    return hist / np.linalg.norm(hist)
+
+
+def region_features(image: Image.Image, mask: Image.Image | None, region: Literal["object", "background"]) -> np.ndarray:
+    """Feature vector of one region of an image (mask >= 128 = object).
+
+    ``background``: RGB histogram of the pixels outside the object (context only, 512-d).
+    ``object``: RGB histogram of the object's pixels plus its shape signature (524-d).
+    """
+    rgb, selected = _region_pixels(image, mask, region)
+    colour = _colour_histogram(rgb[selected])
+    if region == "background":
+        return colour
+    return np.concatenate([colour, _shape_signature(selected)])
 
 
 def feature_scorer(region: str, *, name: str | None = None, batch_size: int = 64) -> Scorer:
-    """A scorer whose embedding is the colour histogram of one region (needs masks).
+    """A scorer whose embedding sees only one region (needs masks); see :func:`region_features`.
 
-    ``region="background"``: pixels outside the object mask (sees only context);
-    ``region="object"``: pixels inside it (sees only the object).
+    ``region="background"`` sees only the context, ``region="object"`` only the object: on
+    near-identity distractors (same background) the first must fail and the second succeed.
     """
     if region not in ("background", "object"):
         raise InvalidInputError(f"feature scorer region must be 'background' or 'object', got {region!r}")
 
     def embed(images: list[Image.Image], masks: list[Image.Image | None] | None) -> np.ndarray:
         masks = masks if masks is not None else [None] * len(images)
-        return np.stack([_region_histogram(im, m, region) for im, m in zip(images, masks)])  # type: ignore[arg-type]
+        return np.stack([region_features(im, m, region) for im, m in zip(images, masks)])  # type: ignore[arg-type]
 
     return Scorer(name=name or f"feature:{region}", embed_fn=embed, use_masks=True, batch_size=batch_size,
-                  identity=f"feature:{region}-rgb-histogram-{_HIST_BINS}")
+                  identity=f"feature:{region}:rgb{_HIST_BINS}" + (f"+radial{_RADIAL_BINS}" if region == "object" else ""))
