@@ -1,0 +1,435 @@
+"""The node pack inside a real ComfyUI 0.3.75 server (headless, CPU), driven over HTTP.
+
+One server for the whole session (start-up is the expensive part). The ComfyUI tree comes
+from ``scripts/setup_comfyui.py``; without it these tests fail (never skip) and say so.
+Expected numbers come from ``comfy_nearid`` called directly on the same PNG files, and from
+the score formulas written out in ``_comfyui_helpers``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from _comfyui_helpers import default_match, expected_scores, structured_images
+from comfy_nearid import load_model
+from comfyui_env import (
+    PACK_NAME,
+    ComfyServer,
+    ComfyUINotReady,
+    PromptRejected,
+    history_error,
+    history_message_kinds,
+    prepare_base_dir,
+    require_comfyui,
+    require_sd15_checkpoint,
+    ui_to_api,
+)
+
+pytestmark = pytest.mark.comfyui
+
+REPO = Path(__file__).resolve().parent.parent
+WORKFLOWS = REPO / "workflows"
+HEAD = "nearid-siglip2-head.safetensors"
+WORKFLOW_NAMES = ["nearid_filter_threshold", "nearid_generate_keep_best", "nearid_heatmap", "nearid_score_batch"]
+NEARID_NODES = ["NearIDModelLoader", "NearIDEmbed", "NearIDIdentityScore", "NearIDRerank", "NearIDFilter", "NearIDHeatmap"]
+
+
+@dataclass
+class Session:
+    server: ComfyServer
+    head: Path
+    reference: np.ndarray  # uint8 [2, H, W, 3]: nearid_reference.png, nearid_reference_2.png
+    candidates: np.ndarray  # uint8 [3, H, W, 3]: nearid_candidate_{1,2,3}.png
+
+    @property
+    def base(self) -> Path:
+        return self.server.base
+
+
+@pytest.fixture(scope="session")
+def comfy(tmp_path_factory) -> Session:
+    try:
+        tree = require_comfyui()
+    except ComfyUINotReady as e:
+        pytest.fail(str(e), pytrace=False)
+    base = prepare_base_dir(tmp_path_factory.mktemp("comfyui-base"))
+    head = base / "models" / "nearid" / HEAD
+    model = load_model(backbone="tiny-siglip", pretrained=False, device="cpu", dtype="fp32", seed=0)
+    model.save_head(head, provenance={"backbone_seed": 0})
+    reference = structured_images(11, 2)
+    candidates = structured_images(12, 3)
+    Image.fromarray(reference[0]).save(base / "input" / "nearid_reference.png")
+    Image.fromarray(reference[1]).save(base / "input" / "nearid_reference_2.png")
+    for i, arr in enumerate(candidates):
+        Image.fromarray(arr).save(base / "input" / f"nearid_candidate_{i + 1}.png")
+    Image.new("RGB", (10, 10), (255, 255, 255)).save(base / "input" / "nearid_mask_small.png")
+    server = ComfyServer(tree, base).start()
+    try:
+        yield Session(server, head, reference, candidates)
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def object_info(comfy) -> dict:
+    return comfy.server.get_json("/object_info")
+
+
+@pytest.fixture(scope="session")
+def direct_model(comfy):
+    """The same head loaded by comfy_nearid directly (the reference the nodes must equal)."""
+    return load_model(head=comfy.head, pretrained=False, seed=0, device="cpu", dtype="fp32")
+
+
+def _api(name: str) -> dict:
+    return json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
+
+
+def _embed_files(model, paths: list[Path]) -> np.ndarray:
+    return model.embed([Image.open(p).convert("RGB") for p in paths]).numpy()
+
+
+def _succeeded(entry: dict) -> dict:
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    return entry["outputs"]
+
+
+def _png(server: ComfyServer, record: dict) -> np.ndarray:
+    return np.asarray(Image.open(server.image_path(record)).convert("RGB"), dtype=np.int16)
+
+
+def _candidate_paths(comfy: Session) -> list[Path]:
+    return [comfy.base / "input" / f"nearid_candidate_{i + 1}.png" for i in range(3)]
+
+
+def _reference_path(comfy: Session) -> Path:
+    return comfy.base / "input" / "nearid_reference.png"
+
+
+# ----------------------------------------------------------------------------- discovery
+def test_object_info_lists_every_node_with_inputs_outputs_and_tooltips(comfy, object_info):
+    for node_id in NEARID_NODES:
+        info = object_info[node_id]
+        assert info["category"].startswith("NearID/"), node_id
+        assert info["display_name"].startswith(("NearID", "Load NearID")), node_id
+        assert info["description"], node_id
+        for section in ("required", "optional"):
+            for name, spec in info["input"].get(section, {}).items():
+                assert spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+        assert len(info["output_tooltips"]) == len(info["output"]) == len(info["output_name"])
+        assert all(info["output_tooltips"]), node_id
+    assert object_info["NearIDModelLoader"]["output"] == ["NEARID_MODEL"]
+    assert object_info["NearIDEmbed"]["output"][0] == "NEARID_EMBEDDING"
+    assert HEAD in object_info["NearIDModelLoader"]["input"]["required"]["head"][0]  # models/nearid is registered
+    score = object_info["NearIDIdentityScore"]
+    assert score["output_is_list"][:2] == [True, True] and score["output_node"] is True
+
+
+def test_workflow_templates_are_listed_and_served(comfy):
+    listed = comfy.server.get_json("/workflow_templates")
+    assert sorted(listed[PACK_NAME]) == WORKFLOW_NAMES
+    for name in WORKFLOW_NAMES:
+        served = comfy.server.get_json(f"/api/workflow_templates/{PACK_NAME}/{name}.json")
+        assert served == json.loads((WORKFLOWS / f"{name}.json").read_text())
+        # The template browser shows <name>.jpg as the thumbnail.
+        thumbnail = comfy.server._request("GET", f"/api/workflow_templates/{PACK_NAME}/{name}.jpg")
+        assert thumbnail.status_code == 200 and thumbnail.content == (WORKFLOWS / f"{name}.jpg").read_bytes()
+
+
+@pytest.mark.parametrize("name", WORKFLOW_NAMES)
+def test_ui_workflow_converts_to_its_api_twin(object_info, name):
+    ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
+    twin = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in _api(name).items()}
+    assert ui_to_api(ui, object_info) == twin
+
+
+# ----------------------------------------------------------------------------- workflows
+def test_score_workflow_equals_the_library(comfy, direct_model):
+    outputs = _succeeded(comfy.server.run(_api("nearid_score_batch")))
+    ref = _embed_files(direct_model, [_reference_path(comfy)])
+    want = expected_scores(ref, _embed_files(direct_model, _candidate_paths(comfy)), "mean")
+    np.testing.assert_allclose(outputs["10"]["nearid_scores"], want, atol=1e-5)
+    np.testing.assert_allclose(outputs["10"]["nearid_match"], [default_match(c) for c in want], atol=1e-3)
+    assert outputs["10"]["nearid_best"] == [int(np.argmax(want))]
+    assert outputs["11"]["text"][0] == outputs["10"]["text"][0]  # PreviewAny shows the preview
+
+
+def test_several_references_combine_as_mean_max_and_prototype(comfy, direct_model):
+    prompt = _api("nearid_score_batch")
+    del prompt["11"]
+    prompt["20"] = {"class_type": "LoadImage", "inputs": {"image": "nearid_reference_2.png"}}
+    prompt["21"] = {"class_type": "ImageBatch", "inputs": {"image1": ["2", 0], "image2": ["20", 0]}}
+    for k, mode in (("30", "mean"), ("31", "max"), ("32", "prototype")):
+        node = copy.deepcopy(prompt["10"])
+        node["inputs"].update({"combine": mode, "reference": ["21", 0], "batch_size": 2})
+        prompt[k] = node
+    del prompt["10"]
+    outputs = _succeeded(comfy.server.run(prompt))
+    refs = _embed_files(direct_model, [_reference_path(comfy), comfy.base / "input" / "nearid_reference_2.png"])
+    cands = _embed_files(direct_model, _candidate_paths(comfy))
+    for k, mode in (("30", "mean"), ("31", "max"), ("32", "prototype")):
+        np.testing.assert_allclose(outputs[k]["nearid_scores"], expected_scores(refs, cands, mode), atol=1e-5, err_msg=mode)
+
+
+def test_rerank_order_equals_the_order_of_the_scores(comfy, direct_model):
+    prompt = _api("nearid_score_batch")
+    batch = prompt["10"]["inputs"]["candidates"]
+    prompt["10"] = {"class_type": "NearIDRerank", "inputs": {
+        "nearid_model": ["1", 0], "candidates": batch, "reference": ["2", 0], "top_k": 0, "combine": "mean", "batch_size": 16}}
+    prompt["11"] = {"class_type": "PreviewImage", "inputs": {"images": ["10", 0]}}
+    outputs = _succeeded(comfy.server.run(prompt))
+    want = expected_scores(_embed_files(direct_model, [_reference_path(comfy)]),
+                           _embed_files(direct_model, _candidate_paths(comfy)), "mean")
+    order = sorted(range(3), key=lambda i: -want[i])
+    assert outputs["10"]["nearid_order"] == order
+    for record, index in zip(outputs["11"]["images"], order):
+        assert np.abs(_png(comfy.server, record) - comfy.candidates[index]).max() <= 1
+
+
+def test_filter_workflow_splits_at_the_threshold(comfy, direct_model):
+    want = expected_scores(_embed_files(direct_model, [_reference_path(comfy)]),
+                           _embed_files(direct_model, _candidate_paths(comfy)), "mean")
+    matches = [default_match(c) for c in want]
+    for threshold in (50.0, float(np.median(matches))):  # the twin's own value, then a split
+        prompt = _api("nearid_filter_threshold")
+        prompt["10"]["inputs"]["threshold"] = threshold
+        outputs = _succeeded(comfy.server.run(prompt))
+        passed = [i for i, m in enumerate(matches) if m >= threshold]
+        rejected = [i for i, m in enumerate(matches) if m < threshold]
+        if not passed:  # the twin keeps the best one when none passes
+            passed, rejected = [int(np.argmax(want))], [i for i in range(3) if i != int(np.argmax(want))]
+        assert outputs["10"]["nearid_passed"] == passed, threshold
+        assert outputs["10"]["nearid_rejected"] == rejected, threshold
+        saved = outputs["11"]["images"]
+        assert len(saved) == len(passed)
+        for record, index in zip(saved, passed):
+            assert np.abs(_png(comfy.server, record) - comfy.candidates[index]).max() <= 1
+
+
+def test_filter_with_nothing_passing_skips_the_empty_branch_and_the_graph_stays_valid(comfy):
+    prompt = _api("nearid_filter_threshold")
+    prompt["10"]["inputs"].update({"threshold": 100.0, "when_none_pass": "pass nothing"})
+    entry = comfy.server.run(prompt)
+    outputs = _succeeded(entry)
+    assert outputs["10"]["nearid_passed"] == [] and outputs["10"]["nearid_rejected"] == [0, 1, 2]
+    assert "11" not in outputs  # the 'passed' preview was skipped, not failed
+    assert len(outputs["12"]["images"]) == 3
+
+
+def test_heatmap_workflow_draws_an_overlay_per_candidate(comfy):
+    outputs = _succeeded(comfy.server.run(_api("nearid_heatmap")))
+    images = outputs["11"]["images"]
+    assert len(images) == 3
+    for record in images:
+        assert _png(comfy.server, record).shape == comfy.candidates.shape[1:]
+    assert outputs["12"]["text"][0].count("cosine") == 3
+
+
+@pytest.mark.slow
+def test_generation_workflow_keeps_the_best_by_identity(comfy):
+    """Checkpoint loader -> KSampler -> VAE decode -> NearID Rerank on a random-weight SD1.5
+    (full size, fp16), at 64x64 px and 2 steps so that it runs on a CPU in about 30 s."""
+    try:
+        checkpoint = require_sd15_checkpoint()
+    except ComfyUINotReady as e:
+        pytest.fail(str(e), pytrace=False)
+    link = comfy.base / "models" / "checkpoints" / checkpoint.name
+    if not link.exists():
+        link.symlink_to(checkpoint)
+    prompt = _api("nearid_generate_keep_best")
+    prompt["1"]["inputs"]["ckpt_name"] = checkpoint.name
+    prompt["4"]["inputs"].update({"width": 64, "height": 64, "batch_size": 3})
+    prompt["5"]["inputs"].update({"steps": 2, "cfg": 1.0})  # cfg 1: ComfyUI skips the negative pass (half the CPU time)
+    prompt["9"]["inputs"]["top_k"] = 2
+    # Decode the latents the rerank carried along: they must give the images it kept.
+    prompt["90"] = {"class_type": "VAEDecode", "inputs": {"samples": ["9", 1], "vae": ["1", 2]}}
+    prompt["91"] = {"class_type": "PreviewImage", "inputs": {"images": ["90", 0]}}
+    outputs = _succeeded(comfy.server.run(prompt, timeout=600))
+    server = comfy.server
+    order = outputs["9"]["nearid_order"]
+    all_candidates = [_png(server, r) for r in outputs["11"]["images"]]
+    kept = [_png(server, r) for r in outputs["10"]["images"]]
+    from_latents = [_png(server, r) for r in outputs["91"]["images"]]
+    assert len(all_candidates) == 3 and len(kept) == 2 and len(order) == 2
+    scores = outputs["9"]["nearid_scores"]  # every candidate, batch order
+    assert order == sorted(range(3), key=lambda i: -scores[i])[:2]
+    for k, index in enumerate(order):
+        assert np.abs(kept[k] - all_candidates[index]).max() <= 1
+        assert np.abs(from_latents[k] - kept[k]).max() <= 2
+    # (Exact equality with comfy_nearid is checked on LoadImage inputs above: the saved PNGs
+    # here are truncated to 8 bits by Save Image, while the nodes saw the float VAE output.)
+
+
+# ----------------------------------------------------------------------------- errors
+def _good_prompt(batch_size: int) -> dict:
+    prompt = _api("nearid_score_batch")
+    prompt["10"]["inputs"]["batch_size"] = batch_size  # a new input: really executed again
+    return prompt
+
+
+def _assert_still_serving(comfy: Session, batch_size: int) -> None:
+    assert comfy.server.alive()
+    _succeeded(comfy.server.run(_good_prompt(batch_size)))
+
+
+def test_bad_inputs_give_clear_node_errors_and_the_server_stays_up(comfy):
+    server = comfy.server
+    # Wrong type: an IMAGE where a NEARID_MODEL belongs is refused at validation.
+    prompt = _api("nearid_score_batch")
+    prompt["10"]["inputs"]["nearid_model"] = ["2", 0]
+    with pytest.raises(PromptRejected) as rejected:
+        server.queue_prompt(prompt)
+    errors = rejected.value.body["node_errors"]["10"]["errors"]
+    assert any("NEARID_MODEL" in json.dumps(e) for e in errors), errors
+    _assert_still_serving(comfy, 3)
+
+    # Missing model file: not in the models/nearid list.
+    prompt = _api("nearid_score_batch")
+    prompt["1"]["inputs"]["head"] = "missing-head.safetensors"
+    with pytest.raises(PromptRejected) as rejected:
+        server.queue_prompt(prompt)
+    assert "missing-head.safetensors" in json.dumps(rejected.value.body["node_errors"]["1"])
+    _assert_still_serving(comfy, 4)
+
+    # A file in models/nearid that is not a head: the loader names it.
+    (comfy.base / "models" / "nearid" / "broken-head.safetensors").write_bytes(b"\x00" * 64)
+    prompt = _api("nearid_score_batch")
+    prompt["1"]["inputs"]["head"] = "broken-head.safetensors"
+    error = history_error(server.run(prompt))
+    assert error["node_type"] == "NearIDModelLoader" and "CheckpointError" in error["exception_type"]
+    assert "broken-head.safetensors" in error["exception_message"]
+    _assert_still_serving(comfy, 5)
+
+    # A mask of the wrong size.
+    prompt = _api("nearid_score_batch")
+    prompt["20"] = {"class_type": "LoadImageMask", "inputs": {"image": "nearid_mask_small.png", "channel": "red"}}
+    prompt["10"]["inputs"]["candidate_mask"] = ["20", 0]
+    error = history_error(server.run(prompt))
+    assert error["node_type"] == "NearIDIdentityScore" and "InvalidInputError" in error["exception_type"]
+    assert "mask size 10x10" in error["exception_message"] and "48x40" in error["exception_message"]
+    _assert_still_serving(comfy, 6)
+
+    # An empty batch (nothing passed a filter set to return a real empty batch) fed to a score.
+    prompt = _api("nearid_filter_threshold")
+    prompt["10"]["inputs"].update({"threshold": 100.0, "when_none_pass": "pass nothing", "empty_outputs": "empty batch"})
+    del prompt["11"]  # Preview Image itself cannot take an empty batch
+    prompt["20"] = {"class_type": "NearIDIdentityScore", "inputs": {
+        "nearid_model": ["1", 0], "candidates": ["10", 0], "reference": ["2", 0], "combine": "mean", "batch_size": 16}}
+    error = history_error(server.run(prompt))
+    assert error["node_type"] == "NearIDIdentityScore"
+    assert "candidates: the image batch is empty" in error["exception_message"]
+    _assert_still_serving(comfy, 7)
+
+
+# ----------------------------------------------------------------------------- model cache
+def test_second_load_of_the_same_head_reuses_the_model(comfy):
+    shutil.copy(comfy.head, comfy.base / "models" / "nearid" / "reuse-test.safetensors")
+    prompt = _api("nearid_score_batch")
+    prompt["1"]["inputs"]["head"] = "reuse-test.safetensors"
+    first = _succeeded(comfy.server.run(prompt))["1"]["nearid_load"][0]
+    prompt["1"]["inputs"]["device"] = "cpu"  # a different input, so ComfyUI runs the loader again
+    second = _succeeded(comfy.server.run(prompt))["1"]["nearid_load"][0]
+    assert (first["cached"], second["cached"]) == (False, True)
+    print(f"\nNearID loader: first load {first['seconds']:.3f} s, second {second['seconds'] * 1000:.3f} ms")
+    assert second["seconds"] < 0.1 * first["seconds"]
+    # Replacing the file (new mtime) loads it again.
+    path = comfy.base / "models" / "nearid" / "reuse-test.safetensors"
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    third = _succeeded(comfy.server.run(prompt))["1"]["nearid_load"][0]
+    assert third["cached"] is False
+
+
+def test_backbone_weights_come_from_the_registered_nearid_backbones_folder(comfy):
+    """A head for a backbone with pretrained weights (MobileNetV2): the loader takes the file
+    found in models/nearid_backbones/<backbone>/ (seeded random weights here, so that any
+    other copy of the ImageNet weights on this machine would give different scores)."""
+    import torch
+    from torchvision.models import mobilenet_v2
+
+    torch.manual_seed(3)
+    folder = comfy.base / "models" / "nearid_backbones" / "mobilenet-v2"
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / "my-mobilenet.pth"
+    torch.save(mobilenet_v2(weights=None).state_dict(), weights)
+    head = comfy.base / "models" / "nearid" / "mobilenet-head.safetensors"
+    load_model(backbone="mobilenet-v2", pretrained=False, device="cpu", seed=0).save_head(head)
+    prompt = _api("nearid_score_batch")
+    prompt["1"]["inputs"]["head"] = head.name
+    outputs = _succeeded(comfy.server.run(prompt))
+    direct = load_model(head=head, backbone_weights=weights, device="cpu", dtype="fp32")
+    want = expected_scores(_embed_files(direct, [_reference_path(comfy)]), _embed_files(direct, _candidate_paths(comfy)), "mean")
+    np.testing.assert_allclose(outputs["10"]["nearid_scores"], want, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- progress, cancel
+def _embed_prompt(count: int, batch_size: int) -> dict:
+    return {
+        "1": {"class_type": "NearIDModelLoader", "inputs": {"head": HEAD, "device": "auto", "dtype": "auto", "readout": "head"}},
+        "2": {"class_type": "EmptyImage", "inputs": {"width": 32, "height": 32, "batch_size": count, "color": count}},
+        "3": {"class_type": "NearIDEmbed", "inputs": {"nearid_model": ["1", 0], "images": ["2", 0], "batch_size": batch_size}},
+        "4": {"class_type": "PreviewAny", "inputs": {"source": ["3", 1]}},
+    }
+
+
+async def _run_collecting_progress(
+    server: ComfyServer, prompt: dict, interrupt_after: int | None = None
+) -> tuple[dict, list[dict], float | None]:
+    """Run ``prompt`` while recording the embed node's progress messages (websocket); with
+    ``interrupt_after``, press Cancel (POST /interrupt) once that many have arrived.
+    Returns (history entry, progress messages, seconds from Cancel to the end)."""
+    import aiohttp
+
+    progress: list[dict] = []
+    cancelled_at = None
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(f"ws://127.0.0.1:{server.port}/ws?clientId=nearid-tests") as ws:
+            prompt_id = await asyncio.to_thread(server.queue_prompt, prompt)
+            async for message in ws:
+                if message.type != aiohttp.WSMsgType.TEXT:
+                    continue
+                data = json.loads(message.data)
+                if data["type"] == "progress" and data["data"].get("node") == "3":
+                    progress.append(data["data"])
+                    if interrupt_after is not None and len(progress) == interrupt_after:
+                        cancelled_at = time.perf_counter()
+                        await asyncio.to_thread(server.post_json, "/interrupt", {})
+                if data["type"] in ("execution_success", "execution_error", "execution_interrupted") and (
+                    data["data"].get("prompt_id") == prompt_id
+                ):
+                    break
+    ended = time.perf_counter()
+    entry = await asyncio.to_thread(server.wait_for, prompt_id)
+    return entry, progress, None if cancelled_at is None else ended - cancelled_at
+
+
+def test_long_batches_report_progress_and_stop_promptly_on_cancel(comfy):
+    server = comfy.server
+    small = 64
+    entry, progress, _ = asyncio.run(_run_collecting_progress(server, _embed_prompt(small, 8)))
+    assert _succeeded(entry)["4"]["text"] == [str(small)]
+    assert [p["value"] for p in progress] == list(range(8, small + 1, 8))
+    assert all(p["max"] == small for p in progress)
+
+    big = 4096  # EmptyImage's largest batch, embedded one image at a time
+    entry, progress, stopped_after = asyncio.run(
+        _run_collecting_progress(server, _embed_prompt(big, 1), interrupt_after=20)
+    )
+    reached = progress[-1]["value"]
+    print(f"\ncancel: stopped at image {reached} of {big}, {stopped_after:.2f} s after Cancel")
+    assert entry["status"]["status_str"] == "error"
+    assert "execution_interrupted" in history_message_kinds(entry)
+    # Stopped within a few chunks of the Cancel, far from the end of the batch.
+    assert reached < 20 + 0.1 * big
+    _assert_still_serving(comfy, 8)
