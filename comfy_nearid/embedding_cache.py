@@ -3,7 +3,8 @@
 An entry is keyed by two strings:
 
 - the **model identity** (``IdentityModel.identity``: backbone, head hash, readout and
-  preprocessing). Each identity is a separate namespace; a lookup never returns a vector
+  preprocessing; plus the dtype when it is not fp32, see :func:`model_cache_identity`). Each
+  identity is a separate namespace; a lookup never returns a vector
   that another model produced, so changing the head or the preprocessing simply misses.
 - the **content key** of the input: ``sha256:<hex>`` of a file's bytes
   (:func:`file_content_hash`), or ``rgb8-sha256:<hex>`` of decoded 8-bit RGB pixels
@@ -43,6 +44,7 @@ __all__ = [
     "file_content_hash",
     "image_cache_keys",
     "mask_content_hash",
+    "model_cache_identity",
     "pixels_content_hash",
 ]
 
@@ -66,6 +68,16 @@ def default_cache_path() -> Path:
         return Path(explicit).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base).expanduser() / "comfy_nearid" / "embeddings.sqlite"
+
+
+def model_cache_identity(model: Any) -> str:
+    """The namespace a model's embeddings live under: ``model.identity``, plus ``|dtype=...``
+    when the model computes in reduced precision (its embeddings differ from fp32 ones by
+    more than rounding, so fp32 and bf16 runs never share entries)."""
+    identity = model.identity
+    dtype = getattr(model, "dtype", None)
+    name = str(dtype).replace("torch.", "") if dtype is not None else "float32"
+    return identity if name == "float32" else f"{identity}|dtype={name}"
 
 
 def bytes_content_hash(data: bytes) -> str:
@@ -127,7 +139,7 @@ class EmbeddingCache:
         self.readonly = readonly
         self.timeout_s = float(timeout_s)
         self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
+        self._connections: list[tuple[threading.Thread, int, sqlite3.Connection]] = []
         self._lock = threading.Lock()
         self._model_ids: dict[str, int] = {}
         if self.path.is_dir():
@@ -158,7 +170,16 @@ class EmbeddingCache:
         self._local.conn = conn
         self._local.pid = os.getpid()
         with self._lock:
-            self._connections.append(conn)
+            # Close the connections of threads that have ended (decode threads of past runs),
+            # so a long-lived process (ComfyUI) does not collect open files.
+            alive = []
+            for thread, pid, old in self._connections:
+                if thread.is_alive() or pid != os.getpid():
+                    alive.append((thread, pid, old))
+                else:
+                    old.close()
+            alive.append((threading.current_thread(), os.getpid(), conn))
+            self._connections = alive
         return conn
 
     def _initialise_schema(self) -> None:
@@ -322,8 +343,9 @@ class EmbeddingCache:
         """Close every connection this object opened (in any thread)."""
         with self._lock:
             connections, self._connections = self._connections, []
-        for conn in connections:
-            conn.close()
+        for _, pid, conn in connections:
+            if pid == os.getpid():  # a forked child never closes its parent's handles
+                conn.close()
         self._local = threading.local()
 
     def __enter__(self) -> "EmbeddingCache":
@@ -378,7 +400,7 @@ def image_cache_keys(images: Any, masks: Any = None) -> tuple[list[Any], list[st
                     raise ImageLoadError(item, f"cannot read file ({e})") from e
                 items.append(item)
             elif isinstance(item, Image.Image):
-                arr = np.asarray(item.convert("RGB"), dtype=np.uint8)
+                arr = np.array(item.convert("RGB"), dtype=np.uint8)  # writable: torch warns on read-only arrays
                 items.append(arr)
                 keys.append(pixels_content_hash(arr))
             elif hasattr(item, "shape"):
@@ -423,7 +445,7 @@ def cached_embed(
     if cache is None:
         return model.embed(images, masks=masks, batch_size=batch_size)
     items, keys, mask_arrays = image_cache_keys(images, masks)
-    identity = model.identity
+    identity = model_cache_identity(model)
     hits = cache.get_many(identity, keys)
     missing = [i for i, k in enumerate(keys) if k not in hits]
     computed: dict[str, np.ndarray] = {}

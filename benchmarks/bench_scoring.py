@@ -1,0 +1,221 @@
+"""Benchmarks of `nearid score` and best-of-N, each a ratio measured side by side in one run.
+
+1. Streaming scorer (decode + preprocess in threads, batched model) vs a naive loop that
+   opens, preprocesses and embeds one image at a time, on the same images and model.
+   Target: >= 2x on 2 CPU cores.
+2. A cached re-run (embedding cache filled by the first run) vs that first run.
+   Target: >= 20x.
+3. Peak memory (max RSS of a fresh `nearid score` process) for 2,000 images vs 200.
+   Target: within 10%.
+4. Early rejection vs full best-of-N on a tiny random Stable Diffusion pipeline: denoising
+   steps and wall time saved, and whether both pick the same seed (random weights: the
+   agreement says nothing about real models; the compute accounting does).
+
+Usage: python benchmarks/bench_scoring.py [--images 1000] [--backbone small-siglip]
+Models have random weights (nothing is downloaded); timings need a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_images(folder: Path, count: int, side: int, seed: int) -> list[Path]:
+    """Smooth random JPEGs (upsampled noise): realistic to decode, cheap to write."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        path = folder / f"{i:05d}.jpg"
+        if not path.exists():
+            small = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+            Image.fromarray(small).resize((side, side), Image.Resampling.BILINEAR).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def naive_loop(model, reference_paths: list[Path], paths: list[Path]) -> np.ndarray:
+    """Open, preprocess and embed one image at a time (what a first script does)."""
+    import torch
+
+    from comfy_nearid.images import load_image
+
+    refs = model.embed(reference_paths).numpy()
+    scores = np.empty(len(paths))
+    for i, path in enumerate(paths):
+        pixels = model.preprocess(load_image(path)).unsqueeze(0)
+        with torch.inference_mode():
+            emb = model.embed_pixels(pixels).cpu().numpy()[0]
+        scores[i] = float((refs @ emb).mean())
+    return scores
+
+
+def streaming(model, ref: Path, gen: Path, out: Path, cache, batch_size: int, workers: int) -> float:
+    from comfy_nearid.scoring import OutputPaths, ScoringOptions, plan_single_subject, score_plan
+
+    plan = plan_single_subject([ref], [gen])
+    outputs = OutputPaths.for_rows(out)
+    start = time.perf_counter()
+    score_plan(model, plan, outputs, options=ScoringOptions(batch_size=batch_size, num_workers=workers,
+                                                            progress=False),
+               cache=cache, overwrite=True)
+    return time.perf_counter() - start
+
+
+def peak_rss_mib(args: list[str], cwd: Path) -> float:
+    """Max resident memory of one fresh `nearid score` process (os.wait4: that child only)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "comfy_nearid", *args], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"nearid score failed: {proc.stderr.read().decode()[-2000:]}")
+    return usage.ru_maxrss / 1024.0  # KiB on Linux
+
+
+def bench_speed_and_cache(args: argparse.Namespace, work: Path) -> None:
+    import torch
+
+    from comfy_nearid import load_model
+    from comfy_nearid.embedding_cache import EmbeddingCache
+
+    model = load_model(backbone=args.backbone, pretrained=False, device="cpu", dtype="fp32")
+    ref = write_images(work / "ref", 1, args.side, seed=1)[0]
+    gen = work / "gen1000"
+    paths = write_images(gen, args.images, args.side, seed=2)
+    print(f"model {args.backbone} (random weights), {args.images} JPEGs of {args.side}px, "
+          f"torch threads {torch.get_num_threads()}, CPU cores {os.cpu_count()}")
+
+    naive_loop(model, [ref], paths[:8])  # warm-up, both sides
+    streaming(model, ref, gen, work / "warm.csv", None, args.batch_size, args.workers)
+    start = time.perf_counter()
+    naive_loop(model, [ref], paths)
+    naive_s = time.perf_counter() - start
+    stream_s = streaming(model, ref, gen, work / "stream.csv", None, args.batch_size, args.workers)
+    print(f"[1] naive loop {naive_s:.2f} s ({args.images / naive_s:.1f} img/s) | streaming {stream_s:.2f} s "
+          f"({args.images / stream_s:.1f} img/s) | speed-up {naive_s / stream_s:.2f}x (target >= 2x)")
+
+    cache_path = work / "cache.sqlite"
+    cache_path.unlink(missing_ok=True)
+    with EmbeddingCache(cache_path) as cache:
+        first_s = streaming(model, ref, gen, work / "first.csv", cache, args.batch_size, args.workers)
+        cached_s = streaming(model, ref, gen, work / "cached.csv", cache, args.batch_size, args.workers)
+    same = (work / "first.csv").read_text() == (work / "cached.csv").read_text()
+    print(f"[2] first run {first_s:.2f} s | cached re-run {cached_s:.3f} s | speed-up {first_s / cached_s:.1f}x "
+          f"(target >= 20x); identical rows: {same}")
+
+
+def bench_memory(args: argparse.Namespace, work: Path) -> None:
+    ref = write_images(work / "ref", 1, args.side, seed=1)[0]
+    small, large = args.memory_counts
+    write_images(work / f"gen{large}", large, args.side, seed=3)
+    (work / f"gen{small}").mkdir(exist_ok=True)
+    for i in range(small):  # the first `small` of the same images
+        target = work / f"gen{small}" / f"{i:05d}.jpg"
+        if not target.exists():
+            os.link(work / f"gen{large}" / f"{i:05d}.jpg", target)
+    peaks = {}
+    for count in (small, large):
+        peaks[count] = peak_rss_mib(
+            ["score", "--reference", str(ref), str(work / f"gen{count}"), "-o", str(work / f"mem{count}.csv"),
+             "--backbone", args.backbone, "--random-weights", "--device", "cpu", "--dtype", "fp32",
+             "--batch-size", str(args.batch_size), "--no-cache", "--no-progress", "--overwrite"], cwd=work)
+    growth = peaks[large] / peaks[small] - 1
+    print(f"[3] peak RSS {small} images {peaks[small]:.0f} MiB | {large} images {peaks[large]:.0f} MiB | "
+          f"growth {100 * growth:+.1f}% (target within 10%)")
+
+
+def _tiny_stable_diffusion():
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, norm_num_groups=8, attention_head_dim=4)
+    vae = AutoencoderKL(block_out_channels=[8, 16], in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        norm_num_groups=4, sample_size=32)
+    text = CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32,
+                                        intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+                                        vocab_size=len(vocab), max_position_embeddings=16))
+    pipe = StableDiffusionPipeline(
+        unet=unet, vae=vae, text_encoder=text, tokenizer=CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16),
+        scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+        safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def bench_early_rejection(args: argparse.Namespace) -> None:
+    from comfy_nearid import load_model
+    from comfy_nearid.best_of_n import EarlyRejection, best_of_n
+
+    pipe = _tiny_stable_diffusion()
+    model = load_model(backbone="tiny-siglip", pretrained=False, device="cpu", dtype="fp32")
+    rng = np.random.default_rng(4)
+    refs = [Image.fromarray(rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8))]
+    kwargs = dict(num_inference_steps=args.steps, height=32, width=32, guidance_scale=1.0)
+    prompts = ["a toy", "a red mug", "a dog"]
+    start = time.perf_counter()
+    full = best_of_n(pipe, refs, model, prompt=prompts, n=args.n, **kwargs)
+    full_s = time.perf_counter() - start
+    rule = EarlyRejection(at_step=args.steps // 4)
+    start = time.perf_counter()
+    early = best_of_n(pipe, refs, model, prompt=prompts, n=args.n, early_rejection=rule, **kwargs)
+    early_s = time.perf_counter() - start
+    steps_full = sum(r.steps_run for r in full)
+    steps_early = sum(r.steps_run for r in early)
+    agree = sum(f.best.seed == e.best.seed for f, e in zip(full, early))
+    print(f"[4] best-of-{args.n}, {args.steps} steps, preview after step {rule.at_step}, {len(prompts)} prompts: "
+          f"steps {steps_early}/{steps_full} ({100 * (1 - steps_early / steps_full):.0f}% saved) | "
+          f"wall {early_s:.2f} s vs {full_s:.2f} s ({full_s / early_s:.2f}x) | same best seed {agree}/{len(prompts)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--side", type=int, default=512, help="image side in pixels")
+    parser.add_argument("--backbone", default="small-siglip")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--memory-counts", type=int, nargs=2, default=(200, 2000))
+    parser.add_argument("--n", type=int, default=8, help="candidates per prompt (early rejection)")
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps (early rejection)")
+    parser.add_argument("--workdir", type=Path, default=None, help="keep the images here (default: a temp dir)")
+    parser.add_argument("--only", choices=("speed", "memory", "early"), action="append", default=None)
+    args = parser.parse_args(argv)
+    parts = args.only or ["speed", "memory", "early"]
+    with tempfile.TemporaryDirectory(prefix="nearid-bench-") as tmp:
+        work = args.workdir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        if "speed" in parts:
+            bench_speed_and_cache(args, work)
+        if "memory" in parts:
+            bench_memory(args, work)
+        if "early" in parts:
+            bench_early_rejection(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""`nearid score`: score folders of generated images against their subjects' references.
+
+Layouts (one of):
+
+- ``--reference REF [--reference REF2 ...] GEN_DIR [GEN_DIR ...]``: one subject; a reference
+  is an image or a folder of images.
+- ``--mapping FILE``: many subjects from a CSV/JSON mapping (subject -> references, generated).
+- ``--references-root REFS GEN_DIR [...]``: DreamBench-style: each sub-folder of ``REFS`` with
+  images is a subject; its generated images are in the folder of the same name in ``GEN_DIR``.
+
+Writes ``--output`` (``.csv`` or ``.jsonl``) row by row, then ``<output>.summary.json``, the
+resolved config ``<output>.config.json`` and optionally ``--dreambench-json``. Runs on several
+processes (one machine or many) with ``accelerate launch -m comfy_nearid score ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import InvalidInputError
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("generated", nargs="*", type=Path, metavar="GEN_DIR",
+                        help="folder(s) of generated images (searched recursively); not with --mapping")
+    layout = parser.add_argument_group("subjects (choose one layout)")
+    layout.add_argument("--reference", action="append", type=Path, default=[], metavar="PATH",
+                        help="reference image or folder of the single subject; repeatable")
+    layout.add_argument("--subject", default=None,
+                        help="name of the single subject (default: the reference's name)")
+    layout.add_argument("--mapping", type=Path, default=None,
+                        help="CSV (subject,references,generated) or JSON mapping of many subjects")
+    layout.add_argument("--references-root", type=Path, default=None, metavar="DIR",
+                        help="one reference folder per subject; GEN_DIR holds folders of the same names")
+
+    out = parser.add_argument_group("outputs")
+    out.add_argument("-o", "--output", type=Path, required=True, help="rows file: .csv or .jsonl")
+    out.add_argument("--format", choices=("csv", "jsonl"), default=None, help="rows format (default: from --output)")
+    out.add_argument("--summary", type=Path, default=None,
+                     help="per-subject summary JSON (default: <output>.summary.json)")
+    out.add_argument("--dreambench-json", type=Path, default=None, metavar="PATH",
+                     help="also write {relative path with '/' -> '-': 100 x cosine}, readable by `nearid eval human`")
+    out.add_argument("--aggregate", choices=("mean", "max"), default="mean",
+                     help="how cosines to several references combine (default: %(default)s)")
+    mode = out.add_mutually_exclusive_group()
+    mode.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    mode.add_argument("--resume", action="store_true",
+                      help="continue an interrupted run: finished images are not redone")
+    out.add_argument("--strict", action="store_true",
+                     help="stop at the first unreadable image instead of writing an error row")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--head", type=Path, default=None, help="NearID head file (.safetensors)")
+    model.add_argument("--backbone", default=None,
+                       help="registry backbone (default: from the head file; needed without --head)")
+    model.add_argument("--backbone-weights", type=Path, default=None, help="backbone weights file")
+    model.add_argument("--random-weights", action="store_true",
+                       help="random backbone weights (smoke tests; scores are meaningless)")
+    model.add_argument("--seed", type=int, default=0, help="seed of random weights (default: %(default)s)")
+    model.add_argument("--readout", choices=("head", "pooled", "mean"), default="head",
+                       help="embedding readout (default: %(default)s)")
+    model.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: %(default)s)")
+    model.add_argument("--dtype", default="auto", help="auto, fp32, fp16, bf16 (default: %(default)s)")
+
+    speed = parser.add_argument_group("speed")
+    speed.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
+    speed.add_argument("--workers", type=int, default=None,
+                       help="decode/preprocess threads (default: CPU cores, at most 8; 0 = none)")
+    speed.add_argument("--prefetch", type=int, default=2, help="batches prepared ahead (default: %(default)s)")
+    speed.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    speed.add_argument("--cache", type=Path, default=None,
+                       help="embedding cache file (default: $NEARID_EMBEDDING_CACHE or ~/.cache/comfy_nearid/embeddings.sqlite)")
+    speed.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
+    speed.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _build_plan(args: argparse.Namespace):
+    from ..scoring import plan_from_mapping, plan_from_subject_folders, plan_single_subject
+
+    chosen = [name for name, given in (("--reference", bool(args.reference)), ("--mapping", args.mapping is not None),
+                                       ("--references-root", args.references_root is not None)) if given]
+    if len(chosen) != 1:
+        raise InvalidInputError(
+            f"choose exactly one layout: --reference, --mapping or --references-root (got {chosen or 'none'})"
+        )
+    if args.subject is not None and not args.reference:
+        raise InvalidInputError("--subject names the single subject of --reference; the other layouts name subjects themselves")
+    if args.mapping is not None:
+        if args.generated:
+            raise InvalidInputError(
+                f"--mapping lists each subject's generated folders; remove the positional GEN_DIR {args.generated}"
+            )
+        return "mapping", plan_from_mapping(args.mapping)
+    if not args.generated:
+        raise InvalidInputError("give at least one GEN_DIR (folder of generated images)")
+    if args.reference:
+        return "single", plan_single_subject(args.reference, args.generated, args.subject)
+    return "subject-folders", plan_from_subject_folders(args.references_root, args.generated)
+
+
+# Where launchers put the number of processes: torchrun / `accelerate launch --multi_gpu`
+# (WORLD_SIZE) and MPI, which `accelerate launch --cpu --mpirun_hostfile` uses.
+_WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def _launched_world_size() -> int:
+    for name in _WORLD_SIZE_VARS:
+        value = os.environ.get(name)
+        if value and value.isdigit():
+            return int(value)
+    return 1
+
+
+def _process_shard(device: str):
+    """This process's place under ``accelerate launch`` / torchrun (or a single process)."""
+    from ..scoring import ProcessShard
+
+    if _launched_world_size() <= 1:
+        return ProcessShard(), None
+    try:
+        import torch
+        from accelerate import PartialState
+    except ImportError as e:
+        raise InvalidInputError("running on several processes needs accelerate: pip install accelerate") from e
+    # accelerate only forms a CPU process group (gloo) when told the run is on the CPU.
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    state = PartialState(cpu=on_cpu)
+    if state.num_processes <= 1:
+        raise InvalidInputError(
+            f"{_launched_world_size()} processes were launched but accelerate formed no process group; "
+            "launch with `accelerate launch --multi_gpu --num_processes N` or torchrun"
+        )
+    return ProcessShard(state.process_index, state.num_processes, state.wait_for_everyone), state
+
+
+def _load(args: argparse.Namespace, state: Any):
+    from .. import load_model
+
+    if args.head is None and args.backbone is None:
+        raise InvalidInputError("give --head (a NearID head file) or --backbone (with --random-weights for tests)")
+    device = args.device
+    if device == "auto" and state is not None:
+        device = state.device  # one accelerator per process
+    return load_model(
+        head=args.head, backbone=args.backbone, backbone_weights=args.backbone_weights,
+        pretrained=not args.random_weights, seed=args.seed, readout=args.readout, device=device, dtype=args.dtype,
+    )
+
+
+def _print_summary(result: Any) -> None:
+    subjects = result.subjects
+    width = max([7, *(len(s) for s in subjects)])
+    print(f"{'subject':{width}s}  {'images':>6s}  {'errors':>6s}  {'mean':>7s}  {'median':>7s}  {'best':>7s}  best image")
+    for name, s in subjects.items():
+        fmt = lambda v: f"{v:7.4f}" if v is not None else f"{'-':>7s}"  # noqa: E731
+        print(f"{name:{width}s}  {s['num_images']:6d}  {s['num_errors']:6d}  {fmt(s['mean'])}  "
+              f"{fmt(s['median'])}  {fmt(s['best'])}  {s['best_path'] or '-'}")
+    print(f"{result.num_images} image(s), {result.num_errors} unreadable, {result.num_resumed} taken from the "
+          f"previous run; rows: {result.outputs.rows}; summary: {result.outputs.summary}")
+    if result.outputs.dreambench is not None:
+        print(f"DreamBench++ JSON: {result.outputs.dreambench}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..embedding_cache import EmbeddingCache, default_cache_path
+    from ..scoring import OutputPaths, ScoringOptions, score_plan
+
+    layout, plan = _build_plan(args)  # every input problem stops here, before any model work
+    outputs = OutputPaths.for_rows(args.output, args.format, args.summary, args.dreambench_json)
+    options = ScoringOptions(
+        aggregate=args.aggregate, batch_size=args.batch_size,
+        num_workers=min(8, os.cpu_count() or 1) if args.workers is None else args.workers,
+        prefetch_batches=args.prefetch, strict=args.strict, progress=not args.no_progress,
+    )
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, args.threads))
+    shard, state = _process_shard(args.device)
+    options = dataclasses.replace(options, progress=options.progress and shard.is_main)
+    model = _load(args, state)
+    cache = None if args.no_cache else EmbeddingCache(args.cache or default_cache_path())
+    run_config = {
+        "layout": layout,
+        "argv": sys.argv[1:],
+        "model": {"head": None if args.head is None else str(args.head), "backbone": args.backbone,
+                  "random_weights": args.random_weights, "seed": args.seed, "readout": args.readout,
+                  "device": str(model.device), "dtype": str(model.dtype)},
+        "cache": None if cache is None else str(cache.path),
+        "strict": args.strict,
+        "num_processes": shard.count,
+    }
+    try:
+        result = score_plan(model, plan, outputs, options=options, cache=cache, resume=args.resume,
+                            overwrite=args.overwrite, shard=shard, run_config=run_config)
+    finally:
+        if cache is not None:
+            cache.close()
+        if state is not None:
+            state.destroy_process_group()
+    if result is not None:
+        _print_summary(result)
+    return 0
