@@ -71,13 +71,10 @@ def default_cache_path() -> Path:
 
 
 def model_cache_identity(model: Any) -> str:
-    """The namespace a model's embeddings live under: ``model.identity``, plus ``|dtype=...``
-    when the model computes in reduced precision (its embeddings differ from fp32 ones by
-    more than rounding, so fp32 and bf16 runs never share entries)."""
-    identity = model.identity
-    dtype = getattr(model, "dtype", None)
-    name = str(dtype).replace("torch.", "") if dtype is not None else "float32"
-    return identity if name == "float32" else f"{identity}|dtype={name}"
+    """The namespace a model's embeddings live under: ``model.identity``, which names the
+    backbone, its weights, the preprocessing, the readout, the head's hash and (when not fp32)
+    the compute dtype, so fp32 and bf16 runs never share entries."""
+    return model.identity
 
 
 def bytes_content_hash(data: bytes) -> str:

@@ -136,6 +136,8 @@ class IdentityModel(nn.Module):
             parts = [self.spec.name, self.backbone_id, self.preprocess.describe(), f"readout={self.readout}"]
             if self.readout == "head":
                 parts.append("head=" + head_hash(self.head.state_dict()))
+            if self.dtype != torch.float32:  # low-precision embeddings are not fp32's
+                parts.append("dtype=" + str(self.dtype).replace("torch.", ""))
             self._identity = "|".join(parts)
         return self._identity
 

@@ -206,6 +206,8 @@ def test_low_precision_cpu_path_stays_close_to_fp32(rng):
     pils = _pil_batch(rng, [(30, 30)] * 4)
     cos = (fp32.embed(pils) * bf16.embed(pils)).sum(-1)
     assert float(cos.min()) > 0.99
+    # the cache identity tells them apart
+    assert bf16.identity == fp32.identity + "|dtype=bfloat16"
 
 
 def test_readouts_and_identity(rng):
