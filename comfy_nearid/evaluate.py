@@ -16,6 +16,9 @@ A scorer is anything that maps a batch of PIL images (and optionally their objec
 ``[N, D]`` embeddings; similarities are cosines. :func:`model_scorer` builds one from a
 ``head:PATH`` / ``pooled:BACKBONE`` / ``mean:BACKBONE`` spec, :func:`feature_scorer` a
 hand-made one (``feature:background`` / ``feature:object``) that checks the protocol itself.
+Model scorers can read and fill the shared
+:class:`~comfy_nearid.embedding_cache.EmbeddingCache`: re-evaluating a dataset with the same
+model then runs no forward pass.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from .metrics.table import N_VIEWS, SimilarityTable, read_similarity_csv
 
 if TYPE_CHECKING:
     from .data.sample import ImageRef, Sample
+    from .embedding_cache import EmbeddingCache
+    from .model import IdentityModel
 
 __all__ = [
     "Benchmark",
@@ -45,6 +50,7 @@ __all__ = [
     "Scorer",
     "csv_result",
     "embed_images",
+    "embedding_scorer",
     "evaluate_dataset",
     "evaluate_table",
     "feature_scorer",
@@ -76,6 +82,7 @@ class Scorer:
         use_masks: pass object masks to ``embed_fn`` (views' and distractors' own masks).
         batch_size: images per ``embed_fn`` call.
         identity: provenance string (model identity, feature name) recorded in the summary.
+        cache_path: the embedding cache file the scorer reads and fills, or ``None``.
     """
 
     name: str
@@ -83,6 +90,7 @@ class Scorer:
     use_masks: bool = False
     batch_size: int = 32
     identity: str = ""
+    cache_path: str | None = None
 
 
 # --------------------------------------------------------------------------- planning
@@ -489,7 +497,8 @@ def evaluate_dataset(
     for scorer in scorers:
         table = similarity_table(samples, scorer, sources=sources, benchmark=benchmark, progress=progress)
         config = {"scorer": scorer.name, "identity": scorer.identity, "use_masks": scorer.use_masks,
-                  "batch_size": scorer.batch_size, "sources": None if sources is None else list(sources)}
+                  "batch_size": scorer.batch_size, "sources": None if sources is None else list(sources),
+                  "cache": scorer.cache_path}
         results.append(evaluate_table(scorer.name, table, benchmark=benchmark,
                                       n_resamples=n_resamples, seed=seed, config=config))
     return results
@@ -586,13 +595,15 @@ def model_scorer(
     batch_size: int = 32,
     use_masks: bool = False,
     pretrained: bool = True,
+    cache: "EmbeddingCache | None" = None,
 ) -> Scorer:
     """Build a :class:`Scorer` from a spec through :func:`comfy_nearid.load_model`.
 
     ``head:PATH`` = a NearID head file (its backbone from the metadata); ``pooled:BACKBONE``
     = the frozen backbone read out through its own pooling (SigLIP's MAP head);
     ``mean:BACKBONE`` = the backbone's mean-pooled tokens; ``feature:...`` =
-    :func:`feature_scorer`. ``pretrained=False`` builds random weights (tests, benchmarks).
+    :func:`feature_scorer` (cheap, never cached). ``pretrained=False`` builds random weights
+    (tests, benchmarks). ``cache``: see :func:`embedding_scorer`.
     """
     kind, arg = parse_scorer_spec(spec)
     if kind == "feature":
@@ -603,16 +614,36 @@ def model_scorer(
         model = load_model(head=arg, device=device, pretrained=pretrained)
     else:
         model = load_model(backbone=arg, readout=kind, device=device, pretrained=pretrained)
+    return embedding_scorer(model, name=name or spec, batch_size=batch_size, use_masks=use_masks, cache=cache)
+
+
+def embedding_scorer(
+    model: "IdentityModel",
+    *,
+    name: str,
+    batch_size: int = 32,
+    use_masks: bool = False,
+    cache: "EmbeddingCache | None" = None,
+) -> Scorer:
+    """A :class:`Scorer` over a loaded :class:`~comfy_nearid.model.IdentityModel`.
+
+    With a ``cache``, embeddings go through :func:`~comfy_nearid.embedding_cache.cached_embed`:
+    keyed by the model's cache identity and the decoded pixels (plus the mask when masks are
+    used), so a second evaluation of the same data with the same model runs no forward pass
+    (images are still decoded to compute their keys), and another model never reads these
+    entries. Several processes may share one cache file.
+    """
+    from .embedding_cache import cached_embed, model_cache_identity
 
     def embed(images: list[Image.Image], masks: list[Image.Image | None] | None) -> Any:
         if masks is not None and any(m is None for m in masks):
             if not all(m is None for m in masks):
-                raise InvalidInputError(f"scorer {spec}: some images of a batch have masks and some do not")
+                raise InvalidInputError(f"scorer {name}: some images of a batch have masks and some do not")
             masks = None
-        return model.embed(images, masks=masks, batch_size=len(images))
+        return cached_embed(model, images, cache, masks=masks, batch_size=len(images))
 
-    return Scorer(name=name or spec, embed_fn=embed, use_masks=use_masks, batch_size=batch_size,
-                  identity=getattr(model, "identity", spec))
+    return Scorer(name=name, embed_fn=embed, use_masks=use_masks, batch_size=batch_size,
+                  identity=model_cache_identity(model), cache_path=None if cache is None else str(cache.path))
 
 
 # Feature scorers: hand-made embeddings that see only one region of the image. They check

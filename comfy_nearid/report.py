@@ -191,6 +191,7 @@ def write_report(
     n_failures: int = 8,
     thumb_size: int = 160,
     title: str = "NearID evaluation",
+    extra_sections: Sequence[tuple[str, str]] = (),
 ) -> Path:
     """Write ``out_dir/index.html`` (+ PNGs) for ``results``; returns the HTML path.
 
@@ -200,6 +201,9 @@ def write_report(
         dataset: samples used to find images for results that carry none (CSV results).
         n_failures: failure cases per scorer.
         thumb_size: longest side of gallery thumbnails, pixels.
+        extra_sections: ``(heading, html)`` pairs placed after the summary tables (e.g. the
+            demo's attention heat-maps). The heading is escaped; ``html`` is inserted as it is
+            (the caller builds it), and its image paths are relative to ``out_dir``.
     """
     results = list(results)
     if not results:
@@ -210,6 +214,8 @@ def write_report(
     samples = {s.id: s for s in dataset} if dataset is not None else {}
     sections = [f"<h1>{html.escape(title)}</h1>", "<h2>Summary</h2>", _summary_html(results),
                 _breakdown_html(results, "by_source"), _breakdown_html(results, "by_category")]
+    for heading, body in extra_sections:
+        sections.append(f"<h2>{html.escape(heading)}</h2>{body}")
     for r in results:
         hist = margin_histogram(r, img_dir / f"hist_{_slug(r.name + '_' + r.benchmark)}.png")
         sections.append(f"<h2>{html.escape(r.name)} ({html.escape(r.benchmark)})</h2>")

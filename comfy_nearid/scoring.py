@@ -56,7 +56,9 @@ __all__ = [
     "ScoringPlan",
     "ScoringResult",
     "Subject",
+    "REFERENCE_COMBINATIONS",
     "aggregate_cosines",
+    "combine_references",
     "dreambench_key",
     "list_images",
     "natural_sort_key",
@@ -70,7 +72,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: Ways to combine the cosines to several references (computable from the cosines alone).
 AGGREGATES = ("mean", "max")
+#: Ways to combine several references into one score; ``prototype`` needs the embeddings.
+REFERENCE_COMBINATIONS = ("mean", "max", "prototype")
 OUTPUT_FORMATS = ("csv", "jsonl")
 ROW_FIELDS = ("path", "subject", "cosines", "score", "calibrated", "rank", "error")
 _COSINE_SEPARATOR = ";"
@@ -473,7 +478,8 @@ def _preview(names: Sequence[str], limit: int = 5) -> str:
 # ============================================================================ rows
 @dataclass
 class ScoreRow:
-    """One output row. ``score`` is the aggregate cosine (mean or max over the references),
+    """One output row. ``score`` combines the references (mean or max of the cosines, or the
+    cosine to the prototype; see :func:`combine_references`),
     ``calibrated`` its 0..100 identity match, ``rank`` 1 = best within the subject (filled in
     when the run completes); error rows carry ``error`` and no numbers."""
 
@@ -618,13 +624,62 @@ def _open_for_append(path: Path, fmt: str) -> io.TextIOWrapper:
 
 # ============================================================================ scores
 def aggregate_cosines(cosines: np.ndarray, how: str = "mean") -> np.ndarray:
-    """Combine cosines to several references: ``[N, R]`` -> ``[N]`` by ``mean`` or ``max``."""
+    """Combine cosines to several references: ``[N, R]`` -> ``[N]`` by ``mean`` or ``max``.
+
+    ``prototype`` is not computable from the cosines; use :func:`combine_references`.
+    """
     if how not in AGGREGATES:
-        raise InvalidInputError(f"aggregate must be one of {AGGREGATES}, got {how!r}")
+        hint = "; 'prototype' needs the embeddings: use combine_references" if how == "prototype" else ""
+        raise InvalidInputError(f"aggregate must be one of {AGGREGATES}, got {how!r}{hint}")
     cos = np.asarray(cosines, dtype=np.float64)
     if cos.ndim != 2 or cos.shape[1] == 0:
         raise InvalidInputError(f"cosines must be [N, R] with R >= 1, got shape {cos.shape}")
     return cos.mean(axis=1) if how == "mean" else cos.max(axis=1)
+
+
+def _as_embedding_matrix(value: Any, name: str) -> np.ndarray:
+    """A numpy array or torch tensor ``[N, D]`` -> float64 numpy (CPU)."""
+    if hasattr(value, "detach"):  # a torch tensor, without importing torch here
+        value = value.detach().cpu().double().numpy()
+    arr = np.asarray(value, dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[1] == 0:
+        raise InvalidInputError(f"{name} must be [N, D] embeddings with D >= 1, got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise InvalidInputError(f"{name} holds NaN or infinite values")
+    return arr
+
+
+def combine_references(candidate_emb: Any, reference_emb: Any, mode: str = "mean") -> np.ndarray:
+    """Identity score of each candidate against a subject's references.
+
+    Args:
+        candidate_emb: unit embeddings ``[N, D]`` (numpy or torch).
+        reference_emb: unit embeddings ``[R, D]`` of the subject's references, ``R >= 1``.
+        mode: ``mean`` of the R cosines, ``max`` (the closest reference), or ``prototype``:
+            the cosine to the mean reference embedding re-normalised to unit length (one
+            direction for the subject, so an off reference weighs less than with ``mean``).
+
+    Returns:
+        float64 ``[N]`` scores in -1..1, in candidate order.
+    """
+    if mode not in REFERENCE_COMBINATIONS:
+        raise InvalidInputError(f"reference combination must be one of {REFERENCE_COMBINATIONS}, got {mode!r}")
+    cand = _as_embedding_matrix(candidate_emb, "candidate embeddings")
+    refs = _as_embedding_matrix(reference_emb, "reference embeddings")
+    if refs.shape[0] == 0:
+        raise InvalidInputError("reference embeddings: at least one reference is needed, got 0")
+    if cand.shape[1] != refs.shape[1]:
+        raise InvalidInputError(
+            f"candidate embeddings are {cand.shape[1]}-d but reference embeddings {refs.shape[1]}-d; "
+            "embed both with the same model"
+        )
+    if mode == "prototype":
+        mean = refs.mean(axis=0)
+        norm = float(np.linalg.norm(mean))
+        if norm == 0.0:  # references that cancel out have no common direction
+            raise InvalidInputError("the references' mean embedding is zero; 'prototype' has no direction, use mean")
+        return cand @ (mean / norm)
+    return aggregate_cosines(cand @ refs.T, mode)
 
 
 def _calibrate(model: Any, scores: np.ndarray) -> np.ndarray:
@@ -747,8 +802,8 @@ class ScoringOptions:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.aggregate not in AGGREGATES:
-            raise InvalidInputError(f"aggregate must be one of {AGGREGATES}, got {self.aggregate!r}")
+        if self.aggregate not in REFERENCE_COMBINATIONS:
+            raise InvalidInputError(f"aggregate must be one of {REFERENCE_COMBINATIONS}, got {self.aggregate!r}")
         if self.batch_size < 1:
             raise InvalidInputError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.num_workers < 0 or self.prefetch_batches < 0:
@@ -1018,7 +1073,7 @@ def _make_row(item: ScoreItem, prepared: _Prepared, embedding: np.ndarray | None
         reason = (prepared.error or "no embedding").replace("\n", " ").replace("\r", " ")
         return ScoreRow(str(item.path), item.subject, error=reason)
     cosines = references[item.subject] @ np.asarray(embedding, dtype=np.float32)
-    score = aggregate_cosines(cosines[None, :], aggregate)[0]
+    score = combine_references(np.asarray(embedding)[None, :], references[item.subject], aggregate)[0]
     return ScoreRow(str(item.path), item.subject, tuple(_short_float(c) for c in cosines), _short_float(score))
 
 

@@ -3,27 +3,34 @@
 Every score is the cosine similarity of NearID embeddings (``IdentityModel.embed``) between a
 candidate and the reference(s); several references are combined by ``mean`` (mean of the
 similarities, default), ``max`` (the most similar reference) or ``prototype`` (similarity to
-the re-normalised mean reference embedding). The 0..100 identity match comes from
-:mod:`comfy_nearid.calibration` (the head's stored calibration, else the documented default).
+the re-normalised mean reference embedding), all by :func:`comfy_nearid.scoring.combine_references`.
+The 0..100 identity match comes from :mod:`comfy_nearid.calibration` (the head's stored
+calibration, else the documented default). With ``use_cache`` on, embeddings go through the
+shared :mod:`comfy_nearid.embedding_cache` file (keyed by the model and the pixel content), so
+images already embedded, by a node or by ``nearid score``/``eval``, are not embedded again.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
 from comfy_nearid import IdentityModel
 from comfy_nearid.calibration import calibration_for
+from comfy_nearid.embedding_cache import EmbeddingCache, cached_embed, default_cache_path
 from comfy_nearid.errors import InvalidInputError
+from comfy_nearid.scoring import REFERENCE_COMBINATIONS, combine_references
 
 from . import comfy_compat
 from .loader import MODEL_TYPE
 
 EMBEDDING_TYPE = "NEARID_EMBEDDING"
-COMBINE_MODES = ["mean", "max", "prototype"]
+COMBINE_MODES = list(REFERENCE_COMBINATIONS)
 THRESHOLD_SCALES = ["identity match (0-100)", "cosine"]
 WHEN_NONE_PASS = ["pass nothing", "keep best"]
 EMPTY_OUTPUTS = ["skip downstream nodes", "empty batch"]
@@ -43,6 +50,23 @@ class NearIDEmbedding:
 
 
 # ----------------------------------------------------------------------------- helpers
+_CACHES: dict[Path, EmbeddingCache] = {}
+_CACHES_LOCK = threading.Lock()
+
+
+def shared_cache(enabled: bool) -> EmbeddingCache | None:
+    """The embedding cache at :func:`default_cache_path` (opened once per path and kept open
+    for the life of the ComfyUI process), or None when ``enabled`` is False."""
+    if not enabled:
+        return None
+    path = default_cache_path()
+    with _CACHES_LOCK:
+        cache = _CACHES.get(path)
+        if cache is None:
+            cache = _CACHES[path] = EmbeddingCache(path)
+        return cache
+
+
 def _check_images(images: Any, name: str) -> Any:
     """A ComfyUI IMAGE: float tensor ``[B, H, W, C]`` with ``B >= 1``."""
     if not isinstance(images, torch.Tensor):
@@ -78,8 +102,9 @@ def _check_mask(mask: Any, images: Any, name: str, images_name: str) -> Any:
 
 
 def embed_batch(model: Any, images: Any, mask: Any = None, batch_size: int = DEFAULT_BATCH,
-                progress: Any = None, name: str = "images") -> Any:
-    """``model.embed`` over ``images`` in chunks of ``batch_size``, reporting progress to
+                progress: Any = None, name: str = "images", cache: EmbeddingCache | None = None) -> Any:
+    """``model.embed`` over ``images`` in chunks of ``batch_size`` (through ``cache`` when
+    given: see :func:`comfy_nearid.embedding_cache.cached_embed`), reporting progress to
     ComfyUI and stopping at Cancel between chunks. Returns float32 ``[B, D]`` (CPU)."""
     images = _check_images(images, name)
     mask = _check_mask(mask, images, f"{name} mask", name)
@@ -94,26 +119,11 @@ def embed_batch(model: Any, images: Any, mask: Any = None, batch_size: int = DEF
             chunk_mask = mask if mask.shape[0] == 1 else mask[start : start + batch_size]
             if chunk_mask.shape[0] == 1 and chunk.shape[0] > 1:
                 chunk_mask = chunk_mask.expand(chunk.shape[0], -1, -1)
-        out.append(model.embed(chunk, masks=chunk_mask, batch_size=batch_size))
+        out.append(cached_embed(model, chunk, cache, masks=chunk_mask, batch_size=batch_size))
         if progress is not None:
             progress.update(int(chunk.shape[0]))
     comfy_compat.check_interrupted()
     return torch.cat(out)
-
-
-def combine_similarities(reference: Any, candidates: Any, mode: str = "mean") -> Any:
-    """Identity scores of ``candidates`` ``[N, D]`` against ``reference`` ``[R, D]`` (unit
-    vectors) -> ``[N]``: ``mean`` / ``max`` of the R cosines, or ``prototype``: cosine with
-    the normalised mean reference."""
-    if mode == "prototype":
-        proto = F.normalize(reference.mean(dim=0, keepdim=True), dim=-1)
-        return (candidates @ proto.T)[:, 0]
-    sims = candidates @ reference.T  # [N, R]
-    if mode == "mean":
-        return sims.mean(dim=1)
-    if mode == "max":
-        return sims.max(dim=1).values
-    raise InvalidInputError(f"combine must be one of {COMBINE_MODES}, got {mode!r}")
 
 
 def _check_model(model: Any) -> Any:
@@ -147,8 +157,10 @@ def score_candidates(
     reference_embedding: NearIDEmbedding | None = None,
     combine: str = "mean",
     batch_size: int = DEFAULT_BATCH,
+    use_cache: bool = False,
 ) -> ScoreResult:
-    """Embed references and candidates and score each candidate (see module docstring)."""
+    """Embed references and candidates (through the shared embedding cache when ``use_cache``)
+    and score each candidate (see module docstring)."""
     model = _check_model(model)
     if combine not in COMBINE_MODES:
         raise InvalidInputError(f"combine must be one of {COMBINE_MODES}, got {combine!r}")
@@ -157,6 +169,7 @@ def score_candidates(
     candidates = _check_images(candidates, "candidates")
     n_ref_images = 0 if reference is None else int(_check_images(reference, "reference").shape[0])
     progress = comfy_compat.progress_bar(n_ref_images + int(candidates.shape[0]))
+    cache = shared_cache(use_cache)
     refs = []
     if reference_embedding is not None:
         if not isinstance(reference_embedding, NearIDEmbedding):
@@ -171,11 +184,13 @@ def score_candidates(
             )
         refs.append(reference_embedding.vectors)
     if reference is not None:
-        refs.append(embed_batch(model, reference, reference_mask, batch_size, progress, "reference"))
-    cand = embed_batch(model, candidates, candidate_mask, batch_size, progress, "candidates")
+        refs.append(embed_batch(model, reference, reference_mask, batch_size, progress, "reference", cache))
+    cand = embed_batch(model, candidates, candidate_mask, batch_size, progress, "candidates", cache)
     ref = torch.cat(refs)
-    cosine = combine_similarities(ref, cand, combine)
-    match = calibration_for(model).match(cosine.double())
+    # float32, the embeddings' precision: the digits past it are batch-position noise (equal
+    # images in one batch differ by ~1e-8), which should not reorder equal candidates in Rerank
+    cosine = combine_references(cand, ref, combine).astype(np.float32)
+    match = calibration_for(model).match(cosine.astype(np.float64))
     return ScoreResult([float(x) for x in cosine], [float(x) for x in match], combine, int(ref.shape[0]))
 
 
@@ -207,7 +222,20 @@ def _reference_inputs() -> dict[str, Any]:
         "candidate_mask": ("MASK", {"tooltip": "Optional subject mask of the candidates, 1 = subject; same size as the candidates."}),
         "reference_embedding": (EMBEDDING_TYPE, {"tooltip": "Reference embeddings from NearID Embed, used with (or instead of) the reference images."}),
         "batch_size": ("INT", {"default": DEFAULT_BATCH, "min": 1, "max": 1024, "tooltip": "Images embedded at once; lower it to save memory."}),
+        "use_cache": _use_cache_input(),
     }
+
+
+def _use_cache_input() -> tuple[str, dict[str, Any]]:
+    return ("BOOLEAN", {
+        "default": False,
+        "tooltip": (
+            f"Keep embeddings in the NearID embedding cache file ({default_cache_path()}; set the "
+            "NEARID_EMBEDDING_CACHE environment variable to move it), shared with `nearid score` "
+            "and `nearid eval`: an image already embedded by this model (same pixels, same mask) "
+            "is not embedded again."
+        ),
+    })
 
 
 _MODEL_INPUT = (MODEL_TYPE, {"tooltip": "The model from Load NearID Model."})
@@ -239,13 +267,15 @@ class NearIDEmbed:
             },
             "optional": {
                 "mask": ("MASK", {"tooltip": "Optional subject mask(s), 1 = subject; same size as the images. The embedding then looks only at the subject."}),
+                "use_cache": _use_cache_input(),
             },
         }
 
-    def embed(self, nearid_model: Any, images: Any, batch_size: int = DEFAULT_BATCH, mask: Any = None) -> tuple[Any, int]:
+    def embed(self, nearid_model: Any, images: Any, batch_size: int = DEFAULT_BATCH, mask: Any = None,
+              use_cache: bool = False) -> tuple[Any, int]:
         model = _check_model(nearid_model)
         progress = comfy_compat.progress_bar(int(_check_images(images, "images").shape[0]))
-        vectors = embed_batch(model, images, mask, batch_size, progress, "images")
+        vectors = embed_batch(model, images, mask, batch_size, progress, "images", shared_cache(use_cache))
         return (NearIDEmbedding(vectors, model.identity), int(vectors.shape[0]))
 
 
@@ -280,9 +310,9 @@ class NearIDIdentityScore:
 
     def score(self, nearid_model: Any, candidates: Any, combine: str = "mean", reference: Any = None,
               reference_mask: Any = None, candidate_mask: Any = None, reference_embedding: Any = None,
-              batch_size: int = DEFAULT_BATCH) -> dict[str, Any]:
+              batch_size: int = DEFAULT_BATCH, use_cache: bool = False) -> dict[str, Any]:
         result = score_candidates(nearid_model, candidates, reference, reference_mask, candidate_mask,
-                                  reference_embedding, combine, batch_size)
+                                  reference_embedding, combine, batch_size, use_cache)
         best = result.best_index
         preview = format_scores(result, marks={best: "<- best"})
         return {
@@ -351,6 +381,9 @@ class NearIDRerank:
     def INPUT_TYPES(cls) -> dict[str, Any]:
         optional = _reference_inputs()
         optional["latent"] = ("LATENT", {"tooltip": "Optional latents of the candidates (same batch order), reordered alongside."})
+        # the cache switch after the latent socket: older saved workflows, which have no value
+        # for it, still map every input
+        optional["use_cache"] = optional.pop("use_cache")
         return {
             "required": {
                 "nearid_model": _MODEL_INPUT,
@@ -363,11 +396,11 @@ class NearIDRerank:
 
     def rerank(self, nearid_model: Any, candidates: Any, top_k: int = 1, combine: str = "mean", reference: Any = None,
                reference_mask: Any = None, candidate_mask: Any = None, reference_embedding: Any = None,
-               batch_size: int = DEFAULT_BATCH, latent: Any = None) -> dict[str, Any]:
+               batch_size: int = DEFAULT_BATCH, latent: Any = None, use_cache: bool = False) -> dict[str, Any]:
         if top_k < 0:
             raise InvalidInputError(f"top_k must be >= 0 (0 = all), got {top_k}")
         result = score_candidates(nearid_model, candidates, reference, reference_mask, candidate_mask,
-                                  reference_embedding, combine, batch_size)
+                                  reference_embedding, combine, batch_size, use_cache)
         n = len(result.cosine)
         # Stable: equal scores keep their batch order.
         order = sorted(range(n), key=lambda i: -result.cosine[i])
@@ -441,7 +474,7 @@ class NearIDFilter:
                threshold_on: str = THRESHOLD_SCALES[0], when_none_pass: str = WHEN_NONE_PASS[0],
                empty_outputs: str = EMPTY_OUTPUTS[0], combine: str = "mean", reference: Any = None, reference_mask: Any = None,
                candidate_mask: Any = None, reference_embedding: Any = None,
-               batch_size: int = DEFAULT_BATCH) -> dict[str, Any]:
+               batch_size: int = DEFAULT_BATCH, use_cache: bool = False) -> dict[str, Any]:
         if threshold_on not in THRESHOLD_SCALES:
             raise InvalidInputError(f"threshold_on must be one of {THRESHOLD_SCALES}, got {threshold_on!r}")
         if when_none_pass not in WHEN_NONE_PASS:
@@ -449,7 +482,7 @@ class NearIDFilter:
         if empty_outputs not in EMPTY_OUTPUTS:
             raise InvalidInputError(f"empty_outputs must be one of {EMPTY_OUTPUTS}, got {empty_outputs!r}")
         result = score_candidates(nearid_model, candidates, reference, reference_mask, candidate_mask,
-                                  reference_embedding, combine, batch_size)
+                                  reference_embedding, combine, batch_size, use_cache)
         values = result.match if threshold_on == THRESHOLD_SCALES[0] else result.cosine
         passed = [i for i, v in enumerate(values) if v >= threshold]
         fallback = False

@@ -151,6 +151,86 @@ def test_bad_inputs_raise_errors_that_name_the_input(tiny_model, images):
         node.score(tiny_model, to_comfy(cand), reference=to_comfy(ref), candidate_mask=torch.ones(3, 40, 48))
 
 
+def _counted_model(seed: int = 0):
+    """A real tiny model whose forward passes are counted (images per ``embed_pixels`` call)."""
+    model = load_model(backbone="tiny-siglip", pretrained=False, device="cpu", dtype="fp32", seed=seed)
+    counts: list[int] = []
+    original = model.embed_pixels
+
+    def counting(pixels, *args, **kwargs):
+        counts.append(int(pixels.shape[0]))
+        return original(pixels, *args, **kwargs)
+
+    model.embed_pixels = counting  # instance attribute: only this model is counted
+    return model, counts
+
+
+@pytest.mark.parametrize("mode", ["mean", "prototype"])
+def test_use_cache_second_call_runs_no_forward_and_gives_the_same_scores(tmp_path, monkeypatch, images, mode):
+    from comfy_nearid.embedding_cache import EmbeddingCache, pixels_content_hash
+
+    cache_file = tmp_path / "nodes-cache.sqlite"
+    monkeypatch.setenv("NEARID_EMBEDDING_CACHE", str(cache_file))
+    ref, cand = images
+    model, counts = _counted_model()
+    node = scoring.NearIDIdentityScore()
+    first = node.score(model, to_comfy(cand), combine=mode, reference=to_comfy(ref), batch_size=2, use_cache=True)
+    assert sum(counts) == len(ref) + len(cand)
+    counts.clear()
+    second = node.score(model, to_comfy(cand), combine=mode, reference=to_comfy(ref), batch_size=2, use_cache=True)
+    assert counts == []  # everything came from the cache file
+    assert second["result"][0] == first["result"][0] and second["result"][1] == first["result"][1]
+    want = expected_scores(_embed(model, ref), _embed(model, cand), mode)
+    np.testing.assert_allclose(first["result"][0], want, atol=1e-5)
+    # the key of an in-memory image is its pixel content, under this model's identity
+    with EmbeddingCache(cache_file, readonly=True) as cache:
+        stored = cache.get(model.identity, pixels_content_hash(cand[3]))
+        assert cache.count() == len(ref) + len(cand)
+    np.testing.assert_allclose(stored, _embed(model, cand[3:4])[0], atol=1e-6)
+
+
+def test_use_cache_is_shared_by_embed_rerank_and_filter_and_keyed_by_mask(tmp_path, monkeypatch, images):
+    monkeypatch.setenv("NEARID_EMBEDDING_CACHE", str(tmp_path / "shared.sqlite"))
+    ref, cand = images
+    model, counts = _counted_model()
+    emb, _ = scoring.NearIDEmbed().embed(model, to_comfy(ref), use_cache=True)
+    assert sum(counts) == len(ref)
+    counts.clear()
+    reranked = scoring.NearIDRerank().rerank(model, to_comfy(cand), top_k=0, reference=to_comfy(ref), use_cache=True)
+    assert sum(counts) == len(cand)  # only the candidates are new; the references were cached by Embed
+    counts.clear()
+    filtered = scoring.NearIDFilter().filter(model, to_comfy(cand), threshold=-1.0, threshold_on="cosine",
+                                             reference_embedding=emb, use_cache=True)
+    assert counts == []
+    np.testing.assert_allclose(sorted(filtered["result"][4], reverse=True), reranked["result"][3], atol=1e-6)
+    # a mask changes the embedding, so masked images are new entries (and then cached too)
+    mask = torch.zeros(len(cand), cand.shape[1], cand.shape[2])
+    mask[:, :20, :] = 1.0
+    masked = scoring.NearIDEmbed().embed(model, to_comfy(cand), mask=mask, use_cache=True)[0]
+    assert sum(counts) == len(cand)
+    counts.clear()
+    again = scoring.NearIDEmbed().embed(model, to_comfy(cand), mask=mask, use_cache=True)[0]
+    assert counts == []
+    torch.testing.assert_close(again.vectors, masked.vectors, atol=0, rtol=0)
+    torch.testing.assert_close(masked.vectors, model.embed(to_comfy(cand), masks=mask), atol=1e-5, rtol=0)
+    # another model (other seed) finds nothing of the first one's
+    other, other_counts = _counted_model(seed=1)
+    scoring.NearIDEmbed().embed(other, to_comfy(ref), use_cache=True)
+    assert sum(other_counts) == len(ref)
+
+
+def test_use_cache_off_by_default_writes_no_file(tmp_path, monkeypatch, images):
+    monkeypatch.setenv("NEARID_EMBEDDING_CACHE", str(tmp_path / "never.sqlite"))
+    ref, cand = images
+    model, counts = _counted_model()
+    scoring.NearIDIdentityScore().score(model, to_comfy(cand), reference=to_comfy(ref))
+    scoring.NearIDIdentityScore().score(model, to_comfy(cand), reference=to_comfy(ref))
+    assert sum(counts) == 2 * (len(ref) + len(cand))
+    assert not (tmp_path / "never.sqlite").exists()
+    tooltip = scoring.NearIDEmbed.INPUT_TYPES()["optional"]["use_cache"][1]["tooltip"]
+    assert str(tmp_path / "never.sqlite") in tooltip
+
+
 def test_attention_to_image_places_each_token_over_its_patch():
     # 2x2 tokens of 2 px in a 5 px model input: the 5th row/column is not seen by the model.
     attention = torch.tensor([[0.0, 0.5], [0.0, 0.0]])

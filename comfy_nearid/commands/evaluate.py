@@ -8,6 +8,7 @@
 Outputs under ``--out`` (default ``nearid_eval``): ``<scorer>.samples.csv`` (similarities,
 margins), ``summary.json``, ``table.md`` and ``eval_config.json`` (the resolved options);
 ``--json PATH`` writes the summary there too, ``--report DIR`` an HTML report.
+``--cache [PATH]`` makes model scorers read and fill the shared embedding cache.
 Run on several processes with ``accelerate launch -m comfy_nearid eval ssr ...``.
 """
 
@@ -80,6 +81,9 @@ def _add_scoring_arguments(sp: argparse.ArgumentParser, mtg: bool) -> None:
                     help="build backbones with random weights (smoke tests; scores are meaningless)")
     sc.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     sc.add_argument("--batch-size", type=int, default=32)
+    sc.add_argument("--cache", nargs="?", const="", default=None, metavar="PATH",
+                    help="read and fill the embedding cache of model scorers: PATH, or with no value "
+                         "$NEARID_EMBEDDING_CACHE / ~/.cache/comfy_nearid/embeddings.sqlite (default: off)")
     st = sp.add_argument_group("statistics and outputs")
     st.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs (0 = none)")
     st.add_argument("--seed", type=int, default=0, help="bootstrap seed")
@@ -192,6 +196,19 @@ def _default_device(device: str | None) -> str | None:
     return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
 
 
+def _open_cache(option: str | None) -> Any:
+    """The embedding cache ``--cache`` names: ``None`` when absent, the default file when given
+    without a value. Off by default: an evaluation is usually a one-off measurement, and a
+    cache that silently grows in the home folder should be asked for."""
+    if option is None:
+        return None
+    from ..embedding_cache import EmbeddingCache, default_cache_path
+
+    path = Path(option) if option else default_cache_path()
+    logger.info("embedding cache: %s", path)
+    return EmbeddingCache(path)
+
+
 def _run_scoring(args: argparse.Namespace) -> int:
     from .. import evaluate as ev
 
@@ -211,12 +228,18 @@ def _run_scoring(args: argparse.Namespace) -> int:
         sources = getattr(args, "sources", None)
         sources = [s.strip() for s in sources.split(",") if s.strip()] if sources else None
         device = _default_device(args.device)
-        for item in args.scorer:
-            name, spec = _named(item, "--scorer")
-            scorer = ev.model_scorer(spec, name=name, device=device, batch_size=args.batch_size,
-                                     use_masks=args.masks, pretrained=not args.random_weights)
-            results += ev.evaluate_dataset([scorer], dataset_samples, benchmark=args.benchmark, sources=sources,
-                                           n_resamples=args.bootstrap, seed=args.seed, progress=progress)
+        cache = _open_cache(args.cache)
+        try:
+            for item in args.scorer:
+                name, spec = _named(item, "--scorer")
+                scorer = ev.model_scorer(spec, name=name, device=device, batch_size=args.batch_size,
+                                         use_masks=args.masks, pretrained=not args.random_weights, cache=cache)
+                results += ev.evaluate_dataset([scorer], dataset_samples, benchmark=args.benchmark,
+                                               sources=sources, n_resamples=args.bootstrap, seed=args.seed,
+                                               progress=progress)
+        finally:
+            if cache is not None:
+                cache.close()
     for item in args.csv:
         name, path = _named(item, "--csv")
         results.append(ev.csv_result(name or Path(path).stem, path, benchmark=args.benchmark,

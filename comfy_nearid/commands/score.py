@@ -48,8 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="per-subject summary JSON (default: <output>.summary.json)")
     out.add_argument("--dreambench-json", type=Path, default=None, metavar="PATH",
                      help="also write {relative path with '/' -> '-': 100 x cosine}, readable by `nearid eval human`")
-    out.add_argument("--aggregate", choices=("mean", "max"), default="mean",
-                     help="how cosines to several references combine (default: %(default)s)")
+    out.add_argument("--aggregate", choices=("mean", "max", "prototype"), default="mean",
+                     help="how several references combine: mean or max of the cosines, or prototype = "
+                          "cosine to the re-normalised mean reference embedding (default: %(default)s)")
     mode = out.add_mutually_exclusive_group()
     mode.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     mode.add_argument("--resume", action="store_true",
