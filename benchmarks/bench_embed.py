@@ -38,6 +38,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--size", choices=["small", "so400m"], default="small",
+                    help="small: small-siglip (width 384, 6 layers, 224 px); so400m: the paper's full-size "
+                         "architecture (random weights, 384 px)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -46,18 +49,25 @@ def main(argv=None) -> int:
     from comfy_nearid import load_model
     from comfy_nearid.convert import write_converted
 
-    ref = _reference(dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6,
-                          image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6))
+    if args.size == "small":
+        name, side = "small-siglip", 224
+        shape = dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6,
+                     image_size=224, patch_size=16)
+    else:
+        name, side = "siglip2-so400m", 384
+        shape = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                     image_size=384, patch_size=14)
+    ref = _reference(dict(**shape, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "rel").mkdir()
         save_file({f"backbone.{k}": v.contiguous() for k, v in ref.state_dict().items()}, str(tmp / "rel" / "model.safetensors"))
-        head, bb = write_converted(tmp / "rel", tmp / "head.safetensors", backbone="small-siglip", out_backbone=tmp / "bb.safetensors")
+        head, bb = write_converted(tmp / "rel", tmp / "head.safetensors", backbone=name, out_backbone=tmp / "bb.safetensors")
         ours = load_model(head, backbone_weights=bb, device="cpu", dtype="fp32")
         ours_bf16 = load_model(head, backbone_weights=bb, device="cpu", dtype="bf16")
 
     torch.manual_seed(1)
-    pixels = torch.rand(args.batch, 3, 224, 224) * 2 - 1
+    pixels = torch.rand(args.batch, 3, side, side) * 2 - 1
 
     def run_ref():
         with torch.inference_mode():
@@ -74,7 +84,7 @@ def main(argv=None) -> int:
             times[k].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
     ref_out = outputs["reference fp32"]
-    print(f"small-siglip (width 384, 6 layers, 224 px), batch {args.batch}, {args.threads} threads, "
+    print(f"{name} ({shape['hidden_size']} wide, {shape['num_hidden_layers']} layers, {side} px), batch {args.batch}, {args.threads} threads, "
           f"median of {args.repeats}")
     for k in runs:
         print(f"  {k:20s} {med[k] * 1000:8.1f} ms/batch  {args.batch / med[k]:7.1f} img/s")

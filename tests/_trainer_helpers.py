@@ -13,6 +13,92 @@ import sys
 import torch
 
 
+def make_folder_dataset(
+    root,
+    n_samples: int = 12,
+    n_views: int = 3,
+    sources=("object", "part"),
+    size: int = 32,
+    seed: int = 0,
+    masks: bool = True,
+    views_per_sample=None,
+    distractors: bool = True,
+):
+    """Write a small NearID folder dataset: each identity is a coloured square with a stripe,
+    each view puts it at another place on another noise background, each distractor is a
+    recoloured object on exactly its view's background. Returns ``root``.
+
+    ``views_per_sample``: optional list giving each sample's number of views.
+    """
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    for i in range(n_samples):
+        d = root / f"id{i:04d}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "sample.json").write_text(json.dumps({"category": ["box", "ball"][i % 2]}))
+        colour = rng.integers(0, 256, size=3)
+        stripe = rng.integers(0, 256, size=3)
+        count = n_views if views_per_sample is None else views_per_sample[i]
+        for k in range(count):
+            background = rng.integers(0, 256, size=(size, size, 3)).astype(np.uint8)
+            side = size // 2
+            y, x = rng.integers(0, size - side, size=2)
+            mask = np.zeros((size, size), dtype=np.uint8)
+            mask[y : y + side, x : x + side] = 255
+
+            def draw(body, band):
+                img = background.copy()
+                img[y : y + side, x : x + side] = body
+                img[y + side // 2 : y + side // 2 + 2, x : x + side] = band
+                return img
+
+            Image.fromarray(draw(colour, stripe)).save(d / f"view{k + 1}.png")
+            if masks:
+                Image.fromarray(mask).save(d / f"mask{k + 1}.png")
+            if not distractors:
+                continue
+            for s, source in enumerate(sources):
+                sd = d / source
+                sd.mkdir(exist_ok=True)
+                other = (colour + 60 * (s + 1)) % 256 if source != "part" else colour
+                band = (stripe + 90) % 256 if source == "part" else stripe
+                Image.fromarray(draw(other, band).astype(np.uint8)).save(sd / f"distractor{k + 1}.png")
+                if masks:
+                    Image.fromarray(mask).save(sd / f"mask{k + 1}.png")
+    return root
+
+
+def tiny_config(tmp_path, data_root, **overrides):
+    """A TrainConfig for fast CPU tests: tiny-siglip (random weights), no mixed precision."""
+    from trainer.config import config_from_dict
+
+    values = {
+        "output_dir": str(tmp_path / "run"),
+        "seed": 0,
+        "model": {"backbone": "tiny-siglip", "pretrained": False, "init_head": "own"},
+        "data": {"format": "folder", "train": str(data_root), "num_workers": 0},
+        "features": {"cache": False, "dtype": "float32", "batch_size": 16},
+        "optim": {"lr": 1e-3, "warmup_steps": 2},
+        "train": {"epochs": 2, "batch_size": 4, "mixed_precision": "no", "cpu": True},
+        "checkpoint": {"every_steps": 0, "total_limit": 2},
+        "eval": {"every_steps": 0, "batch_size": 16},
+        "logging": {"tracker": "csv", "every_steps": 1, "progress": False},
+    }
+    for dotted, value in overrides.items():
+        section, _, key = dotted.partition("__")
+        if key:
+            values.setdefault(section, {})[key] = value
+        else:
+            values[section] = value
+    return config_from_dict(values)
+
+
 def ddp_loss_case() -> dict[str, torch.Tensor]:
     """A fixed global batch of 8 samples (float64) with masks and a shared projection."""
     g = torch.Generator().manual_seed(1234)

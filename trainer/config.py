@@ -75,7 +75,11 @@ class DataConfig:
     val_indices: str | None = None
     val_sources: list[str] | None = None  # None = the training sources
     val_fraction: float = 0.0  # hold out this share of training samples when val is None
-    val_max_samples: int | None = None
+    val_max_samples: int | None = None  # validate on the first N samples only
+    test: str | None = None  # held-out test data, evaluated once at the end with the best head
+    test_split: str | None = None
+    test_indices: str | None = None
+    test_sources: list[str] | None = None  # None = every source present (each reported)
     positives: int = 2  # P positive slots per sample
     negatives: int = 3  # K distractor slots per sample
     foreground_mask: bool = False  # restrict the head to the object's tokens (needs masks)
@@ -150,6 +154,7 @@ class EvalConfig:
     every_steps: int = 100  # validation every N optimizer steps (0 = only at the end)
     batch_size: int = 64
     select_by: Literal["ssr", "pa"] = "ssr"  # the best head is the one with the highest value
+    baseline: bool = False  # also score the frozen backbone's own pooling on the test data
 
 
 @dataclass
@@ -226,11 +231,6 @@ class TrainConfig:
             raise ConfigError(
                 "features.cache=true cannot be combined with augmentations (augment.*_prob > 0): "
                 "the cache holds the tokens of the unaugmented images; turn one of them off"
-            )
-        if self.data.format == "published" and not self.data.distractor_paths:
-            raise ConfigError(
-                "data.distractor_paths is empty: the published format needs at least one "
-                "{source: path} distractor dataset"
             )
 
 

@@ -260,7 +260,6 @@ def two_tier_terms(
     gather = gather if gather is not None else LocalGather()
     world, rank = gather.world_size, gather.rank
     batch, n_pos = pos_mask.shape
-    n_neg = neg_mask.shape[1]
     device = anchor.device
 
     # At least float32 whatever the autocast dtype of the head (float64 stays float64).

@@ -101,7 +101,7 @@ class PublishedMTGDataset(NearIDDataset):
             for k in (1, 2):
                 col = pattern.format(k)
                 origin = f"{self.table.name} row {row} (id {sample_id}) column {col}"
-                out.append(image_cell_ref(values.get(col), origin, self.table.path, mode))  # type: ignore[arg-type]
+                out.append(image_cell_ref(values.get(col), origin, self.table.base_dir, mode))  # type: ignore[arg-type]
             return out
 
         return Sample(

@@ -114,7 +114,7 @@ class PublishedNearIDDataset(NearIDDataset):
 
     def _refs(self, table: ArrowTable, row: int, columns: list[str], values: dict[str, Any], mode: str) -> list[ImageRef | None]:
         return [
-            image_cell_ref(values[c], f"{table.name} row {row} (id {self.ids[row]}) column {c}", table.path, mode)  # type: ignore[arg-type]
+            image_cell_ref(values[c], f"{table.name} row {row} (id {self.ids[row]}) column {c}", table.base_dir, mode)  # type: ignore[arg-type]
             for c in columns
         ]
 

@@ -51,14 +51,15 @@ class ArrowTable:
         if not self.path.exists():
             raise DatasetError(f"dataset {self.name}: {self.path} does not exist")
         self._pa, self._pq = _pyarrow()
+        self._ipc_tables: dict[int, Any] = {}
         self._kind, self._files = self._discover(split)
         self._chunks: list[tuple[int, int, int]] = []  # (file index, row group or -1, first row)
+        self._starts: list[int] = []  # first row of each chunk, for bisection
         self._schema_names: list[str] | None = None
         self._num_rows = 0
         self._scan_metadata()
         self._cache_key: tuple[int, int, tuple[str, ...]] | None = None
         self._cache_rows: Any = None  # rows of the last row group read (a list, or an mmapped arrow table)
-        self._ipc_tables: dict[int, Any] = {}
 
     # ----------------------------------------------------------------- discovery
     def _discover(self, split: str | None) -> tuple[str, list[Path]]:
@@ -141,12 +142,18 @@ class ArrowTable:
         return self._num_rows
 
     @property
+    def base_dir(self) -> Path:
+        """Folder that relative image paths in cells are resolved against."""
+        return self.path if self.path.is_dir() else self.path.parent
+
+    @property
     def column_names(self) -> list[str]:
         return list(self._schema_names or [])
 
     def _chunk_of(self, row: int) -> tuple[int, int, int]:
-        starts = [c[2] for c in self._chunks]
-        return self._chunks[bisect.bisect_right(starts, row) - 1]
+        if len(self._starts) != len(self._chunks):
+            self._starts = [c[2] for c in self._chunks]
+        return self._chunks[bisect.bisect_right(self._starts, row) - 1]
 
     def _load_chunk(self, fi: int, rg: int, columns: tuple[str, ...]) -> Any:
         try:
@@ -176,7 +183,9 @@ class ArrowTable:
         for fi, f in enumerate(self._files):
             try:
                 if self._kind == "parquet":
-                    out.extend(self._pq.read_table(f, columns=[name]).column(name).to_pylist())
+                    # ParquetFile.read, not pq.read_table: the latter pre-buffers large ranges of
+                    # the (image) column chunks around the one column asked for.
+                    out.extend(self._pq.ParquetFile(f).read(columns=[name]).column(name).to_pylist())
                 else:
                     out.extend(self._ipc_table(fi).column(name).to_pylist())
             except (OSError, self._pa.ArrowException) as e:

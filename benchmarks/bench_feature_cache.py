@@ -1,0 +1,139 @@
+"""Seconds per training epoch with and without the frozen-feature cache, side by side.
+
+Same data, same config, same number of threads; each mode runs in its own process so that
+its peak memory (max RSS, and peak GPU memory on CUDA) is its own. The cached run also
+reports the one-off cost of building the cache.
+
+    python benchmarks/bench_feature_cache.py                       # synthetic data, MobileNetV2
+    python benchmarks/bench_feature_cache.py --backbone tiny-siglip --no-pretrained
+    python benchmarks/bench_feature_cache.py --data runs/synth-data --n-train 600
+
+The synthetic benchmark is generated into ``--data`` when that folder does not exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=None, help="synthetic benchmark root (default: a temporary folder)")
+    p.add_argument("--n-train", type=int, default=384, help="identities to generate when --data is missing")
+    p.add_argument("--backbone", default="mobilenet-v2")
+    p.add_argument("--no-pretrained", action="store_true", help="random backbone weights (no weights file needed)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=2, help="epochs timed per mode (seconds are per epoch)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers for the live mode")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--mode", choices=["live", "cached"], help=argparse.SUPPRESS)  # child process
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def _config(args: argparse.Namespace, run_dir: Path, cached: bool):
+    from trainer.config import config_from_dict
+
+    return config_from_dict(
+        {
+            "output_dir": str(run_dir),
+            "seed": 0,
+            "model": {"backbone": args.backbone, "pretrained": not args.no_pretrained, "init_head": "fresh"},
+            "data": {
+                "format": "folder", "train": args.data, "train_split": "train",
+                "sources": ["object"], "num_workers": args.workers if not cached else 0,
+            },
+            "features": {"cache": cached, "dtype": "float16", "batch_size": 32, "cache_dir": str(run_dir / "cache")},
+            "optim": {"lr": 1e-3, "warmup_steps": 10},
+            "train": {"epochs": args.epochs, "batch_size": args.batch_size, "mixed_precision": "no", "cpu": True},
+            "checkpoint": {"every_steps": 0},
+            "eval": {"every_steps": 0},
+            "logging": {"tracker": "none", "progress": False, "every_steps": 1000},
+        }
+    )
+
+
+def child(args: argparse.Namespace) -> None:
+    """One mode in this process: time setup (incl. cache build) and the epochs."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from trainer.loop import train
+
+    cached = args.mode == "cached"
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        result = train(_config(args, Path(tmp) / "run", cached))
+        total = time.perf_counter() - started
+    peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "mode": args.mode,
+                "seconds_per_epoch": result.seconds / args.epochs,
+                "setup_seconds": total - result.seconds,  # model + data scan (+ the cache build)
+                "steps": result.global_step,
+                "samples": result.samples_seen,
+                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "peak_gpu_mib": peak_gpu,
+            }
+        )
+    )
+
+
+def ensure_data(args: argparse.Namespace) -> None:
+    if args.data is None:
+        args.data = str(Path(tempfile.gettempdir()) / f"nearid-bench-synth-{args.n_train}")
+    if not (Path(args.data) / "manifest.json").is_file():
+        from comfy_nearid.data.synth import generate_benchmark
+
+        print(f"generating the synthetic benchmark ({args.n_train} identities) in {args.data} ...", flush=True)
+        generate_benchmark(args.data, args.n_train, 8, n_mtg=0, seed=0, overwrite=True, progress=False, workers=2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.mode:
+        child(args)
+        return 0
+    ensure_data(args)
+    results = {}
+    for mode in ("live", "cached"):
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+            out = f.name
+        cmd = [sys.executable, __file__, "--mode", mode, "--out", out, "--data", args.data,
+               "--backbone", args.backbone, "--batch-size", str(args.batch_size), "--epochs", str(args.epochs),
+               "--workers", str(args.workers), "--threads", str(args.threads)]
+        if args.no_pretrained:
+            cmd.append("--no-pretrained")
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        print(f"running {mode} ...", flush=True)
+        subprocess.run(cmd, check=True, env=env)
+        results[mode] = json.loads(Path(out).read_text())
+        os.unlink(out)
+
+    live, cached = results["live"], results["cached"]
+    print()
+    print(f"backbone {args.backbone}, {live['samples'] // args.epochs} samples/epoch, batch {args.batch_size}, "
+          f"{args.threads} threads, {args.epochs} epoch(s) per mode")
+    print(f"{'':28s}{'live (backbone)':>18s}{'feature cache':>18s}")
+    print(f"{'seconds per epoch':28s}{live['seconds_per_epoch']:18.2f}{cached['seconds_per_epoch']:18.2f}")
+    print(f"{'setup s (cache build incl.)':28s}{live['setup_seconds']:18.2f}{cached['setup_seconds']:18.2f}")
+    print(f"{'peak RSS MiB':28s}{live['peak_rss_mib']:18.0f}{cached['peak_rss_mib']:18.0f}")
+    if live["peak_gpu_mib"] is not None:
+        print(f"{'peak GPU MiB':28s}{live['peak_gpu_mib']:18.0f}{cached['peak_gpu_mib']:18.0f}")
+    ratio = live["seconds_per_epoch"] / max(1e-9, cached["seconds_per_epoch"])
+    print(f"speed-up per epoch with the cache: {ratio:.1f}x (target >= 10x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,887 @@
+"""The whole method end to end on the synthetic near-identity benchmark (``nearid demo``).
+
+:func:`run_demo` runs, offline, on a laptop CPU:
+
+1. generates the synthetic benchmark (:func:`comfy_nearid.data.generate_benchmark`): training
+   identities, held-out test identities of categories never seen in training, and an
+   MTG-style part-edit split;
+2. scores the test split with the frozen backbone's baselines: its own pooling
+   (``pooled:BACKBONE``) and its mean-pooled patch tokens (``mean:BACKBONE``);
+3. trains the identity head with the trainer (:func:`trainer.train`) from the frozen-feature
+   cache, on the object-level distractors: a fixed number of epochs, or as many steps as a
+   time budget (``minutes``) allows;
+4. scores the test split with the trained head and builds a Table-1-style comparison with
+   95% bootstrap intervals, pooled and per difficulty level (object, part, colour) and MTG;
+5. writes the HTML report (margin histograms, worst failures of every scorer, attention
+   heat-maps of the trained head) and the head file, ready for ComfyUI's ``models/nearid``.
+
+Output folder layout::
+
+    demo_config.json         the resolved settings; written first, it marks the folder as a demo run
+    data/                    the generated benchmark (manifest.json, train/, test/, mtg_test/)
+    train/                   the trainer's run: config.yaml, feature_cache/, logs/, head*.safetensors
+    nearid-head.safetensors  the trained head (best on validation), written atomically
+    report/index.html        the HTML report
+    summary.json             metrics with intervals, targets, timings (written last)
+    table.md                 the printed tables
+
+Each distinct test image goes through the frozen backbone once: its patch tokens (kept at the
+training cache's precision) and its pooled vector serve both baselines and the trained head.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from .errors import InvalidInputError
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from .evaluate import EvalResult, Scorer
+    from .model import IdentityModel
+
+__all__ = [
+    "DemoResult",
+    "DemoSettings",
+    "check_output_dir",
+    "level_metrics",
+    "plan_training",
+    "resolve_settings",
+    "run_demo",
+    "target_check",
+]
+
+logger = logging.getLogger(__name__)
+
+RUN_MARKER = "demo_config.json"
+HEAD_FILE = "nearid-head.safetensors"
+# Everything a demo run writes into its folder; --overwrite removes exactly these.
+DEMO_OUTPUTS = ("data", "train", "report", HEAD_FILE, "summary.json", "table.md", RUN_MARKER)
+TRAIN_LEVEL = "object"  # the head trains on object-level distractors; every level is tested
+TEST_FRACTION = 0.15  # share of the identities held out for testing (unseen categories)
+MTG_FRACTION = 0.5  # MTG-style samples per test identity
+VAL_FRACTION = 0.1  # training identities the trainer holds out to pick the best head
+
+# The targets on the object-level split (issue 8 / the trainer's synthetic test).
+TARGETS = {"baseline_max_ssr": 5.0, "head_min_ssr": 50.0, "head_min_pa": 80.0, "head_stretch_pa": 90.0}
+
+
+@dataclass(frozen=True)
+class _Preset:
+    identities: int
+    epochs: int  # the fixed training plan (same steps, same head on any machine)
+    bootstrap: int
+
+
+# Sized for 2 idle CPU cores: default about 9 minutes in all, quick about 2 (docs/demo.md).
+PRESETS = {
+    "default": _Preset(identities=1300, epochs=12, bootstrap=1000),
+    "quick": _Preset(identities=300, epochs=12, bootstrap=500),
+}
+MAX_EPOCHS = 60  # with a time budget (--minutes): the most epochs it may buy
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """The resolved settings of one demo run (written to ``demo_config.json``)."""
+
+    backbone: str
+    n_train: int
+    n_test: int
+    n_mtg: int
+    image_size: int  # generated image side, pixels
+    seed: int
+    quick: bool
+    minutes: float | None  # training time budget; None = the preset's fixed number of epochs
+    epochs: int  # the fixed plan, or with a budget the most epochs it may buy
+    batch_size: int
+    bootstrap: int  # bootstrap resamples for the 95% intervals
+    workers: int  # processes generating the benchmark
+    device: str
+    pretrained: bool
+    backbone_weights: str | None
+    n_heatmaps: int = 4
+
+    @property
+    def identities(self) -> int:
+        return self.n_train + self.n_test
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"identities": self.identities}
+
+
+@dataclass
+class DemoResult:
+    """What :func:`run_demo` produced.
+
+    Attributes:
+        results: evaluator results of every scorer (``ssr`` on the test split, ``mtg``).
+        levels: ``{level: {scorer: metrics}}``, ``level`` in object/part/colour/all; metrics
+            hold ``ssr``, ``pa`` (percent), ``ssr_ci``/``pa_ci`` (95%) and ``n_samples``.
+        table: the comparison tables as Markdown (what ``nearid demo`` prints).
+        targets: the object-level targets and whether each was met.
+        timings: seconds per phase and in all.
+    """
+
+    out_dir: Path
+    head_path: Path
+    report_path: Path
+    summary_path: Path
+    config_path: Path
+    settings: DemoSettings
+    results: list["EvalResult"]
+    levels: dict[str, dict[str, dict[str, Any]]]
+    table: str
+    targets: dict[str, Any]
+    timings: dict[str, float]
+    train: Any = None  # trainer.TrainResult
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def seconds(self) -> float:
+        return self.timings.get("total", float("nan"))
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def resolve_settings(
+    backbone: str = "mobilenet-v2",
+    *,
+    identities: int | None = None,
+    minutes: float | None = None,
+    quick: bool = False,
+    seed: int = 0,
+    device: str = "auto",
+    pretrained: bool = True,
+    backbone_weights: str | Path | None = None,
+    workers: int | None = None,
+) -> DemoSettings:
+    """Fill the defaults of the chosen preset (``quick`` or the default) and check every value.
+
+    ``identities`` counts training and test identities together (15% are held out for
+    testing, from categories never seen in training); MTG-style samples number half the test
+    identities. ``minutes`` None keeps the preset's fixed number of epochs. Raises
+    :class:`InvalidInputError` naming the bad value.
+    """
+    from .backbones import get_backbone_spec
+
+    preset = PRESETS["quick" if quick else "default"]
+    identities = preset.identities if identities is None else identities
+    if isinstance(identities, bool) or not isinstance(identities, int) or identities < 10:
+        raise InvalidInputError(f"identities must be an integer >= 10 (train + test), got {identities!r}")
+    if minutes is not None and (
+        isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not 0 < minutes <= 24 * 60
+    ):
+        raise InvalidInputError(f"minutes (the training time budget) must be in (0, 1440], got {minutes!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InvalidInputError(f"seed must be an integer >= 0, got {seed!r}")
+    spec = get_backbone_spec(backbone)  # unknown names are refused, listing the registered ones
+    n_test = max(2, round(identities * TEST_FRACTION))
+    n_train = identities - n_test
+    workers = workers if workers is not None else max(1, min(4, os.cpu_count() or 1))
+    return DemoSettings(
+        backbone=spec.name,
+        n_train=n_train,
+        n_test=n_test,
+        n_mtg=max(3, round(n_test * MTG_FRACTION)),  # MO needs a few samples for a correlation
+        image_size=max(32, spec.image_size),  # the backbone's input side: no resampling blur
+        seed=seed,
+        quick=quick,
+        minutes=None if minutes is None else float(minutes),
+        epochs=preset.epochs if minutes is None else MAX_EPOCHS,
+        # global batch; at least two optimizer steps per epoch on small runs
+        batch_size=max(2, min(64, _kept_for_training(n_train) // 2)),
+        bootstrap=preset.bootstrap,
+        workers=workers,
+        device=device,
+        pretrained=pretrained,
+        backbone_weights=None if backbone_weights is None else str(backbone_weights),
+    )
+
+
+def _kept_for_training(n_train: int) -> int:
+    """Training identities left after the trainer's validation hold-out (its own rounding)."""
+    return n_train - int(round(n_train * VAL_FRACTION))
+
+
+def plan_training(
+    n_samples: int, batch_size: int, seconds_per_step: float, minutes: float, max_epochs: int
+) -> tuple[int, int]:
+    """``(epochs, steps)`` that fit the time budget.
+
+    Steps per epoch = ``n_samples // batch_size`` (the loader drops the last partial batch);
+    the run takes as many steps as ``minutes`` allow at ``seconds_per_step``, at least one and
+    at most ``max_epochs`` epochs' worth; ``epochs`` is the number of epochs those steps touch.
+    """
+    if n_samples < batch_size:
+        raise InvalidInputError(f"{n_samples} training samples are fewer than one batch of {batch_size}")
+    if not seconds_per_step > 0:
+        raise InvalidInputError(f"seconds_per_step must be > 0, got {seconds_per_step}")
+    per_epoch = n_samples // batch_size
+    affordable = int(minutes * 60.0 / seconds_per_step)
+    steps = max(1, min(max_epochs * per_epoch, affordable))
+    return math.ceil(steps / per_epoch), steps
+
+
+# --------------------------------------------------------------------------- output folder
+
+
+def _describe_run(out: Path) -> str:
+    try:
+        cfg = json.loads((out / RUN_MARKER).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return "settings unreadable"
+    s = cfg.get("settings", {})
+    return f"backbone {s.get('backbone')}, {s.get('identities')} identities, seed {s.get('seed')}, started {cfg.get('started')}"
+
+
+def check_output_dir(out_dir: str | Path, overwrite: bool) -> None:
+    """Refuse an output folder that holds another demo run (unless ``overwrite``) or any
+    other files (always: the demo only ever deletes what it wrote itself)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InvalidInputError(f"output {out} exists and is not a directory")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (out / RUN_MARKER).is_file():
+        raise InvalidInputError(
+            f"output folder {out} is not empty and holds no nearid demo run (no {RUN_MARKER}); "
+            "choose a new or empty folder"
+        )
+    if not overwrite:
+        state = "a finished" if (out / "summary.json").is_file() else "an unfinished (interrupted?)"
+        raise InvalidInputError(
+            f"output folder {out} already holds {state} demo run ({_describe_run(out)}); pass "
+            "--overwrite (overwrite=True) to replace it, or choose another --out"
+        )
+
+
+def _clear_previous_run(out: Path) -> None:
+    for name in DEMO_OUTPUTS:  # the marker last: an interrupted clean-up is still a demo folder
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    for stale in out.glob(f".{HEAD_FILE}.*.tmp"):
+        stale.unlink()
+
+
+def _write_json(path: Path, data: Any) -> Path:
+    """Write JSON atomically (a temporary file renamed over the target)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=False, default=str) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():  # interrupted before the rename: leave no partial file behind
+            tmp.unlink()
+    return path
+
+
+# --------------------------------------------------------------------------- model and features
+
+
+def _build_model(settings: DemoSettings) -> "IdentityModel":
+    """The frozen backbone (weights found on disk, or an immediate WeightsNotFoundError) with
+    the head to train: the backbone's own pooling head where it has one, else a fresh one."""
+    import torch
+
+    from .backbones import get_backbone_spec
+    from .model import load_model
+    from .weights import resolve_backbone_weights
+
+    if settings.pretrained:
+        # find the weights before building the network (SO400M takes a while to build):
+        # missing weights stop the demo at once, saying where it looked
+        resolve_backbone_weights(get_backbone_spec(settings.backbone), settings.backbone_weights)
+    # readout "mean": the head starts untrained for backbones without a pooling head, and
+    # the demo reads tokens and head directly, so the untrained-head warning does not apply
+    model = load_model(
+        backbone=settings.backbone, backbone_weights=settings.backbone_weights, pretrained=settings.pretrained,
+        device=settings.device, readout="mean", seed=settings.seed,
+    )
+    if model.device.type == "cpu" and model.spec.family == "mobilenet_v2":
+        # depthwise convolutions run about twice as fast channels-last on CPU (same numbers to ~1e-5)
+        model.backbone.trunk.to(memory_format=torch.channels_last)
+    if model.device.type == "cpu" and model.spec.embed_dim >= 768:
+        logger.warning("backbone %s on CPU: every phase will be slow; a GPU is advised", model.spec.name)
+    return model
+
+
+def frozen_pass(model: "IdentityModel", pixels: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+    """One pass of the frozen backbone serving both readouts that need it.
+
+    Normalised pixels ``[B, 3, S, S]`` -> (patch tokens ``[B, N, D]``, the backbone's own
+    pooled vector ``[B, D']``, not normalised), both float32 on the model's device; the same
+    numbers as ``model.backbone(pixels)`` and ``model.backbone.pooled(pixels)``, which would
+    run the trunk twice.
+    """
+    import torch
+
+    backbone = model.backbone
+    dtype = model.dtype if model.device.type != "cpu" else torch.float32
+    with torch.inference_mode():
+        x = pixels.to(model.device, dtype)
+        if backbone.spec.family == "mobilenet_v2":
+            tokens, deep = backbone._mobilenet_tokens(x)  # stride-16 tokens and the stride-32 map
+            pooled = backbone.trunk.features[17:](deep).mean(dim=(2, 3))  # as Backbone.pooled
+        else:
+            tokens = backbone.trunk.forward_features(x)
+            pooled = backbone.trunk.forward_head(tokens, pre_logits=True)  # as Backbone.pooled
+    return tokens.float(), pooled.float()
+
+
+class FrozenFeatures:
+    """Patch tokens and pooled vector of every distinct image: one backbone pass, kept.
+
+    Images are recognised by their pixels (a digest of mode, size and bytes), so the
+    evaluator's passes over a split (one per scorer) and the later trained-head pass share
+    one backbone pass. Tokens are kept at ``token_dtype`` (the training cache's precision,
+    which the head was trained on); pooled vectors in float32.
+    """
+
+    def __init__(self, model: "IdentityModel", token_dtype: "torch.dtype") -> None:
+        self.model = model
+        self.token_dtype = token_dtype
+        self._features: dict[bytes, tuple["torch.Tensor", "torch.Tensor"]] = {}
+
+    @staticmethod
+    def _digest(image: "Image.Image") -> bytes:
+        h = hashlib.blake2b(digest_size=16)
+        h.update(f"{image.mode}{image.size}".encode())
+        h.update(image.tobytes())
+        return h.digest()
+
+    def __len__(self) -> int:
+        return len(self._features)
+
+    def _lookup(self, images: Sequence["Image.Image"]) -> list[tuple["torch.Tensor", "torch.Tensor"]]:
+        keys = [self._digest(im) for im in images]
+        missing = {k: im for k, im in zip(keys, images) if k not in self._features}
+        if missing:
+            tokens, pooled = frozen_pass(self.model, self.model.preprocess_batch(list(missing.values())))
+            tokens, pooled = tokens.to("cpu", self.token_dtype), pooled.cpu()
+            self._features.update((k, (t, p)) for k, t, p in zip(missing, tokens, pooled))
+        return [self._features[k] for k in keys]
+
+    def tokens(self, images: Sequence["Image.Image"]) -> "torch.Tensor":
+        """Float32 ``[B, N, D]`` on the model's device."""
+        import torch
+
+        return torch.stack([t for t, _ in self._lookup(images)]).to(self.model.device, torch.float32)
+
+    def pooled(self, images: Sequence["Image.Image"]) -> "torch.Tensor":
+        """Float32 ``[B, D']`` (not normalised), CPU."""
+        import torch
+
+        return torch.stack([p for _, p in self._lookup(images)])
+
+
+def _scorer_names(backbone: str) -> dict[str, str]:
+    return {"pooled": f"pooled:{backbone}", "mean": f"mean:{backbone}", "head": "head:" + HEAD_FILE}
+
+
+def _baseline_scorers(model: "IdentityModel", features: FrozenFeatures, batch_size: int) -> list["Scorer"]:
+    """The frozen backbone read out by its own pooling and by the mean of its tokens (the
+    readouts of ``load_model(readout="pooled" | "mean")``)."""
+    import torch
+    import torch.nn.functional as F
+
+    from .evaluate import Scorer
+
+    names = _scorer_names(model.spec.name)
+    base = f"{model.spec.name}|{model.backbone_id}|{model.preprocess.describe()}"
+
+    def pooled(images: list, masks: Any) -> "torch.Tensor":
+        return F.normalize(features.pooled(images), dim=-1)
+
+    def mean(images: list, masks: Any) -> "torch.Tensor":
+        return F.normalize(features.tokens(images).mean(dim=1), dim=-1).cpu()
+
+    return [
+        Scorer(names["pooled"], pooled, batch_size=batch_size, identity=base + "|readout=pooled"),
+        Scorer(names["mean"], mean, batch_size=batch_size, identity=base + "|readout=mean"),
+    ]
+
+
+def _head_scorer(model: "IdentityModel", features: FrozenFeatures, batch_size: int) -> "Scorer":
+    import torch
+
+    from .evaluate import Scorer
+
+    def head(images: list, masks: Any) -> "torch.Tensor":
+        with torch.inference_mode():
+            return model.head(features.tokens(images)).cpu()
+
+    return Scorer(_scorer_names(model.spec.name)["head"], head, batch_size=batch_size, identity=model.identity)
+
+
+def _evaluate(scorers: Sequence["Scorer"], data_root: Path, settings: DemoSettings, progress: bool) -> list["EvalResult"]:
+    """The scorers on the held-out test split (every level) and the MTG-style split."""
+    from .data import FolderDataset, MTGFolderDataset
+    from .evaluate import evaluate_dataset
+
+    options = dict(n_resamples=settings.bootstrap, seed=settings.seed, progress=progress)
+    results = evaluate_dataset(scorers, FolderDataset(data_root, split="test"), benchmark="ssr", **options)
+    if settings.n_mtg:
+        results += evaluate_dataset(scorers, MTGFolderDataset(data_root, split="mtg_test"), benchmark="mtg", **options)
+    return results
+
+
+# --------------------------------------------------------------------------- training
+
+
+def measure_step_seconds(model: "IdentityModel", batch_size: int, slots: int, repeats: int = 3) -> float:
+    """Seconds of one optimizer step of (a copy of) the head on ``batch_size x slots`` token
+    sets of the backbone's shape: forward, backward, AdamW. Random tokens; the head is untouched."""
+    import copy
+
+    import torch
+
+    head = copy.deepcopy(model.head).train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-4)
+    spec = model.spec
+    tokens = torch.randn(batch_size * slots, spec.num_tokens, spec.embed_dim, device=model.device)
+    times = []
+    for i in range(repeats + 1):  # the first step warms up (allocations)
+        start = time.perf_counter()
+        loss = head(tokens).square().sum()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+# A step also reads the batch from the memory-mapped cache and computes the two-tier loss,
+# and validation runs every few steps: observed about 1.3x the bare head step on CPU.
+STEP_OVERHEAD = 1.3
+
+
+def _train_config(settings: DemoSettings, out: Path, epochs: int, steps: int, device_type: str):
+    from trainer.cli import CONFIGS_DIR
+    from trainer.config import config_from_dict, load_config
+
+    base = load_config(CONFIGS_DIR / "synth.yaml")  # the trainer's tuned synthetic recipe
+    values = {
+        "output_dir": str(out / "train"),
+        "seed": settings.seed,
+        "model": {"backbone": settings.backbone, "pretrained": settings.pretrained,
+                  "backbone_weights": settings.backbone_weights, "backbone_seed": settings.seed,
+                  "init_head": "own", "head_seed": settings.seed},
+        "data": {"format": "folder", "train": str(out / "data"), "train_split": "train",
+                 "sources": [TRAIN_LEVEL], "val_fraction": VAL_FRACTION, "test": None},
+        "features": {"cache": True, "cache_dir": str(out / "train" / "feature_cache")},
+        "optim": {"warmup_steps": min(base.optim.warmup_steps, max(1, steps // 10))},
+        "train": {"epochs": epochs, "max_steps": steps, "batch_size": settings.batch_size,
+                  "cpu": device_type == "cpu", "mixed_precision": "no"},
+        "checkpoint": {"every_steps": 0},  # the demo never resumes; the head files are what counts
+        "eval": {"every_steps": max(5, steps // 8), "baseline": False},
+        "logging": {"every_steps": max(1, min(10, steps // 10))},
+    }
+    config = config_from_dict(values, base)
+    config.check()
+    return config
+
+
+def _train(model: "IdentityModel", settings: DemoSettings, out: Path, progress: bool) -> tuple[Any, Any]:
+    """Train the head in place (best validation head loaded back); returns (TrainResult, config)."""
+    from trainer.loop import train
+
+    from .checkpoint import load_head_file
+
+    kept = _kept_for_training(settings.n_train)
+    per_epoch = kept // settings.batch_size
+    if settings.minutes is None:  # the fixed plan: the same steps, and so the same head, anywhere
+        epochs, steps, step_s = settings.epochs, settings.epochs * per_epoch, None
+        logger.info("training %d steps (%d epochs of %d samples, batch %d)", steps, epochs, kept, settings.batch_size)
+    else:
+        slots = 1 + 2 + 3  # anchor, P=2 positives, K=3 distractors (synth.yaml)
+        step_s = measure_step_seconds(model, settings.batch_size, slots) * STEP_OVERHEAD
+        epochs, steps = plan_training(kept, settings.batch_size, step_s, settings.minutes, settings.epochs)
+        logger.info("training budget %.1f min at ~%.2f s/step: %d steps (%d epochs of %d samples, batch %d)",
+                    settings.minutes, step_s, steps, epochs, kept, settings.batch_size)
+    config = _train_config(settings, out, epochs, steps, model.device.type)
+    config.logging.progress = progress
+    result = train(config, model=model)
+    state, _ = load_head_file(result.head_path)  # the best head on validation
+    model.head.load_state_dict(state)
+    model.head.requires_grad_(False).eval()
+    model.invalidate_identity()
+    result.extra["seconds_per_step_estimate"] = step_s
+    return result, config
+
+
+def _save_final_head(model: "IdentityModel", train_result: Any, out: Path, demo_metrics: dict[str, Any]) -> Path:
+    """The trained head with the trainer's provenance plus the demo's test metrics (atomic)."""
+    from .checkpoint import read_head_metadata, save_head
+
+    provenance = dict(read_head_metadata(train_result.head_path).provenance)
+    provenance["demo"] = demo_metrics
+    return save_head(out / HEAD_FILE, model.head, model.spec, provenance=provenance)
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def level_metrics(results: Sequence["EvalResult"], n_resamples: int, seed: int) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{level: {scorer: metrics}}`` for every distractor source of the ``ssr`` results and
+    ``all`` (pooled), each with 95% bootstrap intervals; MTG results under ``mtg``."""
+    from .evaluate import evaluate_table
+
+    def entry(summary: dict[str, Any]) -> dict[str, Any]:
+        ci = summary.get("ci95", {})
+        return {"ssr": summary["ssr"], "pa": summary["pa"], "ssr_ci": ci.get("ssr"), "pa_ci": ci.get("pa"),
+                "n_samples": summary["n_samples"], "mo": summary.get("mo"), "mopair": summary.get("mopair")}
+
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in results:
+        if r.benchmark == "mtg":
+            out.setdefault("mtg", {})[r.name] = entry(r.summary)
+            continue
+        sources = np.asarray(r.table.sources)
+        for level in dict.fromkeys(r.table.sources):
+            sub = evaluate_table(r.name, r.table.select(sources == level), n_resamples=n_resamples, seed=seed)
+            out.setdefault(level, {})[r.name] = entry(sub.summary)
+        out.setdefault("all", {})[r.name] = entry(r.summary)
+    from .data import LEVELS
+
+    # the benchmark's levels from easiest to hardest, any other source, then pooled and MTG
+    order = [lv for lv in LEVELS if lv in out] + [lv for lv in out if lv not in (*LEVELS, "all", "mtg")]
+    order += [lv for lv in ("all", "mtg") if lv in out]
+    return {lv: out[lv] for lv in order}
+
+
+def _ci(ci: Sequence[float] | None) -> str:
+    return "-" if not ci else f"[{ci[0]:.1f}, {ci[1]:.1f}]"
+
+
+def format_level_table(levels: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """Markdown: one row per (level, scorer) with SSR and PA and their 95% intervals."""
+    lines = ["| level | scorer | SSR % | SSR 95% CI | PA % | PA 95% CI | samples |", "|---|---|---|---|---|---|---|"]
+    for level, per_scorer in levels.items():
+        label = {"all": "all levels", "mtg": "MTG (part edit)"}.get(level, level)
+        for name, m in per_scorer.items():
+            lines.append(f"| {label} | {name} | {m['ssr']:.1f} | {_ci(m['ssr_ci'])} | {m['pa']:.1f} | "
+                         f"{_ci(m['pa_ci'])} | {m['n_samples']} |")
+    return "\n".join(lines) + "\n"
+
+
+def target_check(levels: dict[str, dict[str, dict[str, Any]]], head_name: str, level: str = TRAIN_LEVEL) -> dict[str, Any]:
+    """The object-level targets: every baseline at most 5% SSR, the trained head at least 50%
+    SSR and 80% PA (stretch: 90% PA)."""
+    per = levels.get(level, {})
+    if head_name not in per:
+        raise InvalidInputError(f"no {level!r}-level result for scorer {head_name!r}; have {sorted(per)}")
+    baselines = {n: m["ssr"] for n, m in per.items() if n != head_name}
+    head = per[head_name]
+    checks = {
+        "baselines_ssr_at_most_5": all(v <= TARGETS["baseline_max_ssr"] for v in baselines.values()),
+        "head_ssr_at_least_50": head["ssr"] >= TARGETS["head_min_ssr"],
+        "head_pa_at_least_80": head["pa"] >= TARGETS["head_min_pa"],
+        "head_pa_at_least_90_stretch": head["pa"] >= TARGETS["head_stretch_pa"],
+    }
+    return {"level": level, "baseline_ssr": baselines, "head_ssr": head["ssr"], "head_pa": head["pa"],
+            "checks": checks, "met": all(v for k, v in checks.items() if not k.endswith("stretch"))}
+
+
+def _target_lines(t: dict[str, Any]) -> list[str]:
+    mark = {True: "yes", False: "NO"}
+    c = t["checks"]
+    base = ", ".join(f"{n} {v:.1f}%" for n, v in t["baseline_ssr"].items())
+    return [
+        f"baselines at most 5% SSR: {mark[c['baselines_ssr_at_most_5']]} ({base})",
+        f"trained head at least 50% SSR: {mark[c['head_ssr_at_least_50']]} ({t['head_ssr']:.1f}%)",
+        f"trained head at least 80% PA: {mark[c['head_pa_at_least_80']]} ({t['head_pa']:.1f}%; "
+        f"stretch 90%: {mark[c['head_pa_at_least_90_stretch']]})",
+    ]
+
+
+def _format_targets(t: dict[str, Any]) -> str:
+    return f"Targets on the {t['level']}-level split:\n" + "".join(f"- {line}\n" for line in _target_lines(t))
+
+
+# --------------------------------------------------------------------------- heat-maps
+
+
+def _pick_pairs(head: "EvalResult", baseline: "EvalResult", level: str, k: int) -> list[tuple[int, str]]:
+    """Rows of the ``level`` split to show: where the head wins and the baseline loses, then
+    the head's worst failures. Returns ``(row, why)``."""
+    from .metrics.ssr import sample_outcomes
+
+    rows = np.flatnonzero(np.asarray(head.table.sources) == level)
+    if rows.size == 0:
+        return []
+    ok_head = sample_outcomes(head.table.margins()).success
+    by_id = {(i, s): r for r, (i, s) in enumerate(zip(baseline.table.ids, baseline.table.sources))}
+    ok_base = sample_outcomes(baseline.table.margins()).success
+    fixed = [int(r) for r in rows if ok_head[r] and not ok_base[by_id[(head.table.ids[r], level)]]]
+    worst = np.nanmin(head.table.margins()[rows], axis=1)
+    failing = [int(rows[i]) for i in np.argsort(worst, kind="stable") if not ok_head[rows[i]]]
+    n_fail = min(len(failing), max(1, k // 3))
+    chosen = [(r, f"trained head right, {baseline.name} wrong") for r in fixed[: k - n_fail]]
+    chosen += [(r, "trained head still wrong") for r in failing[:n_fail]]
+    return chosen
+
+
+def _attention_figure(model: "IdentityModel", refs: list[Any], captions: list[str], title: str, path: Path) -> None:
+    """One PNG: each image at the model's input size with the head's attention laid over it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    spec = model.spec
+    s, p = spec.image_size, spec.patch_size
+    gh, gw = spec.grid_size
+    fig = Figure(figsize=(3.0 * len(refs), 3.4), dpi=90)
+    FigureCanvasAgg(fig)
+    for i, (ref, caption) in enumerate(zip(refs, captions)):
+        ax = fig.add_subplot(1, len(refs), i + 1)
+        image = ref.load().convert("RGB")
+        attn = model.attention_map(image).numpy()
+        ax.imshow(image.resize((s, s), Image.Resampling.BICUBIC), extent=(0, s, s, 0))
+        # the token grid covers the top-left gh*p x gw*p pixels of the model input
+        ax.imshow(attn, cmap="inferno", alpha=0.55, extent=(0, gw * p, gh * p, 0), interpolation="bilinear")
+        ax.set_xlim(0, s)
+        ax.set_ylim(s, 0)
+        ax.set_axis_off()
+        ax.set_title(caption, fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+
+
+def _heatmap_section(
+    viewer: "IdentityModel", head: "EvalResult", baseline: "EvalResult", report_dir: Path, k: int
+) -> tuple[str, list[Any]]:
+    """HTML of the attention heat-maps of ``k`` object-level pairs; also returns the image
+    refs shown (for the head-file check)."""
+    import html
+
+    img_dir = report_dir / "img"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    parts = ["<p>Where the trained head looks: its attention over the token grid (mean over heads), "
+             "laid over view 1, view 2 of the same object, and view 1's near-identity distractor "
+             "(same background, another object of the category).</p>"]
+    shown: list[Any] = []
+    for row, why in _pick_pairs(head, baseline, TRAIN_LEVEL, k):
+        images = head.table.images[row]
+        refs = [images["views"][0], images["views"][1], images["distractors"][0]]
+        if any(r is None for r in refs):
+            continue
+        sid = head.table.ids[row]
+        captions = ["view 1", f"view 2: s = {head.table.view_sims[row, 0, 1]:.3f}",
+                    f"distractor 1: s = {head.table.cross_sims[row, 0, 0]:.3f}"]
+        name = f"attention_{sid}.png"
+        _attention_figure(viewer, refs, captions, f"{sid} ({why})", img_dir / name)
+        parts.append(f'<p><img src="img/{html.escape(name)}" alt="attention heat-maps of {html.escape(sid)}"></p>')
+        shown.extend(refs)
+    return "".join(parts), shown
+
+
+def _head_file_check(viewer: "IdentityModel", model: "IdentityModel", features: FrozenFeatures, refs: list[Any]) -> dict[str, Any]:
+    """The saved head loaded the ordinary way (``load_model(head=...)``, fp32 tokens) against
+    the demo's scoring path (kept tokens): largest difference of the embeddings."""
+    import torch
+
+    if not refs:
+        return {"images": 0, "max_abs_diff": None}
+    images = [r.load() for r in refs]
+    loaded = viewer.embed(images)
+    with torch.inference_mode():
+        scored = model.head(features.tokens(images)).cpu()
+    return {"images": len(images), "max_abs_diff": float((loaded - scored).abs().max())}
+
+
+def _intro_html(settings: DemoSettings, targets: dict[str, Any], train_info: dict[str, Any]) -> str:
+    import html
+
+    rows = [
+        ("backbone", settings.backbone),
+        ("identities", f"{settings.n_train} training, {settings.n_test} held-out test (unseen categories), "
+                       f"{settings.n_mtg} MTG-style"),
+        ("training", f"{train_info['steps']} steps on {TRAIN_LEVEL}-level distractors in {train_info['seconds']:.0f} s"
+                     + ("" if settings.minutes is None else f" (budget {settings.minutes:g} min)")),
+        ("seed", str(settings.seed)),
+        ("head file", HEAD_FILE + " (copy into ComfyUI/models/nearid/)"),
+    ]
+    body = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in rows)
+    checks = "".join(f"<li>{html.escape(line)}</li>" for line in _target_lines(targets))
+    return f"<table><tbody>{body}</tbody></table><p>Targets on the {targets['level']}-level split:</p><ul>{checks}</ul>"
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run_demo(
+    out_dir: str | Path,
+    *,
+    backbone: str = "mobilenet-v2",
+    identities: int | None = None,
+    minutes: float | None = None,
+    quick: bool = False,
+    overwrite: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+    backbone_weights: str | Path | None = None,
+    device: str = "auto",
+    pretrained: bool = True,
+    workers: int | None = None,
+) -> DemoResult:
+    """Run the whole method end to end (see the module docstring) and return what it made.
+
+    Args:
+        out_dir: output folder: new, empty, or (with ``overwrite``) a previous demo run.
+        backbone: registry name; its pretrained weights must be on disk (else an immediate
+            :class:`~comfy_nearid.errors.WeightsNotFoundError` saying where it looked).
+        identities: training + test identities (default 1300, quick 300); 15% are held out.
+        minutes: a training time budget: the steps are scaled to what fits (calibrated on
+            this machine), up to 60 epochs. None (default): the preset's fixed plan (default
+            12 epochs, quick 12), the same head on any machine.
+        quick: the smaller preset (about 2 minutes in all on 2 CPU cores, a weaker head).
+        seed: seeds the benchmark, the head's initialisation, training and the bootstrap.
+        pretrained: False builds the backbone with random weights (tests only).
+
+    Raises:
+        InvalidInputError: bad settings, or ``out_dir`` holds another run (without
+            ``overwrite``) or unrelated files.
+        WeightsNotFoundError: the backbone's weights are not on disk.
+    """
+    import torch
+
+    from .data import generate_benchmark
+
+    started = time.perf_counter()
+    settings = resolve_settings(backbone, identities=identities, minutes=minutes, quick=quick, seed=seed,
+                                device=device, pretrained=pretrained, backbone_weights=backbone_weights,
+                                workers=workers)
+    out = Path(out_dir)
+    check_output_dir(out, overwrite)
+    model = _build_model(settings)  # before anything is written: missing weights stop here
+    out.mkdir(parents=True, exist_ok=True)
+    _clear_previous_run(out)
+    config_path = _write_json(out / RUN_MARKER, {
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "settings": settings.to_dict(), "outputs": list(DEMO_OUTPUTS),
+    })
+    timings: dict[str, float] = {}
+
+    def phase(name: str, t0: float) -> None:
+        timings[name] = round(time.perf_counter() - t0, 1)
+        logger.info("%s done in %.1f s", name, timings[name])
+
+    t = time.perf_counter()
+    logger.info("[1/5] generating the synthetic benchmark: %d training + %d held-out test identities, %d MTG-style, "
+                "%d px, seed %d -> %s", settings.n_train, settings.n_test, settings.n_mtg, settings.image_size,
+                settings.seed, out / "data")
+    generate_benchmark(out / "data", settings.n_train, settings.n_test, image_size=settings.image_size,
+                       seed=settings.seed, n_mtg=settings.n_mtg, workers=settings.workers, progress=progress)
+    phase("generate", t)
+
+    features = FrozenFeatures(model, torch.float16)  # synth.yaml trains from float16 cached tokens
+    batch = 64 if model.device.type == "cpu" else 256
+    t = time.perf_counter()
+    logger.info("[2/5] scoring the held-out test identities with the frozen %s baselines", settings.backbone)
+    baselines = _evaluate(_baseline_scorers(model, features, batch), out / "data", settings, progress)
+    phase("baselines", t)
+
+    t = time.perf_counter()
+    logger.info("[3/5] training the identity head (frozen-feature cache, %s-level distractors)", TRAIN_LEVEL)
+    train_result, train_config = _train(model, settings, out, progress)
+    phase("train", t)
+
+    t = time.perf_counter()
+    logger.info("[4/5] scoring the held-out test identities with the trained head")
+    trained = _evaluate([_head_scorer(model, features, batch)], out / "data", settings, progress)
+    phase("trained_head_eval", t)
+
+    results = _order_results(baselines, trained)
+    return _finish(out, settings, model, features, results, train_result, config_path, timings, started)
+
+
+def _order_results(baselines: list["EvalResult"], trained: list["EvalResult"]) -> list["EvalResult"]:
+    """Baselines then the head, test split first, then MTG (the table's row order)."""
+    return [r for kind in ("ssr", "mtg") for r in (*baselines, *trained) if r.benchmark == kind]
+
+
+def _finish(out: Path, settings: DemoSettings, model: "IdentityModel", features: FrozenFeatures, results: list["EvalResult"],
+            train_result: Any, config_path: Path, timings: dict[str, float], started: float) -> DemoResult:
+    """Tables, the head file, the report with heat-maps, the summary; step 5."""
+    from .model import load_model
+    from .report import write_report
+
+    t = time.perf_counter()
+    logger.info("[5/5] writing the head file, the report and the summary")
+    names = _scorer_names(settings.backbone)
+    levels = level_metrics(results, settings.bootstrap, settings.seed)
+    targets = target_check(levels, names["head"])
+    train_info = {"steps": train_result.global_step, "epochs": train_result.epochs_completed,
+                  "best_step": train_result.best_step, "seconds": round(train_result.seconds, 1),
+                  "seconds_per_step_estimate": train_result.extra.get("seconds_per_step_estimate"),
+                  "best_validation": train_result.best_validation, "run_dir": str(train_result.run_dir)}
+    head_path = _save_final_head(model, train_result, out, {"levels": levels, "targets": targets, "settings": settings.to_dict()})
+
+    viewer = load_model(head=head_path, backbone_weights=settings.backbone_weights, pretrained=settings.pretrained,
+                        device=settings.device, seed=settings.seed)  # the ordinary way a user loads it
+    by_key = {(r.name, r.benchmark): r for r in results}
+    heat_html, shown = _heatmap_section(viewer, by_key[(names["head"], "ssr")], by_key[(names["pooled"], "ssr")],
+                                        out / "report", settings.n_heatmaps)
+    check = _head_file_check(viewer, model, features, shown)
+    report_path = write_report(
+        out / "report", results, title=f"NearID demo: {settings.backbone} on the synthetic benchmark",
+        extra_sections=[("This run", _intro_html(settings, targets, train_info)),
+                        ("Attention heat-maps of the trained head", heat_html)],
+    )
+    table = _tables_text(results, levels, targets, settings)
+    (out / "table.md").write_text(table, encoding="utf-8")
+    timings["report"] = round(time.perf_counter() - t, 1)
+    timings["total"] = round(time.perf_counter() - started, 1)
+    summary = {
+        "settings": settings.to_dict(), "targets": targets, "levels": levels,
+        "results": [{"name": r.name, "benchmark": r.benchmark, "summary": r.summary, "config": r.config} for r in results],
+        "train": train_info, "head_file": str(head_path), "head_file_check": check,
+        "report": str(report_path), "timings_s": timings, "torch_threads": _torch_threads(),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    summary_path = _write_json(out / "summary.json", summary)
+    logger.info("demo finished in %.1f s", timings["total"])
+    return DemoResult(out_dir=out, head_path=head_path, report_path=report_path, summary_path=summary_path,
+                      config_path=config_path, settings=settings, results=results, levels=levels, table=table,
+                      targets=targets, timings=timings, train=train_result, extra={"head_file_check": check})
+
+
+def _tables_text(results: list["EvalResult"], levels: dict[str, Any], targets: dict[str, Any], settings: DemoSettings) -> str:
+    from .evaluate import format_table
+
+    return (
+        f"Held-out test: {settings.n_test} identities of categories unseen in training "
+        f"(+ {settings.n_mtg} MTG-style part edits), backbone {settings.backbone}, seed {settings.seed}\n\n"
+        "Table-1 layout (test levels pooled):\n\n" + format_table(results)
+        + "\nPer difficulty level (95% bootstrap intervals):\n\n" + format_level_table(levels)
+        + "\n" + _format_targets(targets)
+    )
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()

@@ -1,0 +1,319 @@
+"""`nearid demo`: settings, the time budget, the output folder rules, missing weights, and a
+shortened end-to-end run (tiny random backbone) whose files are checked with the library's
+ordinary loaders and whose numbers are recomputed here from the protocol's formulas."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from comfy_nearid.errors import InvalidInputError, WeightsNotFoundError
+
+TINY = dict(backbone="tiny-siglip", pretrained=False, identities=20, minutes=0.05, seed=0, progress=False, workers=1)
+
+
+# --------------------------------------------------------------------------- pure pieces
+
+
+def test_plan_training_fits_the_budget_and_caps_the_epochs():
+    from comfy_nearid.demo import plan_training
+
+    # 100 samples, batch 10 -> 10 steps per epoch.
+    # 1 min at 0.5 s/step affords 120 steps; 5 epochs cap it at 50 -> (5, 50)
+    assert plan_training(100, 10, 0.5, 1.0, max_epochs=5) == (5, 50)
+    # 0.1 min = 6 s affords 12 steps -> they touch 2 epochs
+    assert plan_training(100, 10, 0.5, 0.1, max_epochs=5) == (2, 12)
+    # a budget below one step still takes one step
+    assert plan_training(100, 10, 30.0, 0.1, max_epochs=5) == (1, 1)
+    # 105 samples: the last partial batch is dropped -> still 10 steps per epoch
+    assert plan_training(105, 10, 0.1, 10.0, max_epochs=3) == (3, 30)
+
+
+def test_plan_training_refuses_less_than_one_batch():
+    from comfy_nearid.demo import plan_training
+
+    with pytest.raises(InvalidInputError, match="fewer than one batch"):
+        plan_training(5, 10, 0.5, 1.0, max_epochs=5)
+
+
+def test_resolve_settings_splits_identities_and_names_bad_values():
+    from comfy_nearid.demo import resolve_settings
+
+    s = resolve_settings("mobilenet-v2", identities=1000)
+    # 15% held out for testing, MTG-style samples half the test identities
+    assert (s.n_train, s.n_test, s.n_mtg, s.image_size) == (850, 150, 75, 224)
+    assert s.minutes is None  # the fixed plan
+    quick = resolve_settings("mobilenet-v2", quick=True)
+    assert quick.identities < resolve_settings("mobilenet-v2").identities
+    assert resolve_settings("mobilenet-v2", minutes=2).minutes == 2.0
+    for kwargs, field in [
+        (dict(identities=5), "identities"),
+        (dict(minutes=0), "minutes"),
+        (dict(minutes=-1.0), "minutes"),
+        (dict(seed=-1), "seed"),
+    ]:
+        with pytest.raises(InvalidInputError, match=field):
+            resolve_settings("mobilenet-v2", **kwargs)
+    with pytest.raises(InvalidInputError, match="no-such-net"):
+        resolve_settings("no-such-net")
+
+
+def test_output_dir_rules(tmp_path):
+    from comfy_nearid.demo import RUN_MARKER, check_output_dir
+
+    check_output_dir(tmp_path / "new", overwrite=False)  # absent: fine
+    (tmp_path / "empty").mkdir()
+    check_output_dir(tmp_path / "empty", overwrite=False)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    for overwrite in (False, True):  # never a folder of someone else's files
+        with pytest.raises(InvalidInputError, match="holds no nearid demo run"):
+            check_output_dir(other, overwrite=overwrite)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / RUN_MARKER).write_text(json.dumps({"settings": {"backbone": "mobilenet-v2", "seed": 3}}))
+    with pytest.raises(InvalidInputError, match=r"already holds an unfinished .*--overwrite") as e:
+        check_output_dir(run, overwrite=False)
+    assert str(run) in str(e.value)
+    check_output_dir(run, overwrite=True)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(InvalidInputError, match="not a directory"):
+        check_output_dir(afile, overwrite=True)
+
+
+def test_missing_backbone_weights_stop_at_once_before_writing(tmp_path, monkeypatch):
+    import comfy_nearid.backbones as backbones
+    from comfy_nearid.demo import run_demo
+
+    monkeypatch.setenv("NEARID_WEIGHTS_DIR", str(tmp_path / "weights"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    built = []
+    real_build_trunk = backbones.build_trunk
+
+    def recording_build_trunk(spec):  # observes the real function: was the network built?
+        built.append(spec.name)
+        return real_build_trunk(spec)
+
+    monkeypatch.setattr(backbones, "build_trunk", recording_build_trunk)
+    out = tmp_path / "out"
+    with pytest.raises(WeightsNotFoundError) as e:
+        run_demo(out, backbone="siglip2-so400m", progress=False)
+    message = str(e.value)
+    assert "siglip2-so400m" in message and str(tmp_path / "weights") in message
+    assert "--backbone-weights" in message
+    assert built == []  # the weights are looked up before the (large) network is built
+    assert not out.exists()  # nothing written
+
+
+@pytest.mark.parametrize("backbone", ["tiny-siglip", "mobilenet-v2"])
+def test_frozen_pass_equals_the_backbones_two_readouts(backbone):
+    import torch
+
+    from comfy_nearid import load_model
+    from comfy_nearid.demo import frozen_pass
+
+    model = load_model(backbone=backbone, readout="mean", pretrained=False, seed=0, device="cpu")
+    s = model.spec.image_size
+    pixels = torch.randn(2, 3, s, s, generator=torch.Generator().manual_seed(1))
+    tokens, pooled = frozen_pass(model, pixels)
+    assert torch.equal(tokens, model.backbone(pixels))
+    assert torch.equal(pooled, model.backbone.pooled(pixels))
+
+
+# --------------------------------------------------------------------------- the shortened run
+
+
+def _protocol_ssr_pa(view_sims: np.ndarray, cross: np.ndarray) -> tuple[float, float]:
+    """SSR and PA (percent) from PROTOCOL section 4, by loops: for views i < j the margins
+    s(p_i,p_j) - s(p_i,d_i) and s(p_i,p_j) - s(p_j,d_j); a win is strictly > 0."""
+    successes = samples = wins = trials = 0
+    for r in range(view_sims.shape[0]):
+        margins = []
+        for i in range(3):
+            for j in range(i + 1, 3):
+                s_ij = view_sims[r, i, j]
+                for a in (i, j):
+                    m = s_ij - cross[r, a, a]
+                    if not math.isnan(m):
+                        margins.append(m)
+        if margins:
+            samples += 1
+            successes += all(m > 0 for m in margins)
+            wins += sum(m > 0 for m in margins)
+            trials += len(margins)
+    return 100.0 * successes / samples, 100.0 * wins / trials
+
+
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory):
+    import torch
+
+    from comfy_nearid.demo import run_demo
+
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("demo") / "run"
+    return run_demo(out, **TINY)
+
+
+def test_shortened_demo_writes_report_head_summary_and_config(tiny_demo):
+    out = tiny_demo.out_dir
+    report = out / "report" / "index.html"
+    assert tiny_demo.report_path == report and report.is_file()
+    page = report.read_text(encoding="utf-8")
+    assert "Attention heat-maps of the trained head" in page and "Worst failures" in page
+    import re
+
+    images = re.findall(r'<img src="([^"]+)"', page)
+    assert any("attention_" in src for src in images) and any("hist_" in src for src in images)
+    for src in images:
+        assert (out / "report" / src).is_file(), src
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"settings", "targets", "levels", "results", "train", "timings_s", "head_file_check"} <= set(summary)
+    assert set(summary["levels"]) == {"object", "part", "colour", "all", "mtg"}
+    config = json.loads((out / "demo_config.json").read_text())
+    assert config["settings"]["n_train"] == 17 and config["settings"]["n_test"] == 3  # 20 identities, 15% test
+    assert (out / "train" / "config.yaml").is_file()
+    assert "Per difficulty level" in (out / "table.md").read_text()
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_shortened_demo_head_loads_and_is_the_best_validation_head(tiny_demo):
+    import torch
+
+    from comfy_nearid import load_model
+    from comfy_nearid.checkpoint import load_head_file
+
+    head_path = tiny_demo.out_dir / "nearid-head.safetensors"
+    assert tiny_demo.head_path == head_path
+    model = load_model(head=head_path, pretrained=False, seed=0, device="cpu")
+    assert model.spec.name == "tiny-siglip" and model.readout == "head"
+    trainer_state, _ = load_head_file(tiny_demo.out_dir / "train" / "head.safetensors")
+    demo_state, meta = load_head_file(head_path)
+    for key, tensor in trainer_state.items():
+        assert torch.equal(tensor, demo_state[key]), key
+    assert "demo" in meta.provenance and "config" in meta.provenance
+    # the demo scored the head from kept float16 tokens; the loaded head (float32 tokens)
+    # gives the same similarities up to that rounding
+    result = next(r for r in tiny_demo.results if r.name == "head:nearid-head.safetensors" and r.benchmark == "ssr")
+    row = 0
+    views = [result.table.images[row]["views"][k] for k in range(3)]
+    emb = model.embed([v.load() for v in views])
+    sims = (emb @ emb.T).numpy()
+    for i, j in ((0, 1), (0, 2), (1, 2)):
+        assert sims[i, j] == pytest.approx(result.table.view_sims[row, i, j], abs=2e-2)
+
+
+def test_shortened_demo_numbers_follow_the_protocol(tiny_demo):
+    """The pooled baseline re-embedded independently (fp32, the ordinary loader) and SSR/PA
+    recomputed per level by loops must equal the demo's per-level table."""
+    from comfy_nearid import load_model
+    from comfy_nearid.data import FolderDataset
+
+    model = load_model(backbone="tiny-siglip", readout="pooled", pretrained=False, seed=0, device="cpu")
+    dataset = FolderDataset(tiny_demo.out_dir / "data", split="test")
+    name = "pooled:tiny-siglip"
+    for level in ("object", "part", "colour"):
+        view_sims, cross = [], []
+        for sample in dataset:
+            views = [v.load() for v in sample.views]
+            dists = [d.load() for d in sample.distractors[level]]
+            e = model.embed(views + dists).double().numpy()
+            ev, ed = e[:3], e[3:]
+            view_sims.append(ev @ ev.T)
+            cross.append(ev @ ed.T)
+        ssr, pa = _protocol_ssr_pa(np.stack(view_sims), np.stack(cross))
+        got = tiny_demo.levels[level][name]
+        assert got["ssr"] == pytest.approx(ssr, abs=1e-9), level
+        assert got["pa"] == pytest.approx(pa, abs=1e-9), level
+        assert got["n_samples"] == len(dataset)
+        lo, hi = got["ssr_ci"]
+        assert lo <= got["ssr"] <= hi
+
+
+def test_a_finished_run_is_not_overwritten_without_overwrite(tiny_demo):
+    from comfy_nearid.cli import main
+    from comfy_nearid.demo import run_demo
+
+    out = tiny_demo.out_dir
+    before = (out / "nearid-head.safetensors").stat().st_mtime_ns
+    with pytest.raises(InvalidInputError, match=r"already holds a finished demo run .*--overwrite"):
+        run_demo(out, **TINY)
+    code = main(["demo", "--out", str(out), "--backbone", "tiny-siglip", "--random-weights", "--identities", "20"])
+    assert code == 1
+    assert (out / "nearid-head.safetensors").stat().st_mtime_ns == before
+
+
+def test_overwrite_replaces_a_previous_run(tmp_path):
+    from comfy_nearid.demo import run_demo
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "demo_config.json").write_text("{}")  # an interrupted run's marker
+    (out / "data").mkdir()
+    (out / "data" / "stale.txt").write_text("old")
+    (out / "keep.txt").write_text("the user's")  # not the demo's: left alone
+    # no time budget: the fixed plan. 10 identities -> 8 train (1 held out for validation: 7),
+    # batch 7 // 2 = 3, 2 steps per epoch, 20 epochs -> 40 steps
+    result = run_demo(out, overwrite=True, **{**TINY, "identities": 10, "minutes": None})
+    assert not (out / "data" / "stale.txt").exists()
+    assert (out / "keep.txt").read_text() == "the user's"
+    assert result.head_path.is_file() and result.settings.identities == 10
+    assert result.train.global_step == 40
+
+
+def test_cli_rejects_bad_identities(capsys, tmp_path):
+    from comfy_nearid.cli import main
+
+    code = main(["demo", "--out", str(tmp_path / "x"), "--identities", "3", "--random-weights", "--backbone", "tiny-siglip"])
+    assert code == 1
+    assert "identities" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_training_leaves_no_partial_head(tmp_path):
+    """SIGINT while the head trains: exit status 130, no temporary or half-written file, and
+    the folder is then refused as an unfinished run."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "comfy_nearid", "demo", "--out", str(out), "--backbone", "tiny-siglip",
+           "--random-weights", "--identities", "200", "--minutes", "2", "--no-progress"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    seen = []
+    try:
+        for line in proc.stderr:
+            seen.append(line)
+            if "optimizer steps per epoch" in line:  # the trainer's loop is starting
+                time.sleep(1.0)
+                proc.send_signal(signal.SIGINT)
+                break
+        else:
+            pytest.fail("the training phase never started:\n" + "".join(seen[-20:]))
+        rest = proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, "".join(seen[-10:]) + rest
+    assert "interrupted" in rest
+    leftovers = [p for p in out.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".tmp")]
+    assert not leftovers, leftovers
+    assert not (out / "nearid-head.safetensors").exists()
+    from comfy_nearid.checkpoint import load_head_file
+
+    for head in out.rglob("*.safetensors"):  # whatever the trainer finished writing is whole
+        load_head_file(head)
+    from comfy_nearid.demo import check_output_dir
+
+    with pytest.raises(InvalidInputError, match="unfinished"):
+        check_output_dir(out, overwrite=False)
