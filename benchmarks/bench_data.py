@@ -97,7 +97,8 @@ def _parquet_dataset(source: Path, out: Path, size: int) -> tuple[Path, dict[str
         src = originals[i % len(originals)]
         sid = f"s{i:06d}"
         meta = json.loads((src / "sample.json").read_text())
-        tables["positives"].append({"id": sid, "category": meta["category"], **{f"img{k}": cell(src / f"view{k}.png") for k in (1, 2, 3)}})
+        views = {f"img{k}": cell(src / f"view{k}.png") for k in (1, 2, 3)}
+        tables["positives"].append({"id": sid, "category": meta["category"], **views})
         for s in SOURCES:
             tables[s].append({"id": sid, **{f"nimg{k}": cell(src / s / f"distractor{k}.png") for k in (1, 2, 3)},
                               **{f"masks{k}": cell(src / s / f"mask{k}.png") for k in (1, 2, 3)}})
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{kind:>8} {r['len']:>8} {r['open_s']:7.2f} {r['read_s']:7.2f} "
                       f"{1000 * r['read_s'] / args.read:9.2f} {r['images'] / r['read_s']:9.0f} "
                       f"{r['rss_after_open_mb']:8.0f} {r['rss_after_first_mb']:8.0f} {r['peak_rss_mb']:8.0f} "
-                      f"{r['peak_rss_mb'] - r['rss_after_first_mb']:7.0f}")
+                      f"{r['peak_rss_mb'] - r['rss_after_first_mb']:7.1f}")
                 shutil.rmtree(target)
             print(f"{kind:>8} peak RSS ratio (size {args.sizes[1]} / size {args.sizes[0]}): {peaks[1] / peaks[0]:.2f}")
         if args.signal:

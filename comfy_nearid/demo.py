@@ -472,8 +472,9 @@ def measure_step_seconds(model: "IdentityModel", batch_size: int, slots: int, re
     return float(np.median(times))
 
 
-# A step also reads the batch from the memory-mapped cache and computes the two-tier loss,
-# and validation runs every few steps: observed about 1.3x the bare head step on CPU.
+# A real step also reads its batch from the memory-mapped cache and computes the two-tier
+# loss, and validation runs every few steps: a margin over the bare head step, so that the
+# budget errs on the short side.
 STEP_OVERHEAD = 1.3
 
 

@@ -259,18 +259,26 @@ def _make_loader(config: TrainConfig, data: _Data, spec: Any, num_processes: int
 
 
 def slot_embeddings(
-    head: torch.nn.Module, model: Any, batch: dict[str, torch.Tensor], token_dtype: torch.dtype
+    head: torch.nn.Module,
+    model: Any,
+    batch: dict[str, torch.Tensor],
+    token_dtype: torch.dtype,
+    backbone_batch: int = 64,
 ) -> torch.Tensor:
     """Embeddings of every slot of the batch: ``[B, S, E]`` (zeros in masked slots).
 
-    Tokens come from the batch (feature cache) or from the frozen backbone (live); either way
-    they are rounded to ``token_dtype``, so both paths feed the head the same numbers.
+    Tokens come from the batch (feature cache) or from the frozen backbone (live, in chunks
+    of ``backbone_batch`` images to bound activation memory); either way they are rounded to
+    ``token_dtype``, so both paths feed the head the same numbers.
     """
     valid = batch["valid"]
     if "tokens" in batch:
         tokens = batch["tokens"][valid].to(token_dtype).float()
     else:
-        tokens = model.tokens(batch["pixels"][valid]).to(token_dtype).float()
+        pixels = batch["pixels"][valid]
+        tokens = torch.cat(
+            [model.tokens(pixels[i : i + backbone_batch]) for i in range(0, len(pixels), backbone_batch)]
+        ).to(token_dtype).float()
     if tokens.is_inference():  # the backbone ran in inference mode; the head needs a normal tensor
         tokens = tokens.clone()
     mask = batch["token_mask"][valid] if "token_mask" in batch else None
@@ -280,7 +288,7 @@ def slot_embeddings(
 
 
 def _step_terms(head, model, batch, config: TrainConfig, gather, token_dtype):
-    emb = slot_embeddings(head, model, batch, token_dtype)
+    emb = slot_embeddings(head, model, batch, token_dtype, config.features.batch_size)
     p = config.data.positives
     valid = batch["valid"]
     return two_tier_terms(

@@ -19,7 +19,9 @@ def parse_split_indices(value: Any, n_rows: int, origin: str) -> list[int]:
     """
     if isinstance(value, dict):
         if "indices" not in value:
-            raise DatasetError(f"index file {origin}: a JSON object must have an 'indices' key, found keys {sorted(value)}")
+            raise DatasetError(
+                f"index file {origin}: a JSON object must have an 'indices' key, found keys {sorted(value)}"
+            )
         value = value["indices"]
     if not isinstance(value, (list, tuple)):
         raise DatasetError(

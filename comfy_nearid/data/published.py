@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 
 from ..errors import DatasetError
 from .base import NearIDDataset
-from .sample import ImageRef, Sample
+from .sample import ImageMode, ImageRef, Sample
 from .tables import ArrowTable, check_columns, image_cell_ref
 
 logger = logging.getLogger(__name__)
@@ -112,11 +112,11 @@ class PublishedNearIDDataset(NearIDDataset):
     def describe(self) -> str:
         return f"published NearID {self.positives.name} + sources {self.sources}"
 
-    def _refs(self, table: ArrowTable, row: int, columns: list[str], values: dict[str, Any], mode: str) -> list[ImageRef | None]:
-        return [
-            image_cell_ref(values[c], f"{table.name} row {row} (id {self.ids[row]}) column {c}", table.base_dir, mode)  # type: ignore[arg-type]
-            for c in columns
-        ]
+    def _refs(
+        self, table: ArrowTable, row: int, columns: list[str], values: dict[str, Any], mode: ImageMode
+    ) -> list[ImageRef | None]:
+        where = f"{table.name} row {row} (id {self.ids[row]}) column"
+        return [image_cell_ref(values[c], f"{where} {c}", table.base_dir, mode) for c in columns]
 
     def _read_row(self, row: int) -> Sample:
         pos = self.positives

@@ -338,7 +338,8 @@ def render_object(spec: ObjectSpec, pose: Pose, light: Lighting, size: int) -> R
         y = (v - F32(av)) * ca - (u - F32(au)) * sa
         colour: np.ndarray | RGB = part.colour
         if part.banded:
-            band = np.clip(F32(0.5) + np.sin(x * F32(TWO_PI * 3.0 / part.length)) * F32(part.length / (TWO_PI * 3 * px)), 0, 1)
+            bands_per_unit = 3.0 / part.length  # three bands along the part, antialiased
+            band = np.clip(F32(0.5) + np.sin(x * F32(TWO_PI * bands_per_unit)) * F32(1.0 / (TWO_PI * bands_per_unit * px)), 0, 1)
             colour = np.asarray(part.colour, F32) * (F32(1.0) - F32(0.45) * band)[..., None]
         canvas.fill(part_distance(part, x, y), px, colour, outline, spec.outline_width * 0.8, track=True)
     # Body with its pattern and outline.
@@ -352,7 +353,8 @@ def render_object(spec: ObjectSpec, pose: Pose, light: Lighting, size: int) -> R
         canvas.fill(d, px, colour, clip=inside)
     # Directional shading: a soft light gradient across the object, over one body radius
     # (not the object's extent, so that editing a part leaves the rest of the object alone).
-    shade = F32(1.0) + F32(light.shade / pose.scale) * (dx * F32(math.cos(light.direction)) + dy * F32(math.sin(light.direction)))
+    towards_light = dx * F32(math.cos(light.direction)) + dy * F32(math.sin(light.direction))
+    shade = F32(1.0) + F32(light.shade / pose.scale) * towards_light
     canvas.colour *= np.clip(shade, 0.6, 1.4)[..., None]
     return RenderedObject(canvas.colour, canvas.alpha, canvas.tracked, box)
 
