@@ -87,7 +87,8 @@ class _Preset:
     bootstrap: int
 
 
-# Sized for 2 idle CPU cores: default about 9 minutes in all, quick about 2 (docs/demo.md).
+# Sized for 2 idle CPU cores (from the measured CPU time: default about 6 to 8 minutes in
+# all, quick about 2; see docs/demo.md).
 PRESETS = {
     "default": _Preset(identities=1300, epochs=12, bootstrap=1000),
     "quick": _Preset(identities=300, epochs=12, bootstrap=500),
@@ -504,8 +505,9 @@ def _train_config(settings: DemoSettings, out: Path, epochs: int, steps: int, de
     return config
 
 
-def _train(model: "IdentityModel", settings: DemoSettings, out: Path, progress: bool) -> tuple[Any, Any]:
-    """Train the head in place (best validation head loaded back); returns (TrainResult, config)."""
+def _train(model: "IdentityModel", settings: DemoSettings, out: Path, progress: bool) -> tuple[Any, float | None]:
+    """Train the head in place (the best validation head loaded back); returns the
+    :class:`trainer.TrainResult` and the estimated seconds per step (None for the fixed plan)."""
     from trainer.loop import train
 
     from .checkpoint import load_head_file
@@ -528,8 +530,7 @@ def _train(model: "IdentityModel", settings: DemoSettings, out: Path, progress: 
     model.head.load_state_dict(state)
     model.head.requires_grad_(False).eval()
     model.invalidate_identity()
-    result.extra["seconds_per_step_estimate"] = step_s
-    return result, config
+    return result, step_s
 
 
 def _save_final_head(model: "IdentityModel", train_result: Any, out: Path, demo_metrics: dict[str, Any]) -> Path:
@@ -807,7 +808,7 @@ def run_demo(
 
     t = time.perf_counter()
     logger.info("[3/5] training the identity head (frozen-feature cache, %s-level distractors)", TRAIN_LEVEL)
-    train_result, train_config = _train(model, settings, out, progress)
+    train_result, step_estimate = _train(model, settings, out, progress)
     phase("train", t)
 
     t = time.perf_counter()
@@ -816,7 +817,11 @@ def run_demo(
     phase("trained_head_eval", t)
 
     results = _order_results(baselines, trained)
-    return _finish(out, settings, model, features, results, train_result, config_path, timings, started)
+    train_info = {"steps": train_result.global_step, "epochs": train_result.epochs_completed,
+                  "best_step": train_result.best_step, "seconds": round(train_result.seconds, 1),
+                  "seconds_per_step_estimate": step_estimate, "best_validation": train_result.best_validation,
+                  "run_dir": str(train_result.run_dir)}
+    return _finish(out, settings, model, features, results, train_result, train_info, config_path, timings, started)
 
 
 def _order_results(baselines: list["EvalResult"], trained: list["EvalResult"]) -> list["EvalResult"]:
@@ -825,7 +830,8 @@ def _order_results(baselines: list["EvalResult"], trained: list["EvalResult"]) -
 
 
 def _finish(out: Path, settings: DemoSettings, model: "IdentityModel", features: FrozenFeatures, results: list["EvalResult"],
-            train_result: Any, config_path: Path, timings: dict[str, float], started: float) -> DemoResult:
+            train_result: Any, train_info: dict[str, Any], config_path: Path, timings: dict[str, float],
+            started: float) -> DemoResult:
     """Tables, the head file, the report with heat-maps, the summary; step 5."""
     from .model import load_model
     from .report import write_report
@@ -835,10 +841,6 @@ def _finish(out: Path, settings: DemoSettings, model: "IdentityModel", features:
     names = _scorer_names(settings.backbone)
     levels = level_metrics(results, settings.bootstrap, settings.seed)
     targets = target_check(levels, names["head"])
-    train_info = {"steps": train_result.global_step, "epochs": train_result.epochs_completed,
-                  "best_step": train_result.best_step, "seconds": round(train_result.seconds, 1),
-                  "seconds_per_step_estimate": train_result.extra.get("seconds_per_step_estimate"),
-                  "best_validation": train_result.best_validation, "run_dir": str(train_result.run_dir)}
     head_path = _save_final_head(model, train_result, out, {"levels": levels, "targets": targets, "settings": settings.to_dict()})
 
     viewer = load_model(head=head_path, backbone_weights=settings.backbone_weights, pretrained=settings.pretrained,

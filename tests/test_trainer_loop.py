@@ -126,6 +126,30 @@ def test_training_refuses_a_dataset_without_distractors(tmp_path):
         train(tiny_config(tmp_path, single))
 
 
+def test_trains_on_the_published_parquet_layout(tmp_path, data_root):
+    """Positives + one row-aligned distractor table as parquet files (the hub's layout)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ids = sorted(p.name for p in data_root.iterdir())
+    cell = lambda path: {"bytes": path.read_bytes(), "path": path.name}  # noqa: E731
+    positives = {"id": ids, "category": ["box"] * len(ids)}
+    negatives = {"id": ids}
+    for k in (1, 2, 3):
+        positives[f"img{k}"] = [cell(data_root / i / f"view{k}.png") for i in ids]
+        negatives[f"nimg{k}"] = [cell(data_root / i / "object" / f"distractor{k}.png") for i in ids]
+    pq.write_table(pa.table(positives), tmp_path / "positives.parquet")
+    pq.write_table(pa.table(negatives), tmp_path / "flux.parquet")
+    cfg = tiny_config(tmp_path, data_root, train__epochs=1, features__cache=True)
+    cfg.data.format = "published"
+    cfg.data.train = str(tmp_path / "positives.parquet")
+    cfg.data.distractor_paths = {"flux": str(tmp_path / "flux.parquet")}
+    result = train(cfg)
+    assert result.global_step == 4
+    meta = read_head_metadata(result.head_path)
+    assert meta.provenance["data"]["train"]["distractor_sources"] == ["flux"]
+
+
 def _corrupt_sample_tokens(cache_dir: Path, sample_dir: Path) -> None:
     """Write NaN into the cached tokens of every image of one sample."""
     index = json.loads((cache_dir / "index.json").read_text())
@@ -161,7 +185,6 @@ def _write_config(tmp_path: Path, cfg) -> Path:
     return path
 
 
-@pytest.mark.slow
 def test_sigkill_then_resume_latest_equals_an_uninterrupted_run(tmp_path):
     data = make_folder_dataset(tmp_path / "data", n_samples=40, seed=3)
     overrides = dict(train__epochs=5, checkpoint__every_steps=3, checkpoint__total_limit=2)
@@ -197,7 +220,6 @@ def test_sigkill_then_resume_latest_equals_an_uninterrupted_run(tmp_path):
     assert resumed.final_loss == pytest.approx(reference.final_loss, rel=1e-6)
 
 
-@pytest.mark.slow
 def test_two_processes_equal_one_process_over_the_same_global_batch(tmp_path):
     data = make_folder_dataset(tmp_path / "data", n_samples=16, seed=4)
     overrides = dict(train__epochs=1, train__batch_size=8, features__cache=True)

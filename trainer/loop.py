@@ -13,7 +13,7 @@ import copy
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +76,6 @@ class TrainResult:
     seconds: float = 0.0
     checkpoints_dir: Path | None = None
     resumed_from: Path | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0, schedule: str = "cosine") -> float:
@@ -344,7 +343,8 @@ class _Run:
             head.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps
         )
         accum = config.train.gradient_accumulation_steps
-        batches = len(self.data.train.layout) // config.train.batch_size  # per process, drop_last
+        # global batches per epoch (= batches per process; the last partial one is dropped)
+        batches = len(self.data.train.layout) // config.train.batch_size
         self.steps_per_epoch = max(1, math.ceil(batches / accum))
         planned = self.steps_per_epoch * config.train.epochs
         self.total_steps = min(planned, config.train.max_steps) if config.train.max_steps else planned
