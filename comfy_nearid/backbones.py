@@ -155,15 +155,23 @@ class Backbone(nn.Module):
     @torch.no_grad()
     def pooled(self, pixels: torch.Tensor) -> torch.Tensor:
         """The backbone's own pooled embedding ``[B, D']`` (not normalised)."""
+        return self.tokens_and_pooled(pixels)[1]
+
+    @torch.no_grad()
+    def tokens_and_pooled(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass serving both readouts: (patch tokens ``[B, N, D]``, own pooled ``[B, D']``)."""
         self._check_pixels(pixels)
         if self.spec.family == "siglip":
-            return self.trunk.forward_head(self.trunk.forward_features(pixels), pre_logits=True)
-        _, deep = self._mobilenet_tokens(pixels)
-        final = self.trunk.features[17:](deep)
-        return final.mean(dim=(2, 3))
+            tokens = self.trunk.forward_features(pixels)
+            return tokens, self.trunk.forward_head(tokens, pre_logits=True)
+        tokens, deep = self._mobilenet_tokens(pixels)
+        return tokens, self.trunk.features[17:](deep).mean(dim=(2, 3))
 
     def _mobilenet_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feats = self.trunk.features
+        if pixels.device.type == "cpu":
+            # depthwise convolutions run about twice as fast channels-last on CPU
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
         s16 = feats[:14](pixels)  # [B, 96, S/16, S/16]
         s32 = feats[14:17](s16)  # [B, 160, S/32, S/32]
         up = F.interpolate(s32, size=s16.shape[-2:], mode="nearest")
@@ -256,12 +264,17 @@ def build_backbone(
 ) -> Backbone:
     """Build a frozen backbone; with ``pretrained`` its weights are found on disk (see
     :func:`comfy_nearid.weights.resolve_backbone_weights`) or the call fails at once."""
-    spec = name if isinstance(name, BackboneSpec) else get_backbone_spec(name)
-    trunk = build_trunk(spec)
-    if pretrained or weights is not None:
-        from .weights import read_state_dict, resolve_backbone_weights
+    from .weights import read_state_dict, resolve_backbone_weights
 
+    spec = name if isinstance(name, BackboneSpec) else get_backbone_spec(name)
+    path = None
+    if pretrained or weights is not None:
+        # look the weights up first: a missing file fails at once, before a slow build
         path = resolve_backbone_weights(spec, weights, allow_download=allow_download)
+    trunk = build_trunk(spec)
+    if spec.family == "mobilenet_v2":
+        trunk = trunk.to(memory_format=torch.channels_last)
+    if path is not None:
         load_backbone_state(trunk, spec, read_state_dict(path), str(path))
         logger.info("loaded %s weights from %s", spec.name, path)
     return Backbone(spec, trunk)

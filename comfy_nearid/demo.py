@@ -317,9 +317,6 @@ def _build_model(settings: DemoSettings) -> "IdentityModel":
         backbone=settings.backbone, backbone_weights=settings.backbone_weights, pretrained=settings.pretrained,
         device=settings.device, readout="mean", seed=settings.seed,
     )
-    if model.device.type == "cpu" and model.spec.family == "mobilenet_v2":
-        # depthwise convolutions run about twice as fast channels-last on CPU (same numbers to ~1e-5)
-        model.backbone.trunk.to(memory_format=torch.channels_last)
     if model.device.type == "cpu" and model.spec.embed_dim >= 768:
         logger.warning("backbone %s on CPU: every phase will be slow; a GPU is advised", model.spec.name)
     return model
@@ -339,12 +336,7 @@ def frozen_pass(model: "IdentityModel", pixels: "torch.Tensor") -> tuple["torch.
     dtype = model.dtype if model.device.type != "cpu" else torch.float32
     with torch.inference_mode():
         x = pixels.to(model.device, dtype)
-        if backbone.spec.family == "mobilenet_v2":
-            tokens, deep = backbone._mobilenet_tokens(x)  # stride-16 tokens and the stride-32 map
-            pooled = backbone.trunk.features[17:](deep).mean(dim=(2, 3))  # as Backbone.pooled
-        else:
-            tokens = backbone.trunk.forward_features(x)
-            pooled = backbone.trunk.forward_head(tokens, pre_logits=True)  # as Backbone.pooled
+        tokens, pooled = backbone.tokens_and_pooled(x)
     return tokens.float(), pooled.float()
 
 
