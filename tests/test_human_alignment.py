@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,18 @@ from comfy_nearid.metrics.human import (
     parse_categories,
 )
 
-RATINGS = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambench_plus" / "ratings"
+def _find_ratings() -> Path:
+    """The project's published data: $NEARID_SHARED_DATA, ../shared beside the checkout, or the
+    workplace's /work/shared (CI clones the repository elsewhere)."""
+    candidates = [Path(p) for p in [os.environ.get("NEARID_SHARED_DATA", "")] if p]
+    candidates += [Path(__file__).resolve().parents[2] / "shared" / "data", Path("/work/shared/data")]
+    for base in candidates:
+        if (base / "dreambench_plus" / "ratings" / "data_human_rating").is_dir():
+            return base / "dreambench_plus" / "ratings"
+    return candidates[0] / "dreambench_plus" / "ratings"
+
+
+RATINGS = _find_ratings()
 needs_ratings = pytest.mark.skipif(
     not (RATINGS / "data_human_rating").is_dir(),
     reason=f"published DreamBench++ ratings not found at {RATINGS} (shared/data/dreambench_plus)",
