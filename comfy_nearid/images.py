@@ -56,6 +56,28 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def decode_image(opener: Any, description: str, mode: str = "RGB") -> Image.Image:
+    """Decode a file path or file-like object into ``mode`` ("RGB": any Pillow mode converted,
+    transparency composited onto white; "L": a mask, converted directly), applying the EXIF
+    orientation. Every failure is an :class:`ImageLoadError` naming ``description``."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(opener) as img:
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                out = _to_rgb(img) if mode == "RGB" else img.convert(mode)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageLoadError(
+            description, f"larger than Pillow's decompression-bomb limit ({Image.MAX_IMAGE_PIXELS} pixels): {e}"
+        ) from e
+    except UnidentifiedImageError as e:
+        raise ImageLoadError(description, "not a recognised image format") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageLoadError(description, f"corrupt or truncated image data ({e})") from e
+    return check_image(out, description)
+
+
 def load_image(path: str | Path) -> Image.Image:
     """Decode an image file into an RGB PIL image, applying its EXIF orientation.
 
@@ -69,23 +91,7 @@ def load_image(path: str | Path) -> Image.Image:
         raise ImageLoadError(p, "is a directory, not an image file")
     if p.stat().st_size == 0:
         raise ImageLoadError(p, "file is empty (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(p) as img:
-                img.load()
-                img = ImageOps.exif_transpose(img)
-                return check_image(_to_rgb(img), p)
-    except ImageLoadError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageLoadError(
-            p, f"larger than Pillow's decompression-bomb limit ({Image.MAX_IMAGE_PIXELS} pixels): {e}"
-        ) from e
-    except UnidentifiedImageError as e:
-        raise ImageLoadError(p, "not a recognised image format") from e
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageLoadError(p, f"corrupt or truncated image data ({e})") from e
+    return decode_image(p, str(p))
 
 
 def load_image_bytes(data: bytes, description: str) -> Image.Image:
@@ -94,21 +100,7 @@ def load_image_bytes(data: bytes, description: str) -> Image.Image:
 
     if not data:
         raise ImageLoadError(description, "empty image bytes")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                img.load()
-                img = ImageOps.exif_transpose(img)
-                return check_image(_to_rgb(img), description)
-    except ImageLoadError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageLoadError(description, f"larger than the decompression-bomb limit: {e}") from e
-    except UnidentifiedImageError as e:
-        raise ImageLoadError(description, "not a recognised image format") from e
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageLoadError(description, f"corrupt or truncated image data ({e})") from e
+    return decode_image(io.BytesIO(data), description)
 
 
 def check_image(img: Image.Image, name: Any = "<image>") -> Image.Image:

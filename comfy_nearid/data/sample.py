@@ -15,13 +15,12 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal, Sequence
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from ..errors import DatasetError, ImageLoadError, InvalidInputError
 
@@ -36,25 +35,12 @@ ImageMode = Literal["RGB", "L"]
 def _decode_mask(opener: Any, description: str) -> Image.Image:
     """Decode a mask (file path or BytesIO) into mode "L" (0 = background, 255 = subject).
 
-    Masks are not routed through :func:`comfy_nearid.images.load_image` because that
-    composites transparency onto white, which would turn an RGBA mask into all-subject.
+    Masks are converted directly, not through the RGB path, which composites transparency
+    onto white and would turn an RGBA mask into all-subject.
     """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(opener) as img:
-                img.load()
-                img = ImageOps.exif_transpose(img)
-                mask = img.convert("L")
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageLoadError(description, f"larger than the decompression-bomb limit: {e}") from e
-    except UnidentifiedImageError as e:
-        raise ImageLoadError(description, "not a recognised image format") from e
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageLoadError(description, f"corrupt or truncated image data ({e})") from e
-    if mask.width == 0 or mask.height == 0:
-        raise ImageLoadError(description, f"zero-size image ({mask.width}x{mask.height})")
-    return mask
+    from ..images import decode_image  # lazy: comfy_nearid.images imports torch
+
+    return decode_image(opener, description, mode="L")
 
 
 class ImageRef(ABC):
