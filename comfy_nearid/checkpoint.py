@@ -170,24 +170,16 @@ class HeadMetadata:
 
     def check_matches(self, spec: "BackboneSpec", source: str) -> None:
         """Raise :class:`HeadMismatchError` naming every field that disagrees with ``spec``."""
-        expected = {
-            "backbone": spec.name,
-            "image_size": spec.image_size,
-            "embed_dim": spec.embed_dim,
-            "num_tokens": spec.num_tokens,
-            "mean": tuple(round(x, 6) for x in spec.mean),
-            "std": tuple(round(x, 6) for x in spec.std),
-            "interpolation": spec.interpolation,
-        }
-        found = {
-            "backbone": self.backbone,
-            "image_size": self.image_size,
-            "embed_dim": self.embed_dim,
-            "num_tokens": self.num_tokens,
-            "mean": tuple(round(x, 6) for x in self.mean),
-            "std": tuple(round(x, 6) for x in self.std),
-            "interpolation": self.interpolation,
-        }
+        def fields(backbone: str, image_size: int, embed_dim: int, num_tokens: int,
+                   mean, std, interpolation: str) -> dict[str, Any]:
+            return {"backbone": backbone, "image_size": image_size, "embed_dim": embed_dim,
+                    "num_tokens": num_tokens, "mean": tuple(round(x, 6) for x in mean),
+                    "std": tuple(round(x, 6) for x in std), "interpolation": interpolation}
+
+        expected = fields(spec.name, spec.image_size, spec.embed_dim, spec.num_tokens,
+                          spec.mean, spec.std, spec.interpolation)
+        found = fields(self.backbone, self.image_size, self.embed_dim, self.num_tokens,
+                       self.mean, self.std, self.interpolation)
         bad = [f"{k}: head has {found[k]!r}, backbone needs {expected[k]!r}" for k in expected if found[k] != expected[k]]
         if bad:
             raise HeadMismatchError(f"head {source} does not match backbone {spec.name}: " + "; ".join(bad))
