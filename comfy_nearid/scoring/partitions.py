@@ -250,12 +250,13 @@ def _prepare_output_dir(output_dir: Path, names: Sequence[str], resume: bool, ov
             previous = json.loads(config_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError(f"cannot resume: {config_path} is unreadable ({e}); use --overwrite") from e
-        for name in ("model_identity", "calibration", "aggregate", "batch_size", "subject_field", "partitions"):
-            if previous.get(name) != config[name]:
+        for name in ("model_identity", "calibration", "aggregate", "batch_size", "subject_field", "partitions",
+                     "partition_size"):
+            if previous.get(name) != config.get(name):
                 shown = lambda v: repr(v) if len(repr(v)) < 200 else f"{repr(v)[:200]}..."  # noqa: E731
                 raise ConfigError(
                     f"cannot resume {output_dir}: it was written with {name}={shown(previous.get(name))}, "
-                    f"this run uses {shown(config[name])}; use the same inputs and settings or --overwrite")
+                    f"this run uses {shown(config.get(name))}; use the same inputs and settings or --overwrite")
 
 
 def finalize_partitions(model_identity: str, aggregate: str, names: Sequence[str],

@@ -254,7 +254,7 @@ def _read_webdataset(partition: Partition, subject: SubjectField) -> Iterator[Im
     def sample(key: str, parts: dict[str, bytes]) -> ImageRef:
         image_ext = next((e for e in IMAGE_FIELDS if e in parts), None)
         meta = None
-        if "json" in parts:
+        if "json" in parts and subject.fixed is None:  # a single-subject run needs no metadata
             try:
                 meta = json.loads(parts["json"])
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
