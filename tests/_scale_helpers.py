@@ -76,7 +76,7 @@ def rows_by_key(rows) -> dict[tuple[str, str], object]:
     return out
 
 
-def assert_same_rows(got, expected) -> None:
+def assert_same_rows(got, expected, check_ranks: bool = True) -> None:
     """Same (subject, key) set; cosines and scores to 1e-6 (calibrated, 0..100, to 1e-4); same
     ranks; the same error reasons."""
     got_by, exp_by = rows_by_key(got), rows_by_key(expected)
@@ -88,4 +88,4 @@ def assert_same_rows(got, expected) -> None:
             np.testing.assert_allclose(g.cosines, e.cosines, atol=1e-6)
             np.testing.assert_allclose(g.score, e.score, atol=1e-6, rtol=0)
             np.testing.assert_allclose(g.calibrated, e.calibrated, atol=1e-4, rtol=0)  # 0..100 scale
-        assert g.rank == e.rank, (k, g.rank, e.rank)
+        assert not check_ranks or g.rank == e.rank, (k, g.rank, e.rank)
