@@ -191,6 +191,14 @@ def _exit_once_for_tests(partition_name: str) -> None:
         os._exit(1)
 
 
+def _embed_references_task(model: Mapping[str, Any], references: Mapping[str, Sequence[str]], batch_size: int
+                           ) -> tuple[str, dict[str, np.ndarray]]:
+    from .embedding_cache import model_cache_identity
+
+    loaded = load_actor_model(model)
+    return model_cache_identity(loaded), embed_references(loaded, references, None, batch_size)
+
+
 @dataclass
 class RayEngine:
     """Runs a partitioned scoring on Ray Data (an engine for
@@ -214,18 +222,38 @@ class RayEngine:
     cpus_per_worker: float = 1.0
     ray_remote_args: dict[str, Any] = field(default_factory=dict)
 
-    def __call__(self, partitions: Sequence[Partition], references: Mapping[str, np.ndarray],
-                 options: PartitionOptions, model_identity: str) -> Iterator[tuple[str, list[ScoreRow]]]:
+    _started_ray: bool = field(default=False, init=False, repr=False)
+
+    def _ray(self) -> Any:
+        """Ray, connected (to ``address``, or a local Ray unless this process already has one)."""
         ray = require_ray()
-        started_here = False
         if not ray.is_initialized():
             ray.init(address=self.address, include_dashboard=False, log_to_driver=True)
-            started_here = True
+            self._started_ray = True
+        return ray
+
+    def close(self) -> None:
+        """Shut down the Ray this engine started (a Ray the caller started stays up)."""
+        if self._started_ray:
+            require_ray().shutdown()
+            self._started_ray = False
+
+    def embed_references(self, references: Mapping[str, Sequence[str | Path]], batch_size: int
+                         ) -> tuple[str, dict[str, np.ndarray]]:
+        """``(model identity, subject -> [R, D])``, embedded once in a Ray task with the actors'
+        resources (a GPU worker embeds the references in the dtype it scores in)."""
+        ray = self._ray()
+        task = ray.remote(_embed_references_task).options(
+            num_gpus=self.gpus_per_worker or None, num_cpus=self.cpus_per_worker,
+            **{k: v for k, v in self.ray_remote_args.items() if k in ("runtime_env", "resources", "accelerator_type")})
         try:
-            yield from self._run(ray, partitions, references, options, model_identity)
-        finally:
-            if started_here:
-                ray.shutdown()
+            return ray.get(task.remote(self.model, {k: [str(p) for p in v] for k, v in references.items()}, batch_size))
+        except Exception as e:  # Ray wraps the worker's error; name its cause
+            raise DatasetError(f"embedding the references on Ray failed: {type(e).__name__}: {str(e)[-2000:]}") from e
+
+    def __call__(self, partitions: Sequence[Partition], references: Mapping[str, np.ndarray],
+                 options: PartitionOptions, model_identity: str) -> Iterator[tuple[str, list[ScoreRow]]]:
+        yield from self._run(self._ray(), partitions, references, options, model_identity)
 
     def _run(self, ray: Any, partitions: Sequence[Partition], references: Mapping[str, np.ndarray],
              options: PartitionOptions, model_identity: str) -> Iterator[tuple[str, list[ScoreRow]]]:

@@ -179,10 +179,6 @@ def score_partitions(
         InvalidInputError: outputs exist and neither ``resume`` nor ``overwrite`` is set.
         ConfigError: ``resume`` of outputs written with another model or other settings.
     """
-    from tqdm.auto import tqdm
-
-    from ..embedding_cache import model_cache_identity
-
     if resume and overwrite:
         raise InvalidInputError("resume and overwrite exclude each other: resume keeps the rows, overwrite discards them")
     names = [p.name for p in partitions]
@@ -191,7 +187,32 @@ def score_partitions(
     if not partitions:
         raise DatasetError("nothing to score: no partition")
     output_dir = Path(output_dir)
-    identity = model_cache_identity(model)
+    engine = engine or LocalEngine(model, cache)
+    try:
+        return _score_partitions(model, partitions, references, output_dir, options, engine, cache, resume,
+                                 overwrite, run_config)
+    finally:
+        close = getattr(engine, "close", None)
+        if close is not None:
+            close()
+
+
+def _score_partitions(model: "IdentityModel", partitions: Sequence[Partition], references: Mapping[str, Sequence[Path]],
+                      output_dir: Path, options: PartitionOptions, engine: Engine, cache: "EmbeddingCache | None",
+                      resume: bool, overwrite: bool, run_config: dict[str, Any] | None) -> PartitionRunResult:
+    from tqdm.auto import tqdm
+
+    from ..embedding_cache import model_cache_identity
+
+    names = [p.name for p in partitions]
+    # An engine whose workers differ from this process (GPU actors: bf16 by default) embeds
+    # the references on a worker like its actors, so every embedding comes from one model.
+    embed_on_workers = getattr(engine, "embed_references", None)
+    if embed_on_workers is not None:
+        identity, reference_embeddings = embed_on_workers(references, options.batch_size)
+    else:
+        identity = model_cache_identity(model)
+        reference_embeddings = None
     config = {
         "command": "score", "engine_layout": "partitions", "model_identity": identity,
         "calibration": calibration_description(model), "aggregate": options.aggregate,
@@ -201,13 +222,13 @@ def score_partitions(
         **(run_config or {}),
     }
     _prepare_output_dir(output_dir, names, resume, overwrite, config)
-    reference_embeddings = embed_references(model, references, cache, options.batch_size)
+    if reference_embeddings is None:
+        reference_embeddings = embed_references(model, references, cache, options.batch_size)
     write_json_atomic(output_dir / CONFIG_NAME, config)
     todo = [p for p in partitions if not partition_path(output_dir, p.name).exists()]
     resumed = len(partitions) - len(todo)
     logger.info("scoring %d partition(s) (%d already done) of %d subject(s) into %s",
                 len(todo), resumed, len(references), output_dir)
-    engine = engine or LocalEngine(model, cache)
     bar = tqdm(total=len(todo), unit="partition", desc="scoring", disable=not options.progress or not todo,
                dynamic_ncols=True)
     images = 0
@@ -240,11 +261,17 @@ def _prepare_output_dir(output_dir: Path, names: Sequence[str], resume: bool, ov
         raise InvalidInputError(
             f"output {existing[0]} already exists{f' (and {len(existing) - 1} more)' if len(existing) > 1 else ''}; "
             "pass --overwrite to replace it or --resume to continue it")
-    if overwrite:
-        for path in existing:
-            path.unlink()
-        return
     config_path = output_dir / CONFIG_NAME
+    if overwrite:
+        previous_names: list[str] = []
+        if config_path.exists():  # the previous run's partitions go too, even if this run has others
+            try:
+                previous_names = list(json.loads(config_path.read_text(encoding="utf-8")).get("partitions") or [])
+            except (OSError, json.JSONDecodeError, AttributeError):
+                previous_names = []
+        for path in [*existing, *(partition_path(output_dir, str(n)) for n in previous_names)]:
+            path.unlink(missing_ok=True)
+        return
     if resume and config_path.exists():
         try:
             previous = json.loads(config_path.read_text(encoding="utf-8"))
