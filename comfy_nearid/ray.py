@@ -131,7 +131,7 @@ class IdentityScorer:
 
     def refs(self, batch: Mapping[str, Any]) -> list[ImageRef]:
         """The batch's rows as :class:`ImageRef` (bytes, key, subject)."""
-        names = list(batch)
+        names = list(batch.column_names) if hasattr(batch, "column_names") else list(batch)  # arrow | dict, pandas
         image_col = self.image_column or next((c for c in IMAGE_FIELDS if c in names), None)
         key_col = self.key_column or next((c for c in ("key", "path") if c in names), None)
         if key_col is None or key_col not in names:
