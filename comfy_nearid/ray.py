@@ -9,12 +9,11 @@ engine-agnostic :class:`~comfy_nearid.scoring.unit.ScoringUnit`:
       import ray, comfy_nearid
       from comfy_nearid.ray import IdentityScorer, reference_embeddings
 
-      refs = reference_embeddings({"backbone": "siglip2-so400m-patch16-naflex"},
-                                  {"dog": ["refs/dog/0.jpg", "refs/dog/1.jpg"]})
+      model = {"head": "nearid_head.safetensors"}               # comfy_nearid.load_model arguments
+      refs = reference_embeddings(model, {"dog": ["refs/dog/0.jpg", "refs/dog/1.jpg"]})
       ds = ray.data.read_parquet("s3://bucket/shards/")         # img2dataset parquet
-      scored = ds.map_batches(IdentityScorer, fn_constructor_kwargs=dict(
-                                  model={"backbone": "siglip2-so400m-patch16-naflex"}, references=refs),
-                              batch_size=64, concurrency=4, num_gpus=1)
+      scored = ds.map_batches(IdentityScorer, fn_constructor_kwargs=dict(model=model, references=refs),
+                              batch_size=64, concurrency=4, num_gpus=1, batch_format="pyarrow")
 
 - :class:`PartitionScorer`, used by :class:`RayEngine` (``nearid score --engine ray``): one
   input partition (a shard, or a slice of a folder plan) per call; the driver writes each

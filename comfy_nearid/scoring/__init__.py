@@ -20,7 +20,9 @@ the same batches as one uninterrupted process: their rows are identical.
 
 Modules: :mod:`.plan` (discovery, plans), :mod:`.rows` (row I/O), :mod:`.combine` (reference
 combination, calibrated match), :mod:`.run` (the streaming scorer), :mod:`.outputs` (output
-paths, finalisation, summaries).
+paths, finalisation, summaries), :mod:`.unit` (the engine-agnostic scoring unit),
+:mod:`.sources` (partitions: folder slices, parquet and webdataset shards),
+:mod:`.partitions` (one parquet per partition, resume; engines, see :mod:`comfy_nearid.ray`).
 """
 
 from .combine import AGGREGATES, REFERENCE_COMBINATIONS, aggregate_cosines, combine_references
@@ -39,6 +41,7 @@ from .plan import (
 )
 from .rows import OUTPUT_FORMATS, ROW_FIELDS, ScoreRow, read_rows
 from .run import ProcessShard, ScoringOptions, prefetch, score_plan
+from .unit import ImageRef, ScoringUnit, embed_references
 
 __all__ = [
     "AGGREGATES",
@@ -51,6 +54,9 @@ __all__ = [
     "ScoringOptions",
     "ScoringPlan",
     "ScoringResult",
+    "ScoringUnit",
+    "ImageRef",
+    "embed_references",
     "Subject",
     "REFERENCE_COMBINATIONS",
     "aggregate_cosines",

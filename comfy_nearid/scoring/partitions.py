@@ -8,7 +8,9 @@ fills in the ranks (within each subject, over all partitions) and writes the sum
 Engines are callables ``engine(partitions, references, options, model_identity)`` that yield
 ``(partition name, rows)``: :class:`LocalEngine` scores in this process, the Ray adapter
 (:class:`comfy_nearid.ray.RayEngine`) on a Ray cluster. Both score through
-:class:`~comfy_nearid.scoring.unit.ScoringUnit` and :func:`score_partition`.
+:class:`~comfy_nearid.scoring.unit.ScoringUnit` and :func:`score_partition`. An engine may
+also offer ``embed_references(references, batch_size) -> (model identity, embeddings)`` (its
+workers embed the references once, in their own dtype) and ``close()``.
 
 Output folder: ``<name>.parquet`` per partition (columns of ``nearid score``: path, subject,
 cosines, score, calibrated, rank, error), ``_summary.json`` and ``_config.json``; a parquet
