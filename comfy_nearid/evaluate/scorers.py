@@ -115,11 +115,22 @@ def embedding_scorer(
     from ..embedding_cache import cached_embed, model_cache_identity
 
     def embed(images: list[Image.Image], masks: list[Image.Image | None] | None) -> Any:
-        if masks is not None and any(m is None for m in masks):
-            if not all(m is None for m in masks):
-                raise InvalidInputError(f"scorer {name}: some images of a batch have masks and some do not")
-            masks = None
-        return cached_embed(model, images, cache, masks=masks, batch_size=len(images))
+        if masks is None or all(m is None for m in masks):
+            return cached_embed(model, images, cache, masks=None, batch_size=len(images))
+        # An image without a mask is embedded whole, exactly as when masks are off, whichever
+        # batch it falls in: masked and unmasked images go through the model separately.
+        out = np.zeros((len(images), 0), dtype=np.float32)
+        for with_mask in (True, False):
+            idx = [i for i, m in enumerate(masks) if (m is not None) == with_mask]
+            if not idx:
+                continue
+            part = cached_embed(model, [images[i] for i in idx], cache,
+                                masks=[masks[i] for i in idx] if with_mask else None, batch_size=len(idx))
+            part = part.detach().cpu().float().numpy()
+            if out.shape[1] == 0:
+                out = np.zeros((len(images), part.shape[1]), dtype=np.float32)
+            out[idx] = part
+        return out
 
     return Scorer(name=name, embed_fn=embed, use_masks=use_masks, batch_size=batch_size,
                   identity=model_cache_identity(model), cache_path=None if cache is None else str(cache.path))
