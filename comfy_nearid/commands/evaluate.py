@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidInputError
+from ..masking import MASK_KEEPS, MASK_MODES
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,13 @@ def _add_scoring_arguments(sp: argparse.ArgumentParser, mtg: bool) -> None:
                          "optionally NAME=SPEC")
     sc.add_argument("--csv", action="append", default=[], metavar="[NAME=]FILE",
                     help="per-sample similarity CSV in the reference format")
-    sc.add_argument("--masks", action="store_true", help="give model scorers the object masks")
+    sc.add_argument("--masks", nargs="?", const="attention", default=None, choices=MASK_MODES,
+                    help="use the object masks in model scorers: 'attention' (bare --masks; the head "
+                         "attends only to the mask's patches) or 'pixels' (the reference evaluation: the "
+                         "cleaned mask blackens the image's pixels; see docs/evaluation.md). Default: off")
+    sc.add_argument("--mask-keep", choices=MASK_KEEPS, default="foreground",
+                    help="with --masks pixels: keep the 'foreground' (outside -> black) or the "
+                         "'background' (inside -> black, a context-only probe) (default: %(default)s)")
     sc.add_argument("--random-weights", action="store_true",
                     help="build backbones with random weights (smoke tests; scores are meaningless)")
     sc.add_argument("--device", default=None, help="torch device (default: cuda if available)")
@@ -219,6 +226,8 @@ def _run_scoring(args: argparse.Namespace) -> int:
                                 + (" or --published PATH" if args.benchmark == "mtg" else " or --positives PATH"))
     if args.batch_size < 1:
         raise InvalidInputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.mask_keep != "foreground" and args.masks != "pixels":
+        raise InvalidInputError(f"--mask-keep {args.mask_keep} applies to --masks pixels (got --masks {args.masks})")
     rank = int(os.environ.get("RANK", "0"))
     progress = not args.no_progress
     results: list = []
@@ -233,7 +242,8 @@ def _run_scoring(args: argparse.Namespace) -> int:
             for item in args.scorer:
                 name, spec = _named(item, "--scorer")
                 scorer = ev.model_scorer(spec, name=name, device=device, batch_size=args.batch_size,
-                                         use_masks=args.masks, pretrained=not args.random_weights, cache=cache)
+                                         use_masks=args.masks is not None, mask_mode=args.masks or "attention",
+                                         mask_keep=args.mask_keep, pretrained=not args.random_weights, cache=cache)
                 results += ev.evaluate_dataset([scorer], dataset_samples, benchmark=args.benchmark,
                                                sources=sources, n_resamples=args.bootstrap, seed=args.seed,
                                                progress=progress)
