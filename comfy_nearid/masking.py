@@ -29,7 +29,7 @@ MaskKeep = Literal["foreground", "background"]
 MASK_MODES: tuple[str, ...] = ("attention", "pixels")
 MASK_KEEPS: tuple[str, ...] = ("foreground", "background")
 
-_BLUR_TAPS = np.array([1, 4, 6, 4, 1], dtype=np.int64)  # OpenCV's 5-tap kernel for sigma 0, x 16
+_BLUR_TAPS = (1, 4, 6, 4, 1)  # OpenCV's 5-tap kernel for sigma 0, x 16
 _THRESHOLD = 10  # blurred values > 10 become 255
 _MORPH_SIZE = 5  # square structuring element of close / open
 
@@ -77,10 +77,10 @@ def mask_to_grey(mask: Image.Image | np.ndarray) -> np.ndarray:
 def _gaussian_blur_5x5(grey: np.ndarray) -> np.ndarray:
     """OpenCV's ``GaussianBlur(grey, (5, 5), 0)`` on uint8: taps 1 4 6 4 1 / 16 each way,
     mirrored border without repeating the edge (reflect-101), rounded half up."""
-    padded = np.pad(grey.astype(np.int64), 2, mode="reflect")
+    padded = np.pad(grey.astype(np.int32), 2, mode="reflect")  # sums stay below 2**16
     h, w = grey.shape
-    rows = sum(int(k) * padded[:, i : i + w] for i, k in enumerate(_BLUR_TAPS))
-    total = sum(int(k) * rows[i : i + h] for i, k in enumerate(_BLUR_TAPS))
+    rows = sum(k * padded[:, i : i + w] for i, k in enumerate(_BLUR_TAPS))
+    total = sum(k * rows[i : i + h] for i, k in enumerate(_BLUR_TAPS))
     return ((total + 128) >> 8).astype(np.uint8)
 
 
@@ -88,8 +88,11 @@ def _window_extreme(binary: np.ndarray, take_max: bool) -> np.ndarray:
     """5x5 max (dilate) or min (erode) of a bool image; pixels outside the image never count."""
     pad = _MORPH_SIZE // 2
     padded = np.pad(binary, pad, mode="constant", constant_values=not take_max)
-    windows = np.lib.stride_tricks.sliding_window_view(padded, (_MORPH_SIZE, _MORPH_SIZE))
-    return windows.any(axis=(2, 3)) if take_max else windows.all(axis=(2, 3))
+    h, w = binary.shape
+    reduce = np.logical_or if take_max else np.logical_and
+    # a square window is a row window then a column window
+    rows = reduce.reduce([padded[:, i : i + w] for i in range(_MORPH_SIZE)])
+    return reduce.reduce([rows[i : i + h] for i in range(_MORPH_SIZE)])
 
 
 def _contour_areas(labels: np.ndarray, count: int) -> np.ndarray:
@@ -100,11 +103,12 @@ def _contour_areas(labels: np.ndarray, count: int) -> np.ndarray:
     with fewer (edges and 8-connected pinches enclose nothing). Two regions never share a
     cell (they would be 8-connected), so each cell belongs to at most one label.
     """
-    corners = np.stack([labels[:-1, :-1], labels[:-1, 1:], labels[1:, :-1], labels[1:, 1:]])
-    inside = (corners > 0).sum(axis=0)
-    owner = corners.max(axis=0)
-    weight = np.where(inside == 4, 1.0, np.where(inside == 3, 0.5, 0.0))
-    return np.bincount(owner.ravel(), weights=weight.ravel(), minlength=count + 1)[1:]
+    corners = (labels[:-1, :-1], labels[:-1, 1:], labels[1:, :-1], labels[1:, 1:])
+    inside = sum((c > 0).astype(np.uint8) for c in corners)
+    owner = np.maximum(np.maximum(corners[0], corners[1]), np.maximum(corners[2], corners[3]))
+    covered = inside >= 3
+    weight = np.where(inside[covered] == 4, 1.0, 0.5)
+    return np.bincount(owner[covered], weights=weight, minlength=count + 1)[1:]
 
 
 def clean_mask(mask: Image.Image | np.ndarray) -> np.ndarray:
@@ -124,7 +128,9 @@ def clean_mask(mask: Image.Image | np.ndarray) -> np.ndarray:
         return thresholded.astype(np.uint8) * 255
     # an external contour encloses one 8-connected region together with everything in its
     # holes (background is 4-connected); regions inside another's hole are not external
-    filled = ndimage.binary_fill_holes(opened, structure=ndimage.generate_binary_structure(2, 1))
+    background, _ = ndimage.label(~opened, structure=ndimage.generate_binary_structure(2, 1))
+    outside = np.unique(np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]]))
+    filled = opened | ((background > 0) & ~np.isin(background, outside[outside > 0]))
     labels, count = ndimage.label(filled, structure=np.ones((3, 3), dtype=bool))
     areas = _contour_areas(labels, count)
     largest = int(np.flatnonzero(areas == areas.max())[-1]) + 1

@@ -227,7 +227,7 @@ def _run_scoring(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise InvalidInputError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.mask_keep != "foreground" and args.masks != "pixels":
-        raise InvalidInputError(f"--mask-keep {args.mask_keep} applies to --masks pixels (got --masks {args.masks})")
+        raise InvalidInputError(f"--mask-keep {args.mask_keep} applies to --masks pixels (got {'--masks ' + args.masks if args.masks else 'no --masks'})")
     rank = int(os.environ.get("RANK", "0"))
     progress = not args.no_progress
     results: list = []
