@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -284,26 +283,30 @@ def test_cli_rejects_bad_identities(capsys, tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_during_training_leaves_no_partial_head(tmp_path):
     """SIGINT while the head trains: exit status 130, no temporary or half-written file, and
-    the folder is then refused as an unfinished run."""
+    the folder is then refused as an unfinished run. The trainer is told to hold after its
+    first optimizer step (NEARID_TRAIN_HOLD_AFTER_STEP), so the signal always lands mid-run,
+    however late this process is scheduled."""
+    from trainer.loop import HOLD_AFTER_STEP_ENV
+
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "comfy_nearid", "demo", "--out", str(out), "--backbone", "tiny-siglip",
-           "--random-weights", "--identities", "200", "--minutes", "2", "--no-progress"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+           "--random-weights", "--identities", "20", "--no-progress"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", HOLD_AFTER_STEP_ENV: "1"}
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     seen = []
     try:
         for line in proc.stderr:
             seen.append(line)
-            if "optimizer steps per epoch" in line:  # the trainer's loop is starting
-                time.sleep(1.0)
+            if "holding after step 1" in line:  # the run waits here until a signal ends it
                 proc.send_signal(signal.SIGINT)
                 break
         else:
-            pytest.fail("the training phase never started:\n" + "".join(seen[-20:]))
-        rest = proc.communicate(timeout=120)[1]
+            pytest.fail("the training phase never reached its first step:\n" + "".join(seen[-20:]))
+        rest = proc.communicate(timeout=300)[1]
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
     assert proc.returncode == 130, "".join(seen[-10:]) + rest
     assert "interrupted" in rest
     leftovers = [p for p in out.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".tmp")]

@@ -10,7 +10,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ from safetensors.torch import load_file
 from comfy_nearid import load_model
 from comfy_nearid.checkpoint import read_head_metadata
 from trainer.config import config_to_dict
-from trainer.loop import TrainingDivergedError, train, warmup_cosine
+from trainer.loop import HOLD_AFTER_STEP_ENV, TrainingDivergedError, train, warmup_cosine
 from trainer.tracking import read_metrics
 
 from _trainer_helpers import make_folder_dataset, tiny_config
@@ -192,20 +191,28 @@ def test_sigkill_then_resume_latest_equals_an_uninterrupted_run(tmp_path):
 
     killed_cfg = tiny_config(tmp_path / "killed", data, **overrides)
     path = _write_config(tmp_path, killed_cfg)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # The run holds after step 3 (its checkpoint written) until the signal: it cannot finish
+    # first, however late this process is scheduled.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", HOLD_AFTER_STEP_ENV: "3"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "trainer", "--config", str(path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=REPO,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=REPO, text=True,
     )
-    checkpoints = Path(killed_cfg.output_dir) / "checkpoints"
-    deadline = time.time() + 120
-    while not (checkpoints / "step_00000003").is_dir():
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.time() < deadline, "no checkpoint within 120 s"
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    proc.stderr.close()
+    seen = []
+    try:
+        for line in proc.stderr:
+            seen.append(line)
+            if "holding after step 3" in line:
+                break
+        else:
+            pytest.fail("the run never reached step 3:\n" + "".join(seen[-20:]))
+        assert (Path(killed_cfg.output_dir) / "checkpoints" / "step_00000003").is_dir()
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (Path(killed_cfg.output_dir) / "head.safetensors").exists()  # it died mid-run
 
