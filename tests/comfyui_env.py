@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -26,6 +27,10 @@ SETUP_SCRIPT = REPO_ROOT / "scripts" / "setup_comfyui.py"
 
 class ComfyUINotReady(RuntimeError):
     """The ComfyUI tree (or the test checkpoint) is missing."""
+
+
+class _PortTaken(RuntimeError):
+    """The server exited at start-up because its port was bound by another process."""
 
 
 class PromptRejected(RuntimeError):
@@ -73,9 +78,15 @@ def require_sd15_checkpoint() -> Path:
 
 
 def free_port() -> int:
+    """A loopback port that was free a moment ago (another process may take it before the
+    server binds it: :meth:`ComfyServer.start` then retries on a new one)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# How ComfyUI's aiohttp server reports a port that another process took first.
+PORT_TAKEN_MESSAGES = ("address already in use", "errno 98", "error while attempting to bind")
 
 
 def prepare_base_dir(base: Path) -> Path:
@@ -94,10 +105,14 @@ class ComfyServer:
     def __init__(self, tree: Path, base: Path, port: int | None = None) -> None:
         self.tree = tree
         self.base = prepare_base_dir(base)
+        self.fixed_port = port is not None  # a port the caller chose is never swapped for another
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.base / "comfyui.log"
         self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     # ------------------------------------------------------------------ lifecycle
     def command(self) -> list[str]:
@@ -107,26 +122,59 @@ class ComfyServer:
             "--database-url", "sqlite:///:memory:",
         ]
 
-    def start(self, timeout: float = 240.0) -> "ComfyServer":
+    def start(self, timeout: float = 240.0, port_attempts: int = 5) -> "ComfyServer":
+        """Start the server and wait until it answers. ``free_port`` cannot reserve its port,
+        so when another process binds it first the server exits at start-up; it is then
+        started again on a new free port (up to ``port_attempts`` times)."""
+        for attempt in range(1, port_attempts + 1):
+            log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
+            try:
+                return self._start_once(timeout)
+            except _PortTaken:
+                if self.fixed_port or attempt == port_attempts:
+                    raise RuntimeError(
+                        f"ComfyUI could not bind port {self.port} (attempt {attempt}):\n{self.log_tail()}"
+                    ) from None
+                taken, self.port = self.port, free_port()
+                logging.getLogger(__name__).warning(
+                    "port %d was taken before ComfyUI bound it; retrying on %d (log from byte %d)",
+                    taken, self.port, log_start,
+                )
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout: float) -> "ComfyServer":
         env = dict(os.environ)
         env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
                     "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "2")})
         env.pop("NEARID_ALLOW_DOWNLOAD", None)
+        log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(self.command(), cwd=self.tree, env=env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                this_run = self.log_path.read_bytes()[log_start:].decode(errors="replace").lower()
+                if any(message in this_run for message in PORT_TAKEN_MESSAGES):
+                    raise _PortTaken(self.port)
                 raise RuntimeError(f"ComfyUI exited with {self.process.returncode} during start-up:\n{self.log_tail()}")
             try:
                 if self._request("GET", "/object_info/KSampler", timeout=5).status_code == 200:
-                    return self
+                    if self._answering_server_is_ours():
+                        return self
+                    self.stop()  # another ComfyUI holds the port; ours would fail to bind it
+                    raise _PortTaken(self.port)
             except OSError:
                 pass
-            time.sleep(0.5)
+            time.sleep(0.5)  # polling for readiness; the deadline only bounds a hung start-up
         self.stop()
         raise RuntimeError(f"ComfyUI did not answer within {timeout:.0f} s:\n{self.log_tail()}")
+
+    def _answering_server_is_ours(self) -> bool:
+        """Whether the server on our port was started with our base directory (a parallel
+        test run's ComfyUI may hold the port while ours is still loading)."""
+        argv = self.get_json("/system_stats").get("system", {}).get("argv", [])
+        return str(self.base) in argv
 
     def alive(self) -> bool:
         if self.process is None or self.process.poll() is not None:
