@@ -12,13 +12,14 @@ import importlib.util
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+from _processes import free_port, port_was_taken
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACK_NAME = "comfy-nearid"
@@ -77,18 +78,6 @@ def require_sd15_checkpoint() -> Path:
     return path
 
 
-def free_port() -> int:
-    """A loopback port that was free a moment ago (another process may take it before the
-    server binds it: :meth:`ComfyServer.start` then retries on a new one)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# How ComfyUI's aiohttp server reports a port that another process took first.
-PORT_TAKEN_MESSAGES = ("address already in use", "errno 98", "error while attempting to bind")
-
-
 def prepare_base_dir(base: Path) -> Path:
     """Lay out a ComfyUI base directory with this repository linked in as a custom node."""
     for sub in ("custom_nodes", "models/nearid", "models/checkpoints", "input", "output", "temp", "user"):
@@ -123,7 +112,7 @@ class ComfyServer:
         ]
 
     def start(self, timeout: float = 240.0, port_attempts: int = 5) -> "ComfyServer":
-        """Start the server and wait until it answers. ``free_port`` cannot reserve its port,
+        """Start the server and wait until it answers. :func:`free_port` cannot reserve its port,
         so when another process binds it first the server exits at start-up; it is then
         started again on a new free port (up to ``port_attempts`` times)."""
         for attempt in range(1, port_attempts + 1):
@@ -154,8 +143,7 @@ class ComfyServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                this_run = self.log_path.read_bytes()[log_start:].decode(errors="replace").lower()
-                if any(message in this_run for message in PORT_TAKEN_MESSAGES):
+                if port_was_taken(self.log_path.read_bytes()[log_start:].decode(errors="replace")):
                     raise _PortTaken(self.port)
                 raise RuntimeError(f"ComfyUI exited with {self.process.returncode} during start-up:\n{self.log_tail()}")
             try:

@@ -164,6 +164,7 @@ def tiny_demo(tmp_path_factory):
     return run_demo(out, **TINY)
 
 
+@pytest.mark.slow
 def test_shortened_demo_writes_report_head_summary_and_config(tiny_demo):
     out = tiny_demo.out_dir
     report = out / "report" / "index.html"
@@ -186,6 +187,7 @@ def test_shortened_demo_writes_report_head_summary_and_config(tiny_demo):
     assert not list(out.rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_shortened_demo_head_loads_and_is_the_best_validation_head(tiny_demo):
     import torch
 
@@ -212,6 +214,7 @@ def test_shortened_demo_head_loads_and_is_the_best_validation_head(tiny_demo):
         assert sims[i, j] == pytest.approx(result.table.view_sims[row, i, j], abs=2e-2)
 
 
+@pytest.mark.slow
 def test_shortened_demo_numbers_follow_the_protocol(tiny_demo):
     """The pooled baseline re-embedded independently (fp32, the ordinary loader) and SSR/PA
     recomputed per level by loops must equal the demo's per-level table."""
@@ -239,6 +242,7 @@ def test_shortened_demo_numbers_follow_the_protocol(tiny_demo):
         assert lo <= got["ssr"] <= hi
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_not_overwritten_without_overwrite(tiny_demo):
     from comfy_nearid.cli import main
     from comfy_nearid.demo import run_demo
@@ -252,6 +256,7 @@ def test_a_finished_run_is_not_overwritten_without_overwrite(tiny_demo):
     assert (out / "nearid-head.safetensors").stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_a_previous_run(tmp_path):
     from comfy_nearid.demo import run_demo
 

@@ -7,13 +7,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from _processes import accelerate_launch
 from comfy_nearid.cli import main
 
 from _scoring_helpers import (
@@ -145,10 +145,8 @@ def test_two_accelerate_processes_give_the_same_rows_as_one(tmp_path):
     common = ["score", "--references-root", "refs", "gen", "--batch-size", "4", *TINY_MODEL_ARGS, "--no-cache"]
     one = run_nearid([*common, "-o", "one.csv", "--dreambench-json", "one.json"], cwd=tmp_path)
     assert one.returncode == 0, one.stderr
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "comfy_nearid",
-              *common, "-o", "two.csv", "--dreambench-json", "two.json"]
-    two = subprocess.run(launch, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    two = accelerate_launch(["-m", "comfy_nearid", *common, "-o", "two.csv", "--dreambench-json", "two.json"],
+                            cwd=tmp_path, env=subprocess_env(), timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "process 0/2" in two.stderr and "process 1/2" in two.stderr  # really two processes
     assert two.stdout.count("image(s),") == 1  # only the main process reports

@@ -24,6 +24,7 @@ from trainer.config import config_to_dict
 from trainer.loop import HOLD_AFTER_STEP_ENV, TrainingDivergedError, train, warmup_cosine
 from trainer.tracking import read_metrics
 
+from _processes import accelerate_launch
 from _trainer_helpers import make_folder_dataset, tiny_config
 
 torch.set_num_threads(1)
@@ -45,6 +46,7 @@ def test_warmup_then_cosine_schedule():
     assert warmup_cosine(9, 4, 12, schedule="constant") == 1.0
 
 
+@pytest.mark.slow
 def test_only_the_head_trains_and_the_backbone_stays_bit_identical(tmp_path, data_root):
     model = load_model(backbone="tiny-siglip", pretrained=False, device="cpu", dtype="fp32", seed=0)
     backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
@@ -62,6 +64,7 @@ def test_only_the_head_trains_and_the_backbone_stays_bit_identical(tmp_path, dat
         assert torch.equal(exported[key], value)
 
 
+@pytest.mark.slow
 def test_run_exports_head_with_provenance_logs_and_checkpoints(tmp_path, data_root):
     cfg = tiny_config(
         tmp_path, data_root,
@@ -99,6 +102,7 @@ def test_run_exports_head_with_provenance_logs_and_checkpoints(tmp_path, data_ro
     assert acc and all(0.0 <= v <= 1.0 for v in acc)
 
 
+@pytest.mark.slow
 def test_bf16_and_gradient_accumulation_run(tmp_path, data_root):
     cfg = tiny_config(
         tmp_path, data_root, train__epochs=1, train__mixed_precision="bf16", train__gradient_accumulation_steps=3
@@ -108,6 +112,7 @@ def test_bf16_and_gradient_accumulation_run(tmp_path, data_root):
     assert np.isfinite(result.final_loss)
 
 
+@pytest.mark.slow
 def test_tensorboard_tracker_writes_events(tmp_path, data_root):
     cfg = tiny_config(tmp_path, data_root, train__epochs=1, logging__tracker="tensorboard")
     train(cfg)
@@ -125,6 +130,7 @@ def test_training_refuses_a_dataset_without_distractors(tmp_path):
         train(tiny_config(tmp_path, single))
 
 
+@pytest.mark.slow
 def test_trains_on_the_published_parquet_layout(tmp_path, data_root):
     """Positives + one row-aligned distractor table as parquet files (the hub's layout)."""
     import pyarrow as pa
@@ -160,6 +166,7 @@ def _corrupt_sample_tokens(cache_dir: Path, sample_dir: Path) -> None:
     tokens.flush()
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_naming_step_samples_and_last_checkpoint(tmp_path, data_root):
     cfg = tiny_config(tmp_path, data_root, train__epochs=2, features__cache=True, checkpoint__every_steps=1)
     train(cfg)  # builds the cache (clean run)
@@ -184,6 +191,7 @@ def _write_config(tmp_path: Path, cfg) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_latest_equals_an_uninterrupted_run(tmp_path):
     data = make_folder_dataset(tmp_path / "data", n_samples=40, seed=3)
     overrides = dict(train__epochs=5, checkpoint__every_steps=3, checkpoint__total_limit=2)
@@ -227,6 +235,7 @@ def test_sigkill_then_resume_latest_equals_an_uninterrupted_run(tmp_path):
     assert resumed.final_loss == pytest.approx(reference.final_loss, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_over_the_same_global_batch(tmp_path):
     data = make_folder_dataset(tmp_path / "data", n_samples=16, seed=4)
     overrides = dict(train__epochs=1, train__batch_size=8, features__cache=True)
@@ -237,13 +246,7 @@ def test_two_processes_equal_one_process_over_the_same_global_batch(tmp_path):
     # `--multi_gpu` on a machine without (visible) GPUs starts torch.distributed processes
     # that Accelerate runs on CPU with gloo; `--cpu` alone would start a single process.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(29400 + os.getpid() % 500),
-        "-m", "trainer", "--config", str(path),
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    result = accelerate_launch(["-m", "trainer", "--config", str(path)], timeout=600, env=env, cwd=REPO)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "2 process(es)" in result.stderr and "global batch 8 (4 per process)" in result.stderr
 
