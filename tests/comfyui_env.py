@@ -111,7 +111,7 @@ class ComfyServer:
             "--database-url", "sqlite:///:memory:",
         ]
 
-    def start(self, timeout: float = 240.0, port_attempts: int = 5) -> "ComfyServer":
+    def start(self, timeout: float = 600.0, port_attempts: int = 5) -> "ComfyServer":
         """Start the server and wait until it answers. :func:`free_port` cannot reserve its port,
         so when another process binds it first the server exits at start-up; it is then
         started again on a new free port (up to ``port_attempts`` times)."""
@@ -164,11 +164,16 @@ class ComfyServer:
         argv = self.get_json("/system_stats").get("system", {}).get("argv", [])
         return str(self.base) in argv
 
+    def running(self) -> bool:
+        """The server process has not exited."""
+        return self.process is not None and self.process.poll() is None
+
     def alive(self) -> bool:
-        if self.process is None or self.process.poll() is not None:
+        """Running and answering HTTP (a busy machine may take a while: generous timeout)."""
+        if not self.running():
             return False
         try:
-            return self._request("GET", "/queue", timeout=5).status_code == 200
+            return self._request("GET", "/queue", timeout=60).status_code == 200
         except OSError:
             return False
 
@@ -189,7 +194,7 @@ class ComfyServer:
             return "(no log)"
 
     # ------------------------------------------------------------------ HTTP
-    def _request(self, method: str, path: str, timeout: float = 30.0, **kwargs: Any):
+    def _request(self, method: str, path: str, timeout: float = 120.0, **kwargs: Any):
         import requests
 
         try:
@@ -212,7 +217,7 @@ class ComfyServer:
             raise PromptRejected(body)
         return body["prompt_id"]
 
-    def wait_for(self, prompt_id: str, timeout: float = 300.0) -> dict[str, Any]:
+    def wait_for(self, prompt_id: str, timeout: float = 600.0) -> dict[str, Any]:
         """The /history entry of a finished prompt (success or error)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -222,15 +227,15 @@ class ComfyServer:
                 entry["status"].get("status_str") in ("success", "error")
             ):
                 return entry
-            if not self.alive():
+            if not self.running():  # the process exited (a slow HTTP answer is not a death)
                 raise RuntimeError(f"ComfyUI died while running {prompt_id}:\n{self.log_tail()}")
             time.sleep(0.1)
         raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f} s:\n{self.log_tail()}")
 
-    def run(self, prompt: dict[str, Any], timeout: float = 300.0) -> dict[str, Any]:
+    def run(self, prompt: dict[str, Any], timeout: float = 600.0) -> dict[str, Any]:
         return self.wait_for(self.queue_prompt(prompt), timeout)
 
-    def wait_until_running(self, timeout: float = 60.0) -> None:
+    def wait_until_running(self, timeout: float = 300.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.get_json("/queue").get("queue_running"):
