@@ -13,7 +13,8 @@ engine-agnostic :class:`~comfy_nearid.scoring.unit.ScoringUnit`:
       refs = reference_embeddings(model, {"dog": ["refs/dog/0.jpg", "refs/dog/1.jpg"]})
       ds = ray.data.read_parquet("s3://bucket/shards/")         # img2dataset parquet
       scored = ds.map_batches(IdentityScorer, fn_constructor_kwargs=dict(model=model, references=refs),
-                              batch_size=64, concurrency=4, num_gpus=1, batch_format="pyarrow")
+                              batch_size=64, compute=ray.data.ActorPoolStrategy(size=4), num_gpus=1,
+                              batch_format="pyarrow")
 
 - :class:`PartitionScorer`, used by :class:`RayEngine` (``nearid score --engine ray``): one
   input partition (a shard, or a slice of a folder plan) per call; the driver writes each
@@ -265,7 +266,7 @@ class RayEngine:
             PartitionScorer,
             fn_constructor_kwargs=dict(model=self.model, references=dict(references), options=options,
                                        expected_identity=model_identity),
-            batch_size=1, batch_format="pyarrow", concurrency=self.concurrency,
+            batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=self.concurrency),
             num_gpus=self.gpus_per_worker or None, num_cpus=self.cpus_per_worker,
             **self.ray_remote_args,
         )

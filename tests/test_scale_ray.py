@@ -137,7 +137,7 @@ def test_python_api_map_batches_on_img2dataset_parquet(ray_address, image_set):
     references = reference_embeddings(TINY_SPEC, reference_subjects_from_root(root / "refs"), batch_size=4)
     ds = ray.data.read_parquet(str(root / "parquet"))
     scored = ds.map_batches(IdentityScorer, fn_constructor_kwargs=dict(model=TINY_SPEC, references=references),
-                            batch_size=4, concurrency=1, batch_format="pyarrow")
+                            batch_size=4, compute=ray.data.ActorPoolStrategy(size=1), batch_format="pyarrow")
     table = pa.Table.from_pylist(scored.take_all())
     rows = rows_from_table(table)
     assert len(rows) == 14
