@@ -125,8 +125,8 @@ class IdentityModel(nn.Module):
 
     @property
     def embed_dim(self) -> int:
-        if self.readout == "pooled" and self.spec.family == "mobilenet_v2":
-            return 1280
+        if self.readout == "pooled" and self.spec.pooled_dim:
+            return self.spec.pooled_dim
         return self.spec.embed_dim
 
     @property
