@@ -428,6 +428,13 @@ def download_release(
     if tqdm_class is not None:
         kwargs["tqdm_class"] = tqdm_class
     where = f" into {local_dir}" if local_dir is not None else ""
+    unreachable: tuple[type[BaseException], ...] = (LocalEntryNotFoundError, HfHubHTTPError, OSError)
+    try:
+        import httpx  # huggingface_hub >= 1.0 talks httpx, whose transport errors are not OSErrors
+
+        unreachable += (httpx.TransportError,)
+    except ImportError:
+        pass
     try:
         hf_hub_download(filename=RELEASE_CONFIG, **kwargs)
         return Path(hf_hub_download(filename=RELEASE_FILE, **kwargs))
@@ -436,7 +443,7 @@ def download_release(
             f"cannot download {RELEASE_REPO}: Hugging Face offline mode is on (HF_HUB_OFFLINE=1). "
             f"Unset it, or download {RELEASE_FILE} by hand{where}"
         ) from e
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+    except unreachable as e:
         raise WeightsNotFoundError(
             f"cannot download {RELEASE_REPO}: the Hugging Face hub is not reachable (no network?) "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Download {RELEASE_FILE} "
