@@ -33,6 +33,7 @@ timm backbone file). The loader keeps the result in a conversion cache
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -429,12 +430,11 @@ def download_release(
         kwargs["tqdm_class"] = tqdm_class
     where = f" into {local_dir}" if local_dir is not None else ""
     unreachable: tuple[type[BaseException], ...] = (LocalEntryNotFoundError, HfHubHTTPError, OSError)
-    try:
-        import httpx  # huggingface_hub >= 1.0 talks httpx, whose transport errors are not OSErrors
-
-        unreachable += (httpx.TransportError,)
-    except ImportError:
-        pass
+    for client in ("httpx", "httpx2"):  # huggingface_hub >= 1.0's HTTP clients; their errors are not OSErrors
+        try:
+            unreachable += (importlib.import_module(client).TransportError,)
+        except (ImportError, AttributeError):
+            pass
     try:
         hf_hub_download(filename=RELEASE_CONFIG, **kwargs)
         return Path(hf_hub_download(filename=RELEASE_FILE, **kwargs))
