@@ -419,8 +419,9 @@ def download_release(
             f"downloading {RELEASE_REPO} is not allowed; pass a local directory or set NEARID_ALLOW_DOWNLOAD=1"
         )
     try:
+        from huggingface_hub import constants as hub_constants
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
     except ImportError as e:
         raise WeightsNotFoundError("downloading needs huggingface_hub: pip install huggingface_hub") from e
     kwargs: dict[str, Any] = {"repo_id": RELEASE_REPO}
@@ -435,14 +436,15 @@ def download_release(
             unreachable += (importlib.import_module(client).TransportError,)
         except (ImportError, AttributeError):
             pass
+    if hub_constants.HF_HUB_OFFLINE:  # read from HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE at import
+        raise WeightsNotFoundError(
+            f"cannot download {RELEASE_REPO}: Hugging Face offline mode is on (HF_HUB_OFFLINE=1 or "
+            f"TRANSFORMERS_OFFLINE=1). Unset it, or download {RELEASE_FILE} and {RELEASE_CONFIG} from "
+            f"https://huggingface.co/{RELEASE_REPO} by hand{where}"
+        )
     try:
         hf_hub_download(filename=RELEASE_CONFIG, **kwargs)
         return Path(hf_hub_download(filename=RELEASE_FILE, **kwargs))
-    except OfflineModeIsEnabled as e:
-        raise WeightsNotFoundError(
-            f"cannot download {RELEASE_REPO}: Hugging Face offline mode is on (HF_HUB_OFFLINE=1). "
-            f"Unset it, or download {RELEASE_FILE} by hand{where}"
-        ) from e
     except unreachable as e:
         raise WeightsNotFoundError(
             f"cannot download {RELEASE_REPO}: the Hugging Face hub is not reachable (no network?) "

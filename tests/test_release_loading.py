@@ -150,3 +150,9 @@ def test_the_release_entry_is_never_downloaded_without_the_toggle(tmp_path, load
     with pytest.raises(WeightsNotFoundError, match="Turn on 'download' in Load NearID Model"):
         loader.resolve_head_path(loader.RELEASE_ENTRY, download=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_toggle_in_offline_mode_says_so(tmp_path, loader):
+    # conftest turns Hugging Face's offline mode on for every test process
+    with pytest.raises(WeightsNotFoundError, match=r"offline mode is on \(HF_HUB_OFFLINE=1"):
+        loader.resolve_head_path(loader.RELEASE_ENTRY, download=True)
