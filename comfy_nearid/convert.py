@@ -225,10 +225,12 @@ def _check_config(path: Path, spec: BackboneSpec) -> None:
 def detect_backbone(shapes: Mapping[str, tuple[int, ...]], source: str) -> BackboneSpec:
     """The registry SigLIP backbone whose shapes a release's (prefix-free) tensors have."""
     found = _release_shape(shapes, source)
-    siglip = [n for n in list_backbones() if get_backbone_spec(n).family == "siglip"]
-    for name in siglip:
-        if _siglip_shape(name) == found:
-            return get_backbone_spec(name)
+    siglip = [get_backbone_spec(n) for n in list_backbones() if get_backbone_spec(n).family == "siglip"]
+    for spec in siglip:
+        # the spec's own fields first: the network is built (for depth and MLP) only on a match
+        if (spec.embed_dim, spec.patch_size, spec.num_tokens) == found[:3] and _siglip_shape(spec.name) == found:
+            return spec
+    siglip = [spec.name for spec in siglip]
     known = "; ".join(f"{n} {_siglip_shape(n)}" for n in siglip)
     raise CheckpointError(
         f"{source}: a SigLIP release of (width, patch, tokens, depth, MLP) = {found}, which no registered "
