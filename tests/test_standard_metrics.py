@@ -268,3 +268,24 @@ def test_a_rows_file_with_a_bad_score_column_is_refused(tmp_path):
     path.write_text("path,subject,cosines,score,calibrated,rank,error,clip\nx.png,s,0.5,0.5,,1,,0.2\n")
     with pytest.raises(DatasetError, match="score:<name>"):
         read_rows(path)
+
+
+@pytest.mark.slow  # builds the real DINO ViT-S/16 (random weights) twice: ~30 s on a busy CPU
+def test_eval_ssr_takes_a_metric_name_and_its_similarities_are_the_models(tmp_path):
+    """``nearid eval ssr --scorer dino-i``: the DINO ViT-S/16 CLS readout (random weights here);
+    view-view similarities equal cosines of the same model's embeddings computed directly."""
+    from _eval_helpers import write_tiny_dataset
+    from comfy_nearid.data.folder import FolderDataset
+
+    root = write_tiny_dataset(tmp_path / "ds", n_samples=2, seed=3)
+    out = tmp_path / "out"
+    assert main(["eval", "ssr", "--data", str(root), "--scorer", "dino-i", "--random-weights", "--device", "cpu",
+                 "--bootstrap", "0", "--no-progress", "--out", str(out)]) == 0
+    with open(out / "dino-i.samples.csv", newline="") as f:
+        table = {row["id"]: row for row in csv.DictReader(f)}
+    model = load_model(backbone="dino-vits16", readout="pooled", pretrained=False, device="cpu")
+    first = next(iter(FolderDataset(root)))
+    views = [ref.load() for ref in first.views[:2]]
+    emb = model.embed(views)
+    sim_01 = float(emb[0] @ emb[1])
+    assert float(table[first.id]["sim_01"]) == pytest.approx(sim_01, abs=1e-5)
