@@ -288,10 +288,11 @@ class Preprocess:
                     f"preprocess resize_size {self.resize_size} is smaller than the crop {self.image_size}"
                 )
 
-    def geometry(self, image: Image.Image) -> Image.Image:
-        """The resize (and centre crop) alone: any PIL image -> ``image_size`` square."""
+    def geometry(self, image: Image.Image, interpolation: str | None = None) -> Image.Image:
+        """The resize (and centre crop) alone: any PIL image (also a mode "F" mask) -> the
+        ``image_size`` square; ``interpolation`` overrides the filter (masks use bilinear)."""
         s = self.image_size
-        resample = _RESAMPLE[self.interpolation]
+        resample = _RESAMPLE[interpolation or self.interpolation]
         if self.resize == "squash":
             return image if image.size == (s, s) else image.resize((s, s), resample=resample)
         short_target = self.resize_size or s

@@ -289,3 +289,19 @@ def test_eval_ssr_takes_a_metric_name_and_its_similarities_are_the_models(tmp_pa
     emb = model.embed(views)
     sim_01 = float(emb[0] @ emb[1])
     assert float(table[first.id]["sim_01"]) == pytest.approx(sim_01, abs=1e-5)
+
+
+def test_masks_follow_the_centre_crop():
+    """tiny-dino: shorter side 32, crop 28. A 64x32 image is not resized; the crop keeps
+    columns 18..45 and rows 2..29. A mask of exactly that window covers every token; a mask
+    of the 18 left columns lies wholly outside the crop."""
+    from comfy_nearid.model import masks_to_token_mask
+
+    spec = get_backbone_spec("tiny-dino")
+    window = np.zeros((32, 64), dtype=np.float32)
+    window[2:30, 18:46] = 1.0
+    assert masks_to_token_mask([window], spec).all()
+    left = np.zeros((32, 64), dtype=np.float32)
+    left[:, :18] = 1.0
+    with pytest.raises(InvalidInputError, match="empty"):
+        masks_to_token_mask([left], spec)
