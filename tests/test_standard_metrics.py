@@ -305,3 +305,29 @@ def test_masks_follow_the_centre_crop():
     left[:, :18] = 1.0
     with pytest.raises(InvalidInputError, match="empty"):
         masks_to_token_mask([left], spec)
+
+
+@pytest.mark.slow  # builds the real-size networks (random weights): about a minute on a busy CPU
+@pytest.mark.parametrize("backbone, file_name, prefix", [
+    ("dino-vits16", "model.safetensors", ""),
+    ("dinov2-vits14", "model.safetensors", ""),
+    ("clip-vit-b32", "open_clip_model.safetensors", "visual."),
+])
+def test_real_metric_backbones_load_their_weights_from_the_weights_folder(backbone, file_name, prefix, tmp_path,
+                                                                          monkeypatch):
+    """Weights written in the upstream layout (timm's, or open_clip's whole-CLIP ``visual.*``)
+    are found in ``$NEARID_WEIGHTS_DIR/<backbone>/`` and give the embeddings of the network
+    they came from; the pooled width is the metric's."""
+    from safetensors.torch import save_file
+
+    source = load_model(backbone=backbone, readout="pooled", pretrained=False, device="cpu", seed=1)
+    folder = tmp_path / "weights" / backbone
+    folder.mkdir(parents=True)
+    save_file({prefix + k: v.contiguous() for k, v in source.backbone.trunk.state_dict().items()},
+              str(folder / file_name))
+    monkeypatch.setenv("NEARID_WEIGHTS_DIR", str(tmp_path / "weights"))
+    loaded = load_model(backbone=backbone, readout="pooled", device="cpu")
+    images = _odd_images()[:3]
+    expected = source.embed(images)
+    assert expected.shape == (3, get_backbone_spec(backbone).pooled_dim or get_backbone_spec(backbone).embed_dim)
+    torch.testing.assert_close(loaded.embed(images), expected, rtol=1e-5, atol=1e-5)

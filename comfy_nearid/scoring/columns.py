@@ -126,7 +126,8 @@ def score_plan_with_scorers(
     for scorer, paths in zip(scorers, passes):
         logger.info("scorer %s -> %s", scorer.name, paths.rows)
         model = scorer.load()
-        config = {**(run_config or {}), "scorer": scorer.name, "scorers": names}
+        config = {**(run_config or {}), "scorer": scorer.name, "scorers": names,
+                  "device": str(model.device), "dtype": str(model.dtype)}
         results.append(score_plan(model, plan, paths, options=options, cache=cache, resume=resume,
                                   overwrite=overwrite, shard=shard, run_config=config))
         del model
