@@ -52,8 +52,12 @@ class _ItemPreparer:
 
     def __call__(self, item: ScoreItem) -> _Prepared:
         from ..embedding_cache import bytes_content_hash
+        from ..fileio import regular_file_problem
         from ..images import load_image_bytes
 
+        problem = regular_file_problem(item.path)  # before opening: a FIFO would block forever
+        if problem is not None:
+            return _Prepared(error=problem)
         try:
             data = item.path.read_bytes()
         except OSError as e:
