@@ -181,6 +181,13 @@ def run(args: argparse.Namespace) -> int:
         num_workers=min(8, os.cpu_count() or 1) if args.workers is None else args.workers,
         prefetch_batches=args.prefetch, strict=args.strict, progress=not args.no_progress,
     )
+    # Every output (and the cache) is checked before the model loads and any image is decoded.
+    outputs.check_writable(args.resume)
+    cache_path = None if args.no_cache else (args.cache or default_cache_path())
+    if cache_path is not None:
+        from ..fileio import check_writable
+
+        check_writable(Path(cache_path).expanduser(), "embedding cache", existing_ok=True)
     if args.threads is not None:
         import torch
 
@@ -188,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
     shard, state = _process_shard(args.device)
     options = dataclasses.replace(options, progress=options.progress and shard.is_main)
     model = _load(args, state)
-    cache = None if args.no_cache else EmbeddingCache(args.cache or default_cache_path())
+    cache = None if cache_path is None else EmbeddingCache(cache_path)
     run_config = {
         "layout": layout,
         "argv": sys.argv[1:],

@@ -198,7 +198,7 @@ def score_plan(
                 path.unlink(missing_ok=True)
         write_json_atomic(outputs.config, config)
     shard.barrier()
-    done = _finished_indices(plan, outputs)
+    done = _finished_indices(plan, outputs, strict=options.strict)
     shard.barrier()  # nobody appends before every process has read what is done
     todo = _chunks_for(plan, done, options.batch_size, shard)
     journal = outputs.rows if shard.count == 1 else outputs.shard(shard.index, shard.count)
@@ -242,6 +242,7 @@ def _check_outputs(outputs: OutputPaths, resume: bool, overwrite: bool, config: 
     for path in outputs.finals():
         if path.is_dir():
             raise InvalidInputError(f"output {path} is a directory; give a file path")
+    outputs.check_writable(resume)
     existing = [p for p in [*outputs.finals(), *outputs.shards()] if p.exists()]
     if existing and not (resume or overwrite):
         raise InvalidInputError(
@@ -274,8 +275,13 @@ def _embed_references(
     return out
 
 
-def _finished_indices(plan: ScoringPlan, outputs: OutputPaths) -> set[int]:
-    """Plan indices that already have a row in the outputs (rows file and per-process parts)."""
+def _finished_indices(plan: ScoringPlan, outputs: OutputPaths, strict: bool = False) -> set[int]:
+    """Plan indices that already have a row in the outputs (rows file and per-process parts).
+
+    Raises:
+        ImageLoadError: ``strict`` and a previous row of this plan is an error row (a resumed
+            strict run stays strict: it does not finish with the error rows of the last one).
+    """
     index_of = {(it.subject, str(it.path)): it.index for it in plan.items}
     done: set[int] = set()
     sources = ([(outputs.rows, outputs.fmt)] if outputs.rows.exists() else []) + [(p, "jsonl") for p in outputs.shards()]
@@ -283,6 +289,11 @@ def _finished_indices(plan: ScoringPlan, outputs: OutputPaths) -> set[int]:
         for _, row in scan_rows(path, fmt):
             idx = index_of.get((row.subject, row.path))
             if idx is not None:
+                if strict and row.error:
+                    raise ImageLoadError(
+                        row.path, f"{row.error} (--strict: the previous run already wrote an error row for it in "
+                        f"{path}; fix or remove the file and run with --overwrite, or resume without --strict)"
+                    )
                 done.add(idx)
     return done
 
