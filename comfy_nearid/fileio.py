@@ -72,7 +72,7 @@ def read_text(path: str | Path, what: str, error: type[NearIDError] = DatasetErr
     p = Path(path)
     problem = regular_file_problem(p)
     if problem is not None:
-        raise error(f"{what} {p} {problem}")
+        raise error(f"{what} {p}: {problem}")
     try:
         data = p.read_bytes()
     except OSError as e:
@@ -184,7 +184,7 @@ def check_writable(path: str | Path, what: str, existing_ok: bool = True) -> Non
     if p.exists() or p.is_symlink():
         problem = regular_file_problem(p)
         if problem is not None:
-            raise InvalidInputError(f"{what} {p} {problem}")
+            raise InvalidInputError(f"{what} {p}: {problem}")
         if existing_ok:
             try:
                 with open(p, "ab"):

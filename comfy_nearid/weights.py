@@ -174,7 +174,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     p = Path(path)
     problem = regular_file_problem(p)
     if problem is not None:
-        raise CheckpointError(f"weights file {p} {problem}")
+        raise CheckpointError(f"weights file {p}: {problem}")
     try:
         if p.suffix == ".safetensors":
             from safetensors.torch import load_file

@@ -18,7 +18,6 @@ order; folders whose name starts with "." or "_" are ignored.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -77,10 +76,9 @@ def read_sample_json(path: Path) -> dict[str, Any]:
     """Read an optional ``sample.json``; an unreadable one is an error naming the file."""
     if not path.is_file():
         return {}
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DatasetError(f"{path} is not valid JSON: {e}") from e
+    from ..fileio import read_json
+
+    meta = read_json(path, "sample file")
     if not isinstance(meta, dict):
         raise DatasetError(f"{path} must hold a JSON object, found {type(meta).__name__}")
     return meta

@@ -20,7 +20,6 @@ files are paired by position after checking that the keys agree item by item.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -80,14 +79,12 @@ def load_score_file(path: str | Path) -> dict[str, float]:
         DatasetError: missing file, invalid JSON, not an object, or a non-numeric value
             (the message names the file and the key).
     """
+    from ..fileio import read_json
+
     path = Path(path)
-    try:
-        with path.open("r", encoding="utf-8") as fh:
-            data = json.load(fh)
-    except FileNotFoundError as e:
-        raise DatasetError(f"ratings file not found: {path}") from e
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"ratings file {path} is not valid JSON: {e}") from e
+    if not path.exists():
+        raise DatasetError(f"ratings file not found: {path}")
+    data = read_json(path, "ratings file")
     if not isinstance(data, dict):
         raise DatasetError(f"ratings file {path} must hold a JSON object {{key: score}}, got {type(data).__name__}")
     scores: dict[str, float] = {}

@@ -7,7 +7,7 @@ here, before any work.
 from __future__ import annotations
 
 import csv
-import json
+import io
 import logging
 import os
 import re
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 
 from ..errors import DatasetError, InvalidInputError
-from ..fileio import regular_file_problem
+from ..fileio import read_json, read_text, regular_file_problem
 from ..images import IMAGE_EXTENSIONS
 
 if TYPE_CHECKING:
@@ -226,7 +226,7 @@ def build_plan(subjects: Sequence[Subject]) -> ScoringPlan:
         for ref in s.references:
             problem = regular_file_problem(ref)
             if problem is not None:
-                raise DatasetError(f"subject {s.name!r}: reference image {ref} {problem}")
+                raise DatasetError(f"subject {s.name!r}: reference image {ref}: {problem}")
     items: list[ScoreItem] = []
     roots: list[Path] = []
     per_subject: list[tuple[Subject, list[Path]]] = []
@@ -294,7 +294,7 @@ def read_mapping(path: str | Path) -> list[Subject]:
         DatasetError: unreadable file, unknown format, missing or unknown fields.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DatasetError(f"mapping file {path} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".json":
@@ -323,10 +323,7 @@ _MAPPING_FIELDS = {"subject", "references", "generated"}
 
 
 def _read_mapping_json(path: Path) -> list[tuple[str, list[str], list[str]]]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DatasetError(f"mapping file {path}: cannot read JSON ({e})") from e
+    data = read_json(path, "mapping file")
     if isinstance(data, dict):
         records = [dict(v, subject=k) if isinstance(v, dict) else v for k, v in data.items()]
     elif isinstance(data, list):
@@ -353,17 +350,15 @@ def _read_mapping_json(path: Path) -> list[tuple[str, list[str], list[str]]]:
 
 
 def _read_mapping_csv(path: Path) -> list[tuple[str, list[str], list[str]]]:
+    reader = csv.DictReader(io.StringIO(read_text(path, "mapping file"), newline=""))
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            header = set(reader.fieldnames or [])
-            if header != _MAPPING_FIELDS:
-                raise DatasetError(
-                    f"mapping file {path}: header must be {sorted(_MAPPING_FIELDS)}, got {reader.fieldnames}"
-                )
-            rows = list(reader)
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DatasetError(f"mapping file {path}: cannot read CSV ({e})") from e
+        header = [h.strip() for h in reader.fieldnames or []]
+        if set(header) != _MAPPING_FIELDS or len(header) != len(_MAPPING_FIELDS):
+            raise DatasetError(f"mapping file {path}: header must be {sorted(_MAPPING_FIELDS)}, got {reader.fieldnames}")
+        reader.fieldnames = header
+        rows = list(reader)
+    except csv.Error as e:
+        raise DatasetError(f"mapping file {path}, line {reader.line_num}: cannot read CSV ({e})") from e
     out = []
     for line, row in enumerate(rows, start=2):
         where = f"mapping file {path}, line {line}"
