@@ -142,7 +142,13 @@ class EmbeddingCache:
         if self.path.is_dir():
             raise ConfigError(f"embedding cache path {self.path} is a directory; give a file path")
         if not readonly:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(
+                    f"embedding cache {self.path}: cannot create its folder {self.path.parent} "
+                    f"({e.strerror or e}); choose another cache path (${CACHE_ENV_VAR} or --cache)"
+                ) from e
             self._initialise_schema()
         elif self.path.exists():
             self._check_schema(self._connection())

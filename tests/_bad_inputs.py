@@ -273,37 +273,33 @@ SIMILARITY_CSV = (
 )
 
 
-def similarity_csv_variants(folder: Path) -> dict[str, tuple[Path, str | None]]:
-    """name -> (file, words the error must contain; None = must be read like the plain file)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    out: dict[str, tuple[Path, str | None]] = {}
-
-    def put(name: str, data: bytes, words: str | None) -> None:
-        path = folder / f"{name}.csv"
-        path.write_bytes(data)
-        out[name] = (path, words)
-
+def _similarity_csv_variants() -> dict[str, tuple[bytes, str | None]]:
+    """name -> (file contents, words the error must contain; None = read like the plain file)."""
     plain = SIMILARITY_CSV.encode("utf-8")
-    put("utf8_bom", b"\xef\xbb\xbf" + plain, None)
-    put("crlf", SIMILARITY_CSV.replace("\n", "\r\n").encode("utf-8"), None)
-    put("latin1", SIMILARITY_CSV.replace("a,0.9", "caf\u00e9,0.9").encode("latin-1"), "not UTF-8")
-    put("utf16", SIMILARITY_CSV.encode("utf-16"), "UTF-16")
-    put("gzip", gzip.compress(plain), "gzip")
-    put("binary", bytes(range(256)) * 4, "binary")
-    put("png_renamed", _png_bytes(np.random.default_rng(0)), "PNG image")
-    put("huge_field", (SIMILARITY_CSV + "d,0.5," + "1" * 200_000 + ",0.5,0.5,0.5,0.5\n").encode(), "line 5")
-    put("underscore_number", SIMILARITY_CSV.replace("0.9,", "1_0,").encode(), "'1_0'")
-    put("hex_number", SIMILARITY_CSV.replace("0.9,", "0x1,").encode(), "'0x1'")
-    put("words_in_cell", SIMILARITY_CSV.replace("0.9,", "high,").encode(), "'high'")
-    put("ragged_row", (SIMILARITY_CSV + "d,0.5\n").encode(), "line 5 has 2 cells")
-    put("empty", b"", "empty file")
-    put("header_only", SIMILARITY_CSV.splitlines()[0].encode() + b"\n", "no data rows")
-    put("duplicate_id", (SIMILARITY_CSV + "a,0.9,0.8,0.85,0.5,0.4,0.3\n").encode(), "duplicate id 'a'")
-    put("infinite", SIMILARITY_CSV.replace("0.9,", "inf,").encode(), "infinite")
-    return out
+    return {
+        "utf8_bom": (b"\xef\xbb\xbf" + plain, None),
+        "crlf": (SIMILARITY_CSV.replace("\n", "\r\n").encode("utf-8"), None),
+        "latin1": (SIMILARITY_CSV.replace("a,0.9", "caf\u00e9,0.9").encode("latin-1"), "not UTF-8"),
+        "utf16": (SIMILARITY_CSV.encode("utf-16"), "UTF-16"),
+        "gzip": (gzip.compress(plain), "gzip"),
+        "binary": (bytes(range(256)) * 4, "binary"),
+        "png_renamed": (_png_bytes(np.random.default_rng(0)), "PNG image"),
+        "huge_field": ((SIMILARITY_CSV + "d,0.5," + "1" * 200_000 + ",0.5,0.5,0.5,0.5\n").encode(), "line 5"),
+        "underscore_number": (SIMILARITY_CSV.replace("0.9,", "1_0,").encode(), "'1_0'"),
+        "hex_number": (SIMILARITY_CSV.replace("0.9,", "0x1,").encode(), "'0x1'"),
+        "words_in_cell": (SIMILARITY_CSV.replace("0.9,", "high,").encode(), "'high'"),
+        "ragged_row": ((SIMILARITY_CSV + "d,0.5\n").encode(), "line 5 has 2 cells"),
+        "empty": (b"", "empty file"),
+        "header_only": (SIMILARITY_CSV.splitlines()[0].encode() + b"\n", "no data rows"),
+        "duplicate_id": ((SIMILARITY_CSV + "a,0.9,0.8,0.85,0.5,0.4,0.3\n").encode(), "duplicate id 'a'"),
+        "infinite": (SIMILARITY_CSV.replace("0.9,", "inf,").encode(), "infinite"),
+    }
 
 
-def ratings_variants(root: Path, human_keys: list[str]) -> dict[str, tuple[bytes, str | None]]:
+SIMILARITY_CSV_VARIANTS = _similarity_csv_variants()
+
+
+def ratings_variants(human_keys: list[str]) -> dict[str, tuple[bytes, str | None]]:
     """Replacement contents of one group-1 ratings file -> words the error must contain."""
     plain = {k: float(i % 5) for i, k in enumerate(human_keys)}
     text = json.dumps(plain)
