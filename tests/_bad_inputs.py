@@ -299,21 +299,22 @@ def _similarity_csv_variants() -> dict[str, tuple[bytes, str | None]]:
 SIMILARITY_CSV_VARIANTS = _similarity_csv_variants()
 
 
-def ratings_variants(human_keys: list[str]) -> dict[str, tuple[bytes, str | None]]:
-    """Replacement contents of one group-1 ratings file -> words the error must contain."""
-    plain = {k: float(i % 5) for i, k in enumerate(human_keys)}
+def ratings_variants(plain: dict[str, float]) -> dict[str, tuple[bytes, str | None]]:
+    """Replacements of a ratings file holding ``plain`` -> (contents, words the error must
+    contain; None = must give the same result as ``plain``)."""
     text = json.dumps(plain)
-    first = human_keys[0]
-    dup = text[:-1] + f', "{first}": 4.0}}'
+    first = next(iter(plain))
+    keys = list(plain)
     return {
-        "duplicate_key": (dup.encode(), f"key {first!r} appears twice"),
+        "duplicate_key": ((text[:-1] + f', "{first}": 4.0}}').encode(), f"key {first!r} appears twice"),
         "utf8_bom": (b"\xef\xbb\xbf" + text.encode(), None),
+        "pretty_printed": (json.dumps(plain, indent=4).encode(), None),
         "latin1": (json.dumps({**plain, "caf\u00e9": 1.0}, ensure_ascii=False).encode("latin-1"), "not UTF-8"),
         "gzip": (gzip.compress(text.encode()), "gzip"),
         "not_json": (b"{oops", "not valid JSON"),
         "a_list": (b"[1, 2]", "must hold a JSON object"),
         "text_score": (json.dumps({**plain, first: "high"}).encode(), f"item {first!r} has score 'high'"),
-        "nan_score": (text.replace(": 0.0", ": NaN", 1).encode(), "finite number"),
-        "diverging_order": (json.dumps(dict(reversed(list(plain.items())))).encode(), "diverge at item 0"),
-        "one_item_less": (json.dumps(dict(list(plain.items())[:-1])).encode(), "different lengths"),
+        "nan_score": (json.dumps({**plain, first: float("nan")}).encode(), "finite number"),
+        "diverging_order": (json.dumps({k: plain[k] for k in reversed(keys)}).encode(), "diverge at item 0"),
+        "one_item_less": (json.dumps({k: plain[k] for k in keys[:-1]}).encode(), "different lengths"),
     }

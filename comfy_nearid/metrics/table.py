@@ -260,7 +260,7 @@ def read_similarity_csv(path: str | Path, default_source: str = DEFAULT_SOURCE) 
         records = [(reader.line_num, cells) for cells in reader if any(c.strip() for c in cells)]
     except csv.Error as e:  # e.g. a cell over the csv module's field size limit (128 KiB)
         raise DatasetError(
-            f"{path}: line {reader.line_num + 1}: not a readable CSV line ({e}); a similarity CSV holds short "
+            f"{path}: line {reader.line_num}: not a readable CSV line ({e}); a similarity CSV holds short "
             "ids and numbers"
         ) from e
     if not records:
