@@ -535,3 +535,26 @@ def test_scoring_node_cache_in_an_impossible_place_is_a_clear_error(tiny_model, 
     images = to_comfy(structured_images(1, 2))
     with pytest.raises(ConfigError, match="afile"):
         node.score(tiny_model, images, reference=images, use_cache=True)
+
+
+@pytest.mark.parametrize("entry", ["fifo", "dangling_link", "link_loop"])
+@pytest.mark.parametrize("benchmark", ["ssr", "mtg"])
+def test_eval_dataset_with_a_non_regular_image_stops_naming_it_and_never_hangs(entry, benchmark, tmp_path, capsys):
+    from _eval_helpers import write_tiny_dataset, write_tiny_mtg
+
+    if benchmark == "ssr":
+        root = write_tiny_dataset(tmp_path / "data", n_samples=3)
+        victim = root / "s001" / "view2.png"
+    else:
+        root = write_tiny_mtg(tmp_path / "data", n_samples=3)
+        victim = sorted(p for p in root.rglob("*.png") if "mask" not in p.name)[1]
+    victim.unlink()
+    if entry == "fifo":
+        os.mkfifo(victim)
+    elif entry == "dangling_link":
+        victim.symlink_to(tmp_path / "gone.png")
+    else:
+        victim.symlink_to(victim.name)
+    rc, _, err = _run(["eval", benchmark, "--data", str(root), "--scorer", "mean:tiny-siglip", "--random-weights",
+                       "--bootstrap", "0", "--out", str(tmp_path / "o"), "--no-progress", "--device", "cpu"], capsys)
+    assert rc == 2 and victim.name in err and len(err.strip().splitlines()) == 1, err

@@ -52,7 +52,11 @@ def numbered_images(directory: Path, kinds: Iterable[str]) -> tuple[dict[str, di
     for entry in entries:
         if entry.name.startswith((".", "_")):
             continue
-        if entry.is_dir():
+        try:
+            is_dir = entry.is_dir()
+        except OSError:  # a link loop: not a folder; as an image slot it becomes an unreadable image
+            is_dir = False
+        if is_dir:
             subdirs.append(Path(entry.path))
             continue
         m = _NUMBERED.match(entry.name)
