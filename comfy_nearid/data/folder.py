@@ -52,11 +52,7 @@ def numbered_images(directory: Path, kinds: Iterable[str]) -> tuple[dict[str, di
     for entry in entries:
         if entry.name.startswith((".", "_")):
             continue
-        try:
-            is_dir = entry.is_dir()
-        except OSError:  # a link loop: not a folder; as an image slot it becomes an unreadable image
-            is_dir = False
-        if is_dir:
+        if _entry_is_dir(entry):
             subdirs.append(Path(entry.path))
             continue
         m = _NUMBERED.match(entry.name)
@@ -69,6 +65,14 @@ def numbered_images(directory: Path, kinds: Iterable[str]) -> tuple[dict[str, di
             raise DatasetError(f"two files for {kind}{k} in {directory}: {found[kind][k - 1].name} and {entry.name}")
         found[kind][k - 1] = Path(entry.path)
     return found, subdirs
+
+
+def _entry_is_dir(entry: os.DirEntry) -> bool:
+    """A folder or a link to one; a link loop is not (as an image slot it is an unreadable image)."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 def slot_list(files: dict[int, Path], n: int, mode: str = "RGB") -> list[ImageRef | None]:
@@ -106,7 +110,7 @@ def list_sample_dirs(root: Path, split: str | None) -> tuple[Path, list[str]]:
                 f"{base} is a benchmark root with splits {sorted(splits)}; pass split=<name> "
                 f"(or the split folder itself, e.g. {base / sorted(splits)[0]})"
             )
-    names = sorted(e.name for e in os.scandir(base) if e.is_dir() and not e.name.startswith((".", "_")))
+    names = sorted(e.name for e in os.scandir(base) if _entry_is_dir(e) and not e.name.startswith((".", "_")))
     if not names:
         raise DatasetError(f"dataset folder {base} holds no sample directories (expected {base}/<id>/view1.png ...)")
     return base, names
