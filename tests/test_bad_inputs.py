@@ -558,3 +558,22 @@ def test_eval_dataset_with_a_non_regular_image_stops_naming_it_and_never_hangs(e
     rc, _, err = _run(["eval", benchmark, "--data", str(root), "--scorer", "mean:tiny-siglip", "--random-weights",
                        "--bootstrap", "0", "--out", str(tmp_path / "o"), "--no-progress", "--device", "cpu"], capsys)
     assert rc == 2 and victim.name in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("rows_name, rows_data, config_data, words", [
+    ("o.jsonl", b"\xff\xfe garbage\n", None, "line 1: not UTF-8"),
+    ("o.jsonl", b'{"path": 1}\n', None, "not a score row"),
+    ("o.csv", b"name,value\nx,1\n", None, "not written by `nearid score`"),
+    ("o.jsonl", b"", b'{"command": "score"', "o.config.json is unreadable"),
+])
+def test_resume_onto_files_that_are_not_ours_is_refused(rows_name, rows_data, config_data, words, good_tree,
+                                                         tmp_path, capsys):
+    ref, gen, _ = good_tree
+    out = tmp_path / rows_name
+    out.write_bytes(rows_data)
+    if config_data is not None:
+        (tmp_path / "o.config.json").write_bytes(config_data)
+    rc, _, err = _run(["score", "--reference", str(ref), str(gen), "-o", str(out), "--no-cache", "--resume",
+                       *SCORE_ARGS], capsys)
+    assert rc == 2 and words in err, err
+    assert out.read_bytes() == rows_data  # left as it was
