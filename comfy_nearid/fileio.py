@@ -63,7 +63,8 @@ def regular_file_problem(path: str | Path) -> str | None:
 
 
 def read_text(path: str | Path, what: str, error: type[NearIDError] = DatasetError) -> str:
-    """The text of a user's UTF-8 file (a leading byte-order mark, as Excel writes, is dropped).
+    """The text of a user's UTF-8 file (a leading byte-order mark, as Excel writes, is dropped;
+    a file named ``*.gz`` is decompressed first).
 
     Raises:
         ``error``: missing file, not a regular file, unreadable, a binary or compressed file,
@@ -77,6 +78,14 @@ def read_text(path: str | Path, what: str, error: type[NearIDError] = DatasetErr
         data = p.read_bytes()
     except OSError as e:
         raise error(f"cannot read {what} {p}: {e.strerror or e}") from e
+    if p.name.endswith(".gz"):  # named as compressed: read through gzip
+        import gzip
+        import zlib
+
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as e:
+            raise error(f"{what} {p} is named .gz but is not a readable gzip file ({e})") from e
     return decode_text(data, f"{what} {p}", error)
 
 
