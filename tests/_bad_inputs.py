@@ -123,6 +123,12 @@ def link_to_image_outside(gen: Path, outside: Path, rng: np.random.Generator) ->
     return EntryCase(good=[GoodEntry("y_link.png", target)])
 
 
+def link_to_image_inside(gen: Path, outside: Path, rng: np.random.Generator) -> EntryCase:
+    target = write_png(gen / "y_original.png", rng)
+    (gen / "y_same.png").symlink_to("y_original.png")  # two names, one file: two rows
+    return EntryCase(good=[GoodEntry("y_original.png", target), GoodEntry("y_same.png", target)])
+
+
 def link_to_folder_outside(gen: Path, outside: Path, rng: np.random.Generator) -> EntryCase:
     targets = [write_png(outside / "linked" / f"{i}.png", rng) for i in range(2)]
     (gen / "y_linked").symlink_to(outside / "linked", target_is_directory=True)
@@ -186,7 +192,8 @@ def exif_rotated(gen: Path, outside: Path, rng: np.random.Generator) -> EntryCas
 ENTRY_CASES: dict[str, Callable[[Path, Path, np.random.Generator], EntryCase]] = {
     f.__name__: f for f in (
         truncated_png, empty_file, text_named_png, corrupt_png, decompression_bomb, fifo_named_png,
-        dangling_link, self_link_loop, folder_link_loop, link_to_image_outside, link_to_folder_outside,
+        dangling_link, self_link_loop, folder_link_loop, link_to_image_outside, link_to_image_inside,
+        link_to_folder_outside,
         folder_named_png, cmyk_tiff, png_16bit, palette_png, la_png, exif_rotated,
     )
 }

@@ -246,7 +246,8 @@ def build_plan(subjects: Sequence[Subject]) -> ScoringPlan:
             paths.extend(images)
             absolute = Path(os.path.abspath(gen))  # links kept: keys are paths as found
             roots.append(absolute if gen.is_dir() else absolute.parent)
-        unique = list({_real(p): p for p in paths}.values())  # a file listed twice is scored once
+        # a path listed twice (overlapping folders) is scored once; two links to one file are two rows
+        unique = list({os.path.abspath(p): p for p in paths}.values())
         per_subject.append((s, unique))
     key_root = Path(os.path.commonpath([str(r) for r in roots]))
     for s, paths in per_subject:
