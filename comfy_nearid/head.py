@@ -133,7 +133,9 @@ class NearIDHead(nn.Module):
         w_k = w[d : 2 * d].reshape(h, hd, d)
         query = torch.einsum("he,hed->hd", q, w_k) / math.sqrt(hd)  # [h, D]: W_k folded in
         query = query.to(tokens.dtype)
-        if return_attention:
+        if return_attention or torch.is_grad_enabled():
+            # Explicit softmax (also when training: its backward skips the token gradients
+            # that the fused kernel's backward computes whether or not they are needed).
             scores = tokens @ query.T  # [B, N, h]
             if mask is not None:
                 scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
