@@ -191,6 +191,10 @@ def bench_throughput(args: argparse.Namespace, work: Path) -> None:
         t_one = cli_seconds(args, ref, one, work / "tp-one.csv")
         t_all = cli_seconds(args, ref, folder, work / "tp-all.csv")
     end_to_end = (args.images - 1) / (t_all - t_one)
+    start = time.perf_counter()  # where the rest goes: decode + preprocess on one core
+    for p in paths[:count]:
+        model.preprocess(load_image(p))
+    decode_ms = 1000 * (time.perf_counter() - start) / count
     rates = model_only_throughput(model, pixels, sweep, repeats=args.repeats)
     best = max(rates, key=rates.get)
     default = default_batch_size(model.device)
@@ -198,6 +202,10 @@ def bench_throughput(args: argparse.Namespace, work: Path) -> None:
           + f" (best {best}; the CLI default on {model.device.type} is {default})")
     print(f"    nearid score end to end {end_to_end:.1f} img/s vs best model-only {rates[best]:.1f} img/s: "
           f"{end_to_end / rates[best]:.2f} of the model's speed (target >= 0.90); load average {os.getloadavg()[0]:.2f}")
+    cores = os.cpu_count() or 1
+    bound = 1.0 / (1.0 / rates[best] + decode_ms / 1000 / cores) if model.device.type == "cpu" else rates[best]
+    print(f"    decode + preprocess {decode_ms:.1f} ms per image on one core; on a CPU decode shares the "
+          f"{cores} cores with the model, so the bound is {bound:.1f} img/s ({bound / rates[best]:.2f} of model-only)")
 
 
 def bench_memory(args: argparse.Namespace, work: Path) -> None:
