@@ -50,6 +50,7 @@ def test_cli_single_subject_prints_the_summary_and_writes_every_output(tiny_mode
     np.testing.assert_allclose([good[g.name]["score"] for g in gens], expected, atol=2e-6)
     config = json.loads((tmp_path / "o.config.json").read_text())
     assert config["layout"] == "single" and config["model"]["random_weights"] is True
+    assert config["batch_size"] == 16  # no --batch-size on the CPU: the measured CPU default
     assert (tmp_path / "o.summary.json").exists() and (tmp_path / "db.json").exists()
     # A second run refuses to overwrite, and says how to proceed.
     assert main(argv) == 2

@@ -129,6 +129,20 @@ class ProcessShard:
         return self.index == 0
 
 
+# Images per forward pass when the user gives none. Measured, not guessed: model-only
+# throughput by batch size (`python benchmarks/bench_scoring.py --only throughput`, which
+# prints the sweep and this default). On the 2-core CPU, small-siglip gave ~55 img/s at
+# batch 8-16, ~48 at 32 and ~43 at 64 (two runs), so the CPU default is 16; larger batches
+# only add cache misses there. The CUDA value awaits the GPU suite's sweep (benchmarks/gpu.sh).
+DEFAULT_BATCH_SIZE = {"cpu": 16, "cuda": 64}
+
+
+def default_batch_size(device: "torch.device | str") -> int:
+    """Images per forward pass when none is given, for ``device`` (see DEFAULT_BATCH_SIZE)."""
+    kind = device.type if hasattr(device, "type") else str(device).split(":")[0]
+    return DEFAULT_BATCH_SIZE.get(kind, DEFAULT_BATCH_SIZE["cuda"])
+
+
 @dataclass(frozen=True)
 class ScoringOptions:
     """How to score. ``num_workers`` decode threads prepare ``prefetch_batches`` batches ahead."""
