@@ -116,6 +116,8 @@ def score_plan_with_scorers(
         own = scorer_outputs(outputs, name)
         passes.append(OutputPaths(own.rows, own.fmt, own.summary, own.config,
                                   dreambench_path(dreambench_template, name, several)))
+    for paths in passes[1:] if dreambench_template is None else passes:
+        paths.check_writable(resume)  # every pass's files, before the first pass starts
     if not (resume or overwrite):  # refuse before the first pass, not after it
         existing = [p for paths in passes for p in [*paths.finals(), *paths.shards()] if p.exists()]
         if existing:

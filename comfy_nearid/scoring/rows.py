@@ -150,7 +150,14 @@ def scan_rows(path: Path, fmt: str) -> Iterator[tuple[int, ScoreRow]]:
             if not raw.endswith(b"\n"):
                 break
             if raw.strip():
-                yield offset, decode_row(raw.decode("utf-8"), fmt, f"{path}, line {line_no}", fields)
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DatasetError(
+                        f"{path}, line {line_no}: not UTF-8 text; it was not written by `nearid score` "
+                        "(use --overwrite or another output)"
+                    ) from e
+                yield offset, decode_row(text, fmt, f"{path}, line {line_no}", fields)
             offset += len(raw)
 
 
