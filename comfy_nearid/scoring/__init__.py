@@ -20,11 +20,13 @@ the same batches as one uninterrupted process: their rows are identical.
 
 Modules: :mod:`.plan` (discovery, plans), :mod:`.rows` (row I/O), :mod:`.combine` (reference
 combination, calibrated match), :mod:`.run` (the streaming scorer), :mod:`.outputs` (output
-paths, finalisation, summaries), :mod:`.unit` (the engine-agnostic scoring unit),
-:mod:`.sources` (partitions: folder slices, parquet and webdataset shards),
-:mod:`.partitions` (one parquet per partition, resume; engines, see :mod:`comfy_nearid.ray`).
+paths, finalisation, summaries), :mod:`.columns` (several scorers in one run, one score column
+each), :mod:`.unit` (the engine-agnostic scoring unit), :mod:`.sources` (partitions: folder
+slices, parquet and webdataset shards), :mod:`.partitions` (one parquet per partition,
+resume; engines, see :mod:`comfy_nearid.ray`).
 """
 
+from .columns import ScorerPass, score_plan_with_scorers
 from .combine import AGGREGATES, REFERENCE_COMBINATIONS, aggregate_cosines, combine_references
 from .outputs import OutputPaths, ScoringResult
 from .plan import (
@@ -40,17 +42,19 @@ from .plan import (
     read_mapping,
 )
 from .rows import OUTPUT_FORMATS, ROW_FIELDS, ScoreRow, read_rows
-from .run import ProcessShard, ScoringOptions, prefetch, score_plan
+from .run import DEFAULT_BATCH_SIZE, ProcessShard, ScoringOptions, default_batch_size, prefetch, score_plan
 from .unit import ImageRef, ScoringUnit, embed_references
 
 __all__ = [
     "AGGREGATES",
+    "DEFAULT_BATCH_SIZE",
     "OUTPUT_FORMATS",
     "ROW_FIELDS",
     "OutputPaths",
     "ProcessShard",
     "ScoreItem",
     "ScoreRow",
+    "ScorerPass",
     "ScoringOptions",
     "ScoringPlan",
     "ScoringResult",
@@ -61,6 +65,7 @@ __all__ = [
     "REFERENCE_COMBINATIONS",
     "aggregate_cosines",
     "combine_references",
+    "default_batch_size",
     "dreambench_key",
     "list_images",
     "natural_sort_key",
@@ -71,5 +76,6 @@ __all__ = [
     "read_rows",
     "prefetch",
     "score_plan",
+    "score_plan_with_scorers",
 ]
 

@@ -319,7 +319,7 @@ def finalize_partitions(model_identity: str, aggregate: str, names: Sequence[str
         start += length
     path_column = table.column("path")
     summaries = summarize_subjects([(n, references[n]) for n in subject_names], subject_ids, scores, calibrated,
-                                   lambda i: str(path_column[i].as_py()))
+                                   ranks, lambda i: str(path_column[i].as_py()))
     num_scored = int(np.isfinite(scores).sum())
     num_unmatched = int((subject_ids < 0).sum())
     write_json_atomic(output_dir / SUMMARY_NAME, {

@@ -56,6 +56,11 @@ class _ItemPreparer:
         """A :class:`ScoreItem` is read from its file; an :class:`ImageRef` may carry its bytes."""
         data = getattr(item, "data", None)
         if data is None:
+            from ..fileio import regular_file_problem
+
+            problem = regular_file_problem(item.path)  # before opening: a FIFO would block forever
+            if problem is not None:
+                return _Prepared(error=problem)
             try:
                 data = Path(item.path).read_bytes()
             except OSError as e:
@@ -110,8 +115,10 @@ def prefetch(
         while pending:
             batch, futures = pending.popleft()
             prepared = [f.result() for f in futures]
-            submit_next()
             yield batch, prepared
+            # Only once the consumer is done with this batch: the batch in hand plus `depth`
+            # batches ahead, never `depth + 2`.
+            submit_next()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -132,6 +139,20 @@ class ProcessShard:
     @property
     def is_main(self) -> bool:
         return self.index == 0
+
+
+# Images per forward pass when the user gives none. Measured, not guessed: model-only
+# throughput by batch size (`python benchmarks/bench_scoring.py --only throughput`, which
+# prints the sweep and this default). On the 2-core CPU, small-siglip gave ~55 img/s at
+# batch 8-16, ~48 at 32 and ~43 at 64 (two runs), so the CPU default is 16; larger batches
+# only add cache misses there. The CUDA value awaits the GPU suite's sweep (benchmarks/gpu.sh).
+DEFAULT_BATCH_SIZE = {"cpu": 16, "cuda": 64}
+
+
+def default_batch_size(device: "torch.device | str") -> int:
+    """Images per forward pass when none is given, for ``device`` (see DEFAULT_BATCH_SIZE)."""
+    kind = device.type if hasattr(device, "type") else str(device).split(":")[0]
+    return DEFAULT_BATCH_SIZE.get(kind, DEFAULT_BATCH_SIZE["cuda"])
 
 
 @dataclass(frozen=True)
@@ -203,7 +224,7 @@ def score_plan(
                 path.unlink(missing_ok=True)
         write_json_atomic(outputs.config, config)
     shard.barrier()
-    done = _finished_indices(plan, outputs)
+    done = _finished_indices(plan, outputs, strict=options.strict)
     shard.barrier()  # nobody appends before every process has read what is done
     todo = _chunks_for(plan, done, options.batch_size, shard)
     journal = outputs.rows if shard.count == 1 else outputs.shard(shard.index, shard.count)
@@ -247,6 +268,7 @@ def _check_outputs(outputs: OutputPaths, resume: bool, overwrite: bool, config: 
     for path in outputs.finals():
         if path.is_dir():
             raise InvalidInputError(f"output {path} is a directory; give a file path")
+    outputs.check_writable(resume)
     existing = [p for p in [*outputs.finals(), *outputs.shards()] if p.exists()]
     if existing and not (resume or overwrite):
         raise InvalidInputError(
@@ -275,8 +297,13 @@ def _embed_references(
     return embed_references(model, {s.name: s.references for s in plan.subjects}, cache, batch_size)
 
 
-def _finished_indices(plan: ScoringPlan, outputs: OutputPaths) -> set[int]:
-    """Plan indices that already have a row in the outputs (rows file and per-process parts)."""
+def _finished_indices(plan: ScoringPlan, outputs: OutputPaths, strict: bool = False) -> set[int]:
+    """Plan indices that already have a row in the outputs (rows file and per-process parts).
+
+    Raises:
+        ImageLoadError: ``strict`` and a previous row of this plan is an error row (a resumed
+            strict run stays strict: it does not finish with the error rows of the last one).
+    """
     index_of = {(it.subject, str(it.path)): it.index for it in plan.items}
     done: set[int] = set()
     sources = ([(outputs.rows, outputs.fmt)] if outputs.rows.exists() else []) + [(p, "jsonl") for p in outputs.shards()]
@@ -284,6 +311,11 @@ def _finished_indices(plan: ScoringPlan, outputs: OutputPaths) -> set[int]:
         for _, row in scan_rows(path, fmt):
             idx = index_of.get((row.subject, row.path))
             if idx is not None:
+                if strict and row.error:
+                    raise ImageLoadError(
+                        row.path, f"{row.error} (--strict: the previous run already wrote an error row for it in "
+                        f"{path}; fix or remove the file and run with --overwrite, or resume without --strict)"
+                    )
                 done.add(idx)
     return done
 
