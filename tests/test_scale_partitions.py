@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from comfy_nearid.cli import main
+from comfy_nearid.cli import EXIT_BAD_INPUT, main
 from comfy_nearid.errors import DatasetError
 from comfy_nearid.scoring import read_rows
 from comfy_nearid.scoring.partitions import read_partition_rows
@@ -60,7 +60,7 @@ def test_local_partitions_of_a_folder_resume_only_what_is_missing(image_set, tmp
     assert_same_rows(read_partition_rows(out), expected)
     (out / "part-00002.parquet").unlink()
     (out / ".part-00002.parquet.tmp-999").write_bytes(b"half a file from a killed run")
-    assert main([*common, "-o", str(out)]) == 1
+    assert main([*common, "-o", str(out)]) == EXIT_BAD_INPUT
     assert "--resume" in capsys.readouterr().err
     assert main([*common, "-o", str(out), "--resume"]) == 0
     assert "3 taken from the previous run" in capsys.readouterr().out
@@ -74,7 +74,7 @@ def test_resume_with_another_aggregate_is_refused(image_set, tmp_path, capsys):
     common = ["score", "--references-root", str(root / "refs"), str(root / "parquet" / "*.parquet"),
               "-o", str(tmp_path / "out"), *TINY_MODEL_ARGS, "--no-cache"]
     assert main(common) == 0
-    assert main([*common, "--resume", "--aggregate", "max"]) == 1
+    assert main([*common, "--resume", "--aggregate", "max"]) == EXIT_BAD_INPUT
     assert "aggregate='mean'" in capsys.readouterr().err
 
 

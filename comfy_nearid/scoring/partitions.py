@@ -290,8 +290,8 @@ def _prepare_output_dir(output_dir: Path, names: Sequence[str], resume: bool, ov
 
 def finalize_partitions(model_identity: str, aggregate: str, names: Sequence[str],
                         references: Mapping[str, Sequence[Path]], output_dir: Path) -> PartitionRunResult:
-    """Ranks within each subject over all partitions (ties: partition order, then row order),
-    written back into each partition file atomically; then ``_summary.json``."""
+    """Ranks within each subject over all partitions (as ``nearid score`` ranks: near-ties broken
+    by path), written back into each partition file atomically; then ``_summary.json``."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -308,7 +308,8 @@ def finalize_partitions(model_identity: str, aggregate: str, names: Sequence[str
     scores = table.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
     calibrated = table.column("calibrated").to_numpy(zero_copy_only=False).astype(np.float64)
     scores[subject_ids < 0] = np.nan  # a row whose subject has no references is an error row
-    ranks = _ranks_within_subjects(subject_ids, scores)
+    row_paths = table.column("path").to_pylist()
+    ranks = _ranks_within_subjects(subject_ids, scores, row_paths)
     start = 0
     for path, length in zip(paths, lengths):
         part = pq.read_table(path)
@@ -317,9 +318,8 @@ def finalize_partitions(model_identity: str, aggregate: str, names: Sequence[str
         part = part.set_column(part.schema.get_field_index("rank"), "rank", rank_column)
         write_table_atomic(path, part)
         start += length
-    path_column = table.column("path")
     summaries = summarize_subjects([(n, references[n]) for n in subject_names], subject_ids, scores, calibrated,
-                                   ranks, lambda i: str(path_column[i].as_py()))
+                                   ranks, lambda i: str(row_paths[i]))
     num_scored = int(np.isfinite(scores).sum())
     num_unmatched = int((subject_ids < 0).sum())
     write_json_atomic(output_dir / SUMMARY_NAME, {
