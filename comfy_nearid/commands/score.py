@@ -55,6 +55,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mode.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     mode.add_argument("--resume", action="store_true",
                       help="continue an interrupted run: finished images are not redone")
+    out.add_argument("--report", type=Path, default=None, metavar="DIR",
+                     help="also write an HTML report (ranked contact sheets, sweep comparison) to DIR; "
+                          "thumbnails are made while scoring")
+    out.add_argument("--report-heatmaps", type=int, default=0, metavar="N",
+                     help="with --report: the head's attention over the top and bottom N images of each subject")
+    out.add_argument("--group-by", default=None, metavar="LEVEL",
+                     help="with --report: compare sweep groups: 'subject' or the folder level above each image "
+                          "(1 = the folder holding it, 2 = its parent, ...)")
     out.add_argument("--strict", action="store_true",
                      help="stop at the first unreadable image instead of writing an error row")
 
@@ -174,7 +182,14 @@ def run(args: argparse.Namespace) -> int:
     from ..embedding_cache import EmbeddingCache, default_cache_path
     from ..scoring import OutputPaths, ScoringOptions, score_plan
 
+    from ..score_report import ThumbnailSink, check_group_by, write_score_report
+
     layout, plan = _build_plan(args)  # every input problem stops here, before any model work
+    if args.report is None and (args.group_by is not None or args.report_heatmaps):
+        raise InvalidInputError("--group-by and --report-heatmaps shape the HTML report; add --report DIR")
+    if args.report_heatmaps < 0:
+        raise InvalidInputError(f"--report-heatmaps must be >= 0, got {args.report_heatmaps}")
+    check_group_by(args.group_by)
     outputs = OutputPaths.for_rows(args.output, args.format, args.summary, args.dreambench_json)
     options = ScoringOptions(
         aggregate=args.aggregate, batch_size=args.batch_size,
@@ -199,9 +214,10 @@ def run(args: argparse.Namespace) -> int:
         "strict": args.strict,
         "num_processes": shard.count,
     }
+    thumbnails = ThumbnailSink(args.report) if args.report is not None else None
     try:
         result = score_plan(model, plan, outputs, options=options, cache=cache, resume=args.resume,
-                            overwrite=args.overwrite, shard=shard, run_config=run_config)
+                            overwrite=args.overwrite, shard=shard, run_config=run_config, on_decoded=thumbnails)
     finally:
         if cache is not None:
             cache.close()
@@ -209,4 +225,9 @@ def run(args: argparse.Namespace) -> int:
             state.destroy_process_group()
     if result is not None:
         _print_summary(result)
+        if args.report is not None:
+            index = write_score_report(outputs.rows, args.report, group_by=args.group_by,
+                                       heatmap_model=model if args.report_heatmaps else None,
+                                       heatmaps=args.report_heatmaps)
+            print(f"report: {index}")
     return 0
