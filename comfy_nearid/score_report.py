@@ -314,8 +314,9 @@ def _attention_overlay(model: "IdentityModel", path: str, size: int) -> "Image.I
     red = Image.new("RGB", (gw * p, gh * p), (255, 40, 0))
     overlay = base.copy()
     overlay.paste(Image.composite(red, base.crop((0, 0, gw * p, gh * p)), heat.point(lambda v: int(v * 0.6))), (0, 0))
-    overlay.thumbnail((size, size))
-    return overlay
+    from PIL import ImageOps
+
+    return ImageOps.contain(overlay, (size, size), Image.Resampling.BICUBIC)  # small model inputs are scaled up
 
 
 def _heatmaps_html(model: "IdentityModel", ranked: Sequence["ScoreRow"], n: int, out_dir: Path, index: int) -> str:
