@@ -253,7 +253,7 @@ def _doc(title: str, body: str) -> str:
             f"<style>{_CSS}</style></head><body>{body}</body></html>\n")
 
 
-def _card(row: "ScoreRow", cut: _Cut, thumbs: ThumbnailSink, out_dir: Path) -> str:
+def _card(row: "ScoreRow", cut: _Cut, thumbs: ThumbnailSink) -> str:
     thumb = thumbs.path_for(row.path)
     img = (f'<img src="{THUMB_DIR}/{thumb.name}" loading="lazy" width="128" height="128" alt="{_esc(Path(row.path).name)}">'
            if thumb.exists() else '<div class="noimg">no thumbnail</div>')
@@ -268,7 +268,7 @@ def _card(row: "ScoreRow", cut: _Cut, thumbs: ThumbnailSink, out_dir: Path) -> s
             f'<div class="path">{_esc(Path(row.path).name)}</div></div>')
 
 
-def _sheet(rows: Sequence["ScoreRow"], cut: _Cut, thumbs: ThumbnailSink, out_dir: Path, previous: float | None) -> str:
+def _sheet(rows: Sequence["ScoreRow"], cut: _Cut, thumbs: ThumbnailSink, previous: float | None) -> str:
     """The contact sheet of ranked rows; the cut line sits between the last row at/above the
     threshold and the first below it (also at a page's start when the previous page ended above)."""
     parts = []
@@ -276,7 +276,7 @@ def _sheet(rows: Sequence["ScoreRow"], cut: _Cut, thumbs: ThumbnailSink, out_dir
     for row in rows:
         if cut.calibrated and row.score is not None and row.score < cut.threshold and (last is None or last >= cut.threshold):
             parts.append(f'<div class="cut">calibrated threshold: cosine {cut.threshold:.4f} (match 50)</div>')
-        parts.append(_card(row, cut, thumbs, out_dir))
+        parts.append(_card(row, cut, thumbs))
         last = row.score
     return '<div class="sheet">' + "".join(parts) + "</div>"
 
@@ -421,7 +421,7 @@ def write_score_report(
                         ["path", "reason"], [[_esc(r.path), _esc(r.error)] for r in errors], "errors"))
             body.append(f"<h2>Candidates {page * page_size + 1}-{page * page_size + len(chunk)} of {len(ranked)}, "
                         "best first</h2>")
-            body.append(_sheet(chunk, cut, thumbs, out, previous))
+            body.append(_sheet(chunk, cut, thumbs, previous))
             body.append(_nav(index, pages, page))
             (out / _page_name(index, page)).write_text(_doc(f"{subject}: page {page + 1}", "".join(body)), encoding="utf-8")
         scores = np.array([r.score for r in ranked], dtype=np.float64)

@@ -14,7 +14,6 @@ from PIL import Image
 
 from _scoring_helpers import TINY_MODEL_ARGS, write_broken_files, write_image
 from comfy_nearid.cli import main
-from comfy_nearid.errors import NearIDError
 from comfy_nearid.score_report import (
     bootstrap_interval,
     group_of,
