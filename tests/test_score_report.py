@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from _scoring_helpers import TINY_MODEL_ARGS, write_broken_files, write_image
-from comfy_nearid.cli import main
+from comfy_nearid.cli import EXIT_BAD_INPUT, main
 from comfy_nearid.score_report import (
     bootstrap_interval,
     group_of,
@@ -226,11 +226,11 @@ def test_group_of_reads_folder_levels():
 
 def test_bad_report_options_stop_with_a_clear_error(tmp_path, capsys):
     rows = _write_rows(tmp_path, [0.5], None)
-    assert main(["report", str(rows), "--out", str(tmp_path / "r"), "--group-by", "checkpoint"]) == 1
+    assert main(["report", str(rows), "--out", str(tmp_path / "r"), "--group-by", "checkpoint"]) == EXIT_BAD_INPUT
     assert "--group-by must be 'subject' or a folder level" in capsys.readouterr().err
-    assert main(["report", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "r")]) == 1
+    assert main(["report", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "r")]) == EXIT_BAD_INPUT
     assert "missing.csv does not exist" in capsys.readouterr().err
     write_image(tmp_path / "ref.png", np.random.default_rng(0))
     assert main(["score", "--reference", str(tmp_path / "ref.png"), str(tmp_path), "-o", str(tmp_path / "o.csv"),
-                 "--group-by", "1", *TINY_MODEL_ARGS]) == 1
+                 "--group-by", "1", *TINY_MODEL_ARGS]) == EXIT_BAD_INPUT
     assert "add --report DIR" in capsys.readouterr().err
