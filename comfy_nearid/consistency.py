@@ -188,13 +188,15 @@ def _ranges(indices: Sequence[int]) -> str:
     return ", ".join(f"{a + 1}" if a == b else f"{a + 1}-{b + 1}" for a, b in parts)
 
 
-def describe_groups(labels: Sequence[int]) -> str:
+def describe_groups(labels: Sequence[int | None]) -> str:
     """``"this set holds 2 identities: images 1-7 and 8-9"`` (1-based image numbers, groups in
-    label order; three groups read ``"images 1, 3; 2 and 4-5"``)."""
-    labels = list(labels)
+    label order; three groups read ``"images 1, 3; 2 and 4-5"``). A label ``None`` or < 0 (an
+    unreadable image) belongs to no group."""
+    labels = [-1 if g is None else int(g) for g in labels]
     count = max(labels) + 1 if labels else 0
     if count <= 1:
-        return f"this set holds 1 identity ({len(labels)} image{'s' if len(labels) != 1 else ''})"
+        n = sum(1 for g in labels if g >= 0)
+        return f"this set holds {count} identit{'y' if count == 1 else 'ies'} ({n} image{'s' if n != 1 else ''})"
     parts = [_ranges([i for i, g in enumerate(labels) if g == k]) for k in range(count)]
     listed = "; ".join(parts[:-1]) + f" and {parts[-1]}"  # "; " because a group may be "1, 3"
     return f"this set holds {count} identities: images {listed}"
