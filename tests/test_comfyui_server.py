@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 WORKFLOWS = REPO / "workflows"
 HEAD = "nearid-siglip2-head.safetensors"
 WORKFLOW_NAMES = ["nearid_filter_threshold", "nearid_generate_keep_best", "nearid_heatmap", "nearid_score_batch"]
-NEARID_NODES = ["NearIDModelLoader", "NearIDEmbed", "NearIDIdentityScore", "NearIDRerank", "NearIDFilter", "NearIDHeatmap"]
+NEARID_NODES = ["NearIDModelLoader", "NearIDEmbed", "NearIDIdentityScore", "NearIDRerank", "NearIDFilter", "NearIDConsistency", "NearIDHeatmap"]
 
 
 @dataclass
