@@ -18,6 +18,7 @@ import csv
 import io
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,6 +248,15 @@ class ConsistencyOptions:
     thumb_size: int = 96
     html_max_images: int = 200
 
+    def __post_init__(self) -> None:
+        if self.threshold is not None and not (math.isfinite(self.threshold) and -1.0 <= self.threshold <= 1.0):
+            raise InvalidInputError(f"threshold must be a cosine in [-1, 1], got {self.threshold!r}")
+        if not (math.isfinite(self.outlier_z) and self.outlier_z > 0):
+            raise InvalidInputError(f"outlier_z must be a positive number, got {self.outlier_z!r}")
+        for name in ("batch_size", "thumb_size", "html_max_images"):
+            if getattr(self, name) < 1:
+                raise InvalidInputError(f"{name} must be >= 1, got {getattr(self, name)}")
+
 
 def _resolved_config(model: Any, sets: Sequence[ImageSet], outputs: ConsistencyOutputs, options: ConsistencyOptions,
                      extra: dict[str, Any] | None) -> dict[str, Any]:
@@ -339,8 +349,6 @@ def consistency_run(
 
     Returns the summary (also written to ``outputs.summary``).
     """
-    if options.batch_size < 1:
-        raise InvalidInputError(f"batch_size must be >= 1, got {options.batch_size}")
     names = [s.name for s in sets]
     if len(set(names)) != len(names):
         raise DatasetError(f"set names must be distinct, got {names}")

@@ -65,9 +65,6 @@ def run(args: argparse.Namespace) -> int:
     from ..embedding_cache import EmbeddingCache, default_cache_path
 
     layout, sets = _sets(args)  # input problems stop here, before any model work
-    for name in ("thumb_size", "html_max_images", "batch_size"):
-        if getattr(args, name) < 1:
-            raise InvalidInputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.head is None and args.backbone is None:
         raise InvalidInputError("give --head (a NearID head file) or --backbone (with --random-weights for tests)")
     outputs = ConsistencyOutputs.for_rows(args.output, args.format, False if args.no_html else (args.html or True))
