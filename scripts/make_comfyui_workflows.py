@@ -141,7 +141,28 @@ def graphs() -> list[Graph]:
         Node(11, "PreviewImage", links={"images": (10, 0)}, pos=(1200, 40), title="Attention overlay"),
         Node(12, "PreviewAny", links={"source": (10, 2)}, pos=(1200, 500), title="Scores"),
     ])
-    return [score, generate, filtering, heatmap]
+    cons_nodes, cons_batch = _candidates(3, 40, 420)
+    consistency = Graph("nearid_consistency", [
+        _note(100, (40, -260), (
+            "**Keep the consistent images of a character batch, without a reference.** NearID "
+            "Consistency compares every image with every other: the medoid is the most representative "
+            "one, images far from it are outliers, and the groups say how many identities the batch "
+            "holds. Feed it a generated batch (e.g. a VAE Decode output) in place of the loaded images. "
+            "*consistent* is the batch without its outliers; an empty *outliers* output skips the "
+            "nodes it feeds.")),
+        _loader(1, (40, 40)),
+        _image(2, REFERENCE, (40, 200), "Character image"),
+        *cons_nodes,
+        Node(9, "ImageBatch", links={"image1": (2, 0), "image2": (cons_batch, 0)}, pos=(420, 200)),
+        Node(10, "NearIDConsistency", {"threshold_rule": "auto (head's calibrated 50, else robust z)", "threshold": 50.0,
+                                       "outlier_z": 3.5, "empty_outputs": "skip downstream nodes", "batch_size": 16},
+             {"nearid_model": (1, 0), "images": (9, 0)}, pos=(800, 200)),
+        Node(11, "PreviewImage", links={"images": (10, 0)}, pos=(1250, 40), title="Consistent"),
+        Node(12, "PreviewImage", links={"images": (10, 1)}, pos=(1250, 360), title="Outliers"),
+        Node(13, "PreviewImage", links={"images": (10, 3)}, pos=(1250, 680), title="Similarity matrix"),
+        Node(14, "PreviewAny", links={"source": (10, 9)}, pos=(1600, 40), title="Groups and scores"),
+    ])
+    return [score, generate, filtering, heatmap, consistency]
 
 
 def _is_widget(spec: list[Any]) -> bool:

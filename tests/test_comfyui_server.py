@@ -23,6 +23,7 @@ from PIL import Image
 
 from _comfyui_helpers import default_match, expected_scores, structured_images
 from comfy_nearid import load_model
+from comfy_nearid.consistency import set_consistency
 from comfyui_env import (
     PACK_NAME,
     ComfyServer,
@@ -41,7 +42,7 @@ pytestmark = pytest.mark.comfyui
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOWS = REPO / "workflows"
 HEAD = "nearid-siglip2-head.safetensors"
-WORKFLOW_NAMES = ["nearid_filter_threshold", "nearid_generate_keep_best", "nearid_heatmap", "nearid_score_batch"]
+WORKFLOW_NAMES = ["nearid_consistency", "nearid_filter_threshold", "nearid_generate_keep_best", "nearid_heatmap", "nearid_score_batch"]
 NEARID_NODES = ["NearIDModelLoader", "NearIDEmbed", "NearIDIdentityScore", "NearIDRerank", "NearIDFilter", "NearIDConsistency", "NearIDHeatmap"]
 
 
@@ -225,6 +226,37 @@ def test_filter_with_nothing_passing_skips_the_empty_branch_and_the_graph_stays_
     assert outputs["10"]["nearid_passed"] == [] and outputs["10"]["nearid_rejected"] == [0, 1, 2]
     assert "11" not in outputs  # the 'passed' preview was skipped, not failed
     assert len(outputs["12"]["images"]) == 3
+
+
+def test_consistency_workflow_equals_the_library(comfy, direct_model):
+    outputs = _succeeded(comfy.server.run(_api("nearid_consistency")))
+    batch = np.concatenate([comfy.reference[:1], comfy.candidates])  # ImageBatch(reference, candidates)
+    want = set_consistency(_embed_files(direct_model, [_reference_path(comfy), *_candidate_paths(comfy)]))
+    got = outputs["10"]
+    assert got["nearid_set_score"][0] == pytest.approx(want.mean_pairwise, abs=1e-5)
+    np.testing.assert_allclose(got["nearid_scores"], want.mean_to_others, atol=1e-5)
+    np.testing.assert_allclose(got["nearid_to_medoid"], want.to_medoid, atol=1e-5)
+    assert got["nearid_threshold"][0] == pytest.approx(want.threshold, abs=1e-5)  # robust z: no fitted curve
+    assert got["nearid_medoid"] == [want.medoid]
+    assert got["nearid_outliers"] == want.outliers
+    assert got["nearid_groups"] == want.groups.tolist()
+    kept = outputs["11"]["images"]
+    assert len(kept) == len(want.inliers)
+    for record, index in zip(kept, want.inliers):
+        assert np.abs(_png(comfy.server, record) - batch[index]).max() <= 1
+    assert ("12" in outputs) == bool(want.outliers)  # an empty 'outliers' output skips its preview
+    assert len(outputs["13"]["images"]) == 1  # the matrix heat-map
+    assert outputs["14"]["text"][0] == got["text"][0]
+
+
+def test_consistency_with_every_image_an_outlier_keeps_the_medoid(comfy, direct_model):
+    prompt = _api("nearid_consistency")
+    prompt["10"]["inputs"].update({"threshold_rule": "cosine", "threshold": 1.0})
+    outputs = _succeeded(comfy.server.run(prompt))
+    want = set_consistency(_embed_files(direct_model, [_reference_path(comfy), *_candidate_paths(comfy)]), threshold=1.0)
+    assert outputs["10"]["nearid_outliers"] == [i for i in range(4) if i != want.medoid]
+    assert len(outputs["11"]["images"]) == 1 and len(outputs["12"]["images"]) == 3
+    assert outputs["10"]["nearid_groups"] == want.groups.tolist()
 
 
 def test_heatmap_workflow_draws_an_overlay_per_candidate(comfy):
