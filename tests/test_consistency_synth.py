@@ -60,27 +60,34 @@ def _fitted_curve(views, distractors):
 
 
 def test_the_distractor_is_found_at_least_as_often_as_the_model_orders_its_triplets(embedded):
+    curve = _fitted_curve(*embedded["train"])
     views, distractors = embedded["test"]
     lowest = flagged = perfect = perfect_and_below = 0
+    flagged_cal = perfect_and_below_cal = 0
     triplets_right = triplets = 0
     for v, d in zip(views, distractors):
         res = set_consistency(np.concatenate([v, d[None]]))  # no curve: the robust z rule
+        res_cal = set_consistency(np.concatenate([v, d[None]]), calibration=curve)  # the curve's 50
         lowest += int(np.argmin(res.mean_to_others)) == N_VIEWS
         flagged += N_VIEWS in res.outliers
+        flagged_cal += N_VIEWS in res_cal.outliers
         vv, vd = v @ v.T, v @ d
         right = [vv[a, b] > vd[a] for a in range(N_VIEWS) for b in range(N_VIEWS) if a != b]
         triplets_right += sum(right)
         triplets += len(right)
         perfect += all(right)
         perfect_and_below += all(right) and float(vd.max()) < res.threshold
+        perfect_and_below_cal += all(right) and float(vd.max()) < res_cal.threshold
     n = len(views)
     print(f"\nsynthetic distractor sets ({n} sets of {N_VIEWS} views + 1 object-level distractor): "
-          f"distractor lowest {lowest}/{n}, flagged as outlier {flagged}/{n}; model triplet accuracy "
+          f"distractor lowest {lowest}/{n}, flagged as outlier {flagged}/{n} (robust z), {flagged_cal}/{n} (fitted curve's "
+          f"50, cosine {curve.midpoint:.4f}); model triplet accuracy "
           f"{triplets_right}/{triplets} = {triplets_right / triplets:.3f}, sets with every triplet right {perfect}/{n} "
-          f"(and the distractor below the threshold {perfect_and_below}/{n})")
+          f"(and the distractor below the threshold: {perfect_and_below}/{n} robust z, {perfect_and_below_cal}/{n} curve)")
     assert perfect >= 1  # the bound is not vacuous on these seeds
     assert lowest >= perfect
     assert flagged >= perfect_and_below
+    assert flagged_cal >= perfect_and_below_cal
 
 
 def test_two_identities_split_whenever_the_model_separates_them_at_the_threshold(embedded):
