@@ -114,11 +114,16 @@ def _sha256(path: str, size: int, mtime_ns: int) -> str:
     return h.hexdigest()
 
 
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, remembered per (path, size, mtime) in this process."""
+    st = Path(path).stat()
+    return _sha256(str(path), st.st_size, st.st_mtime_ns)
+
+
 def verify_sha256(path: Path, expected: str | None) -> None:
     if not expected:
         return
-    st = path.stat()
-    found = _sha256(str(path), st.st_size, st.st_mtime_ns)
+    found = file_sha256(path)
     if found != expected:
         raise CheckpointError(f"weights file {path} has sha256 {found}, expected {expected}")
 

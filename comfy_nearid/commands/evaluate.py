@@ -3,7 +3,8 @@
 - ``ssr``: NearID SSR / PA (and the reference PA) from models (``--scorer``) on a NearID
   dataset, and/or from per-sample similarity CSVs (``--csv``); one Table-1-style row each.
 - ``mtg``: the same on MTG-format data, plus MO / MOpair from the part/object masks.
-- ``human``: DreamBench++ human alignment (MH) of score directories.
+- ``human``: DreamBench++ human alignment (MH) of score directories, against the published
+  DreamBench++ ratings bundled with the package unless ``--ratings`` names others.
 
 Outputs under ``--out`` (default ``nearid_eval``): ``<scorer>.samples.csv`` (similarities,
 margins), ``summary.json``, ``table.md`` and ``eval_config.json`` (the resolved options);
@@ -41,11 +42,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     hp = sub.add_parser("human", help="DreamBench++ human alignment (MH) of score directories",
                         description="DreamBench++ human alignment: Fisher-z mean over methods of "
                                     "(r_group1 + r_group2) / 2 per category.")
-    hp.add_argument("--ratings", required=True, type=Path,
-                    help="DreamBench++ ratings directory (holds data_human_rating/merged_data/group1|group2)")
+    hp.add_argument("--ratings", type=Path, default=None,
+                    help="DreamBench++ ratings directory (holds data_human_rating/merged_data/group1|group2); "
+                         "default: the published DreamBench++ ratings bundled with comfy-nearid")
     hp.add_argument("--metric", action="append", default=None,
-                    help="metric directory under --ratings (or absolute), repeatable; 'human' = the "
-                         "group1-vs-group2 ceiling; default: every directory with one file per method")
+                    help="metric directory (one <method>.json per method, e.g. written by `nearid score "
+                         "--dreambench-json`): under --ratings, relative to the working directory, or absolute; "
+                         "repeatable; 'human' = the group1-vs-group2 ceiling; default: every directory under "
+                         "--ratings with one file per method")
     hp.add_argument("--category", action="append", default=None,
                     help="category NAME, NAME=REGEX or REGEX (matched at the key's start), repeatable; "
                          "default: object")
@@ -115,7 +119,8 @@ def _run_human(args: argparse.Namespace) -> int:
     categories = parse_categories(args.category)
     result = alignment_to_dict(human_alignment(args.ratings, args.metric, categories))
     print(format_human_table(result, per_method=args.per_method), end="")
-    config = {"command": "eval human", "ratings": str(args.ratings), "metrics": list(result),
+    ratings = str(args.ratings) if args.ratings is not None else "bundled (published DreamBench++ ratings)"
+    config = {"command": "eval human", "ratings": ratings, "metrics": list(result),
               "categories": categories}
     paths = [args.out / "human_alignment.json"] + ([args.json] if args.json else [])
     for path in paths:
