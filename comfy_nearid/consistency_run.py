@@ -291,6 +291,8 @@ def _prepare_outputs(outputs: ConsistencyOutputs, config: dict[str, Any], resume
         for p in existing:
             p.unlink()
     done: set[str] = set()
+    if resume and existing and not outputs.config.exists():
+        raise ConfigError(f"cannot resume {outputs.rows}: its settings file {outputs.config} is missing; use --overwrite")
     if resume and outputs.config.exists():
         previous = json.loads(outputs.config.read_text(encoding="utf-8"))
         for name in ("model_identity", "calibration", "threshold", "outlier_z", "format"):

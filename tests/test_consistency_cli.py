@@ -139,3 +139,12 @@ def test_bad_input_is_a_clear_error(folders, tmp_path, capsys, args, message):
         args = [str(folders / "alpha"), *args]
     assert _run(*args, "-o", str(tmp_path / "x.csv"), "--no-cache", "--no-html") == 1
     assert message in capsys.readouterr().err
+
+
+def test_resume_without_the_settings_file_is_refused(folders, tmp_path, capsys):
+    out = tmp_path / "n.csv"
+    assert _run(str(folders / "alpha"), "-o", str(out), "--no-cache", "--no-html") == 0
+    out.with_name("n.config.json").unlink()
+    before = out.read_text()
+    assert _run(str(folders / "alpha"), "-o", str(out), "--no-cache", "--no-html", "--resume") == 1
+    assert "settings file" in capsys.readouterr().err and out.read_text() == before
