@@ -99,10 +99,9 @@ def sets_from_mapping(path: str | Path) -> list[ImageSet]:
         raise DatasetError(f"mapping file {path} does not exist")
     entries: list[tuple[str, list[str]]] = []
     if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DatasetError(f"mapping file {path}: cannot read JSON ({e})") from e
+        from .fileio import read_json
+
+        data = read_json(path, "mapping file")
         if isinstance(data, dict):
             entries = [(str(k), _path_list(v, f"mapping file {path}, set {k!r}")) for k, v in data.items()]
         elif isinstance(data, list):
@@ -160,6 +159,15 @@ class ConsistencyOutputs:
 
     def all(self) -> list[Path]:
         return [p for p in (self.rows, self.summary, self.config, self.journal, self.html) if p is not None]
+
+    def check_writable(self) -> None:
+        """Refuse an output this process cannot write, before any model work."""
+        from .fileio import check_writable
+
+        for path, what in ((self.rows, "output"), (self.summary, "summary output"), (self.config, "config output"),
+                           (self.journal, "journal output"), (self.html, "HTML output")):
+            if path is not None:
+                check_writable(path, what)
 
 
 def encode_rows(name: str, paths: Sequence[Path], result: SetConsistency | None, index_of: Sequence[int],
@@ -294,7 +302,11 @@ def _prepare_outputs(outputs: ConsistencyOutputs, config: dict[str, Any], resume
     if resume and existing and not outputs.config.exists():
         raise ConfigError(f"cannot resume {outputs.rows}: its settings file {outputs.config} is missing; use --overwrite")
     if resume and outputs.config.exists():
-        previous = json.loads(outputs.config.read_text(encoding="utf-8"))
+        from .fileio import read_json
+
+        previous = read_json(outputs.config, "cannot resume: settings file", ConfigError)
+        if not isinstance(previous, dict):
+            raise ConfigError(f"cannot resume: settings file {outputs.config} is not a JSON object; use --overwrite")
         for name in ("model_identity", "calibration", "threshold", "outlier_z", "format"):
             if previous.get(name) != config[name]:
                 raise ConfigError(f"cannot resume {outputs.rows}: it was written with {name}={previous.get(name)!r}, "

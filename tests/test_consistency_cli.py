@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from _comfyui_helpers import structured_images
-from comfy_nearid.cli import main
+from comfy_nearid.cli import EXIT_BAD_INPUT, main
 from comfy_nearid.consistency import set_consistency
 from comfy_nearid.consistency_run import read_rows
 from comfy_nearid.embedding_cache import EmbeddingCache
@@ -98,7 +98,7 @@ def test_resume_after_a_crash_mid_set_gives_the_uninterrupted_outputs(folders, t
     cut.with_name("cut.sets.jsonl").write_text(journal[0] + journal[1][:50])
     lines = full.read_text().splitlines(keepends=True)
     cut.write_text("".join(lines[:1 + 5 + 3]))
-    assert _run(str(folders / "alpha"), str(folders / "beta"), "-o", str(cut), "--no-cache", "--no-html") == 1  # exists
+    assert _run(str(folders / "alpha"), str(folders / "beta"), "-o", str(cut), "--no-cache", "--no-html") == EXIT_BAD_INPUT  # exists
     assert _run(str(folders / "alpha"), str(folders / "beta"), "-o", str(cut), "--no-cache", "--no-html", "--resume") == 0
     assert cut.read_text() == full.read_text()
     want = json.loads(full.with_name("full.summary.json").read_text())["sets"]
@@ -108,7 +108,7 @@ def test_resume_after_a_crash_mid_set_gives_the_uninterrupted_outputs(folders, t
 def test_resume_refuses_other_settings(folders, tmp_path, capsys):
     out = tmp_path / "r.csv"
     assert _run(str(folders / "alpha"), "-o", str(out), "--no-cache", "--no-html") == 0
-    assert _run(str(folders / "alpha"), "-o", str(out), "--no-cache", "--no-html", "--resume", "--threshold", "0.5") == 1
+    assert _run(str(folders / "alpha"), "-o", str(out), "--no-cache", "--no-html", "--resume", "--threshold", "0.5") == EXIT_BAD_INPUT
     assert "threshold" in capsys.readouterr().err
 
 
@@ -127,17 +127,23 @@ def test_mapping_files_name_many_sets(folders, tmp_path):
     assert [r for r in read_rows(out2)] == [r for r in rows if r["set"] == "mixed"]
 
 
-@pytest.mark.parametrize("args,message", [
-    (["missing_dir"], "is not a folder"),
-    (["--mapping", "nope.json"], "does not exist"),
-    (["--threshold", "2"], "threshold must be a cosine"),
+@pytest.mark.parametrize("case,message", [
+    ("missing folder", "is not a folder"),
+    ("missing mapping", "does not exist"),
+    ("threshold", "threshold must be a cosine"),
+    ("output is a folder", "is a directory"),
 ])
-def test_bad_input_is_a_clear_error(folders, tmp_path, capsys, args, message):
-    args = [str(folders / "alpha") if a == "ALPHA" else (str(tmp_path / a) if a in ("missing_dir", "nope.json") else a)
-            for a in args]
-    if args[0] == "--threshold":
-        args = [str(folders / "alpha"), *args]
-    assert _run(*args, "-o", str(tmp_path / "x.csv"), "--no-cache", "--no-html") == 1
+def test_bad_input_is_a_clear_error(folders, tmp_path, capsys, case, message):
+    output = tmp_path / "x.csv"
+    args = {
+        "missing folder": [str(tmp_path / "missing_dir")],
+        "missing mapping": ["--mapping", str(tmp_path / "nope.json")],
+        "threshold": [str(folders / "alpha"), "--threshold", "2"],
+        "output is a folder": [str(folders / "alpha")],
+    }[case]
+    if case == "output is a folder":
+        output.mkdir()
+    assert _run(*args, "-o", str(output), "--no-cache", "--no-html") == EXIT_BAD_INPUT
     assert message in capsys.readouterr().err
 
 
@@ -146,5 +152,5 @@ def test_resume_without_the_settings_file_is_refused(folders, tmp_path, capsys):
     assert _run(str(folders / "alpha"), "-o", str(out), "--no-cache", "--no-html") == 0
     out.with_name("n.config.json").unlink()
     before = out.read_text()
-    assert _run(str(folders / "alpha"), "-o", str(out), "--no-cache", "--no-html", "--resume") == 1
+    assert _run(str(folders / "alpha"), "-o", str(out), "--no-cache", "--no-html", "--resume") == EXIT_BAD_INPUT
     assert "settings file" in capsys.readouterr().err and out.read_text() == before

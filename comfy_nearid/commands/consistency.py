@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     outputs = ConsistencyOutputs.for_rows(args.output, args.format, False if args.no_html else (args.html or True))
     options = ConsistencyOptions(threshold=args.threshold, outlier_z=args.outlier_z, batch_size=args.batch_size,
                                  thumb_size=args.thumb_size, html_max_images=args.html_max_images)
+    outputs.check_writable()
     model = load_model(head=args.head, backbone=args.backbone, backbone_weights=args.backbone_weights,
                        pretrained=not args.random_weights, seed=args.seed, readout=args.readout,
                        device=args.device, dtype=args.dtype)
