@@ -115,8 +115,10 @@ def prefetch(
         while pending:
             batch, futures = pending.popleft()
             prepared = [f.result() for f in futures]
-            submit_next()
             yield batch, prepared
+            # Only once the consumer is done with this batch: the batch in hand plus `depth`
+            # batches ahead, never `depth + 2`.
+            submit_next()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
