@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import InvalidInputError
 from .combine import REFERENCE_COMBINATIONS
 from .rows import ScoreRow
-from .run import _embed_batch, _fill_calibration, _ItemPreparer, _make_row, _Prepared, prefetch
+from .run import ImageHook, _embed_batch, _fill_calibration, _ItemPreparer, _make_row, _Prepared, prefetch
 
 if TYPE_CHECKING:
     from ..embedding_cache import EmbeddingCache
@@ -69,6 +69,7 @@ class ScoringUnit:
             once by the caller (the driver, for a cluster) and never recomputed here.
         aggregate: how the R cosines combine (``mean``, ``max``, ``prototype``).
         cache: optional embedding cache (local runs; actors on a cluster run without one).
+        on_decoded: called in the decode threads with each image read (the report's thumbnails).
     """
 
     def __init__(
@@ -77,6 +78,7 @@ class ScoringUnit:
         references: Mapping[str, np.ndarray],
         aggregate: str = "mean",
         cache: "EmbeddingCache | None" = None,
+        on_decoded: ImageHook | None = None,
     ) -> None:
         from ..embedding_cache import model_cache_identity
 
@@ -87,7 +89,7 @@ class ScoringUnit:
         self.aggregate = aggregate
         self.cache = cache
         self.identity = model_cache_identity(model)
-        self._preparer = _ItemPreparer(model.preprocess, cache, self.identity)
+        self._preparer = _ItemPreparer(model.preprocess, cache, self.identity, on_decoded)
 
     def prepare(self, ref: Any) -> _Prepared:
         """Read/decode/preprocess one item (thread-safe; runs in the decode threads)."""
