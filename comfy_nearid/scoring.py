@@ -77,7 +77,7 @@ AGGREGATES = ("mean", "max")
 #: Ways to combine several references into one score; ``prototype`` needs the embeddings.
 REFERENCE_COMBINATIONS = ("mean", "max", "prototype")
 OUTPUT_FORMATS = ("csv", "jsonl")
-ROW_FIELDS = ("path", "subject", "cosines", "score", "calibrated", "rank", "error")
+ROW_FIELDS = ("path", "subject", "cosines", "score", "match", "calibrated", "rank", "error")
 _COSINE_SEPARATOR = ";"
 _MAPPING_PATH_SEPARATOR = ";"
 
@@ -480,21 +480,23 @@ def _preview(names: Sequence[str], limit: int = 5) -> str:
 class ScoreRow:
     """One output row. ``score`` combines the references (mean or max of the cosines, or the
     cosine to the prototype; see :func:`combine_references`),
-    ``calibrated`` its 0..100 identity match, ``rank`` 1 = best within the subject (filled in
-    when the run completes); error rows carry ``error`` and no numbers."""
+    ``match`` its 0..100 identity match, ``calibrated`` whether that match comes from a curve
+    fitted for this head (False: the uncalibrated default curve), ``rank`` 1 = best within the
+    subject (filled in when the run completes); error rows carry ``error`` and no numbers."""
 
     path: str
     subject: str
     cosines: tuple[float, ...] = ()
     score: float | None = None
-    calibrated: float | None = None
+    match: float | None = None
+    calibrated: bool | None = None
     rank: int | None = None
     error: str | None = None
 
     def to_record(self) -> dict[str, Any]:
         return {
             "path": self.path, "subject": self.subject, "cosines": list(self.cosines), "score": self.score,
-            "calibrated": self.calibrated, "rank": self.rank, "error": self.error,
+            "match": self.match, "calibrated": self.calibrated, "rank": self.rank, "error": self.error,
         }
 
     @classmethod
@@ -504,12 +506,24 @@ class ScoreRow:
                 path=str(rec["path"]), subject=str(rec["subject"]),
                 cosines=tuple(float(c) for c in rec.get("cosines") or ()),
                 score=None if rec.get("score") is None else float(rec["score"]),
-                calibrated=None if rec.get("calibrated") is None else float(rec["calibrated"]),
+                match=None if rec.get("match") is None else float(rec["match"]),
+                calibrated=_parse_flag(rec.get("calibrated")),
                 rank=None if rec.get("rank") is None else int(rec["rank"]),
                 error=rec.get("error") or None,
             )
         except (KeyError, TypeError, ValueError) as e:
             raise DatasetError(f"{where}: not a score row ({e}); expected fields {list(ROW_FIELDS)}") from e
+
+
+def _parse_flag(value: Any) -> bool | None:
+    """``calibrated`` as written in JSONL (true/false) or CSV (``true``/``false``/empty)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "false"):
+        return str(value).lower() == "true"
+    raise ValueError(f"calibrated must be true or false, got {value!r}")
 
 
 def _short_float(x: float) -> float:
@@ -534,7 +548,8 @@ def encode_row(row: ScoreRow, fmt: str) -> str:
     num = lambda v: "" if v is None else repr(v)  # noqa: E731
     return _csv_line([
         row.path, row.subject, _COSINE_SEPARATOR.join(repr(c) for c in row.cosines), num(row.score),
-        num(row.calibrated), "" if row.rank is None else str(row.rank), row.error or "",
+        num(row.match), "" if row.calibrated is None else str(row.calibrated).lower(),
+        "" if row.rank is None else str(row.rank), row.error or "",
     ])
 
 
@@ -553,7 +568,7 @@ def decode_row(line: str, fmt: str, where: str) -> ScoreRow:
         raise DatasetError(f"{where}: expected {len(ROW_FIELDS)} CSV fields {list(ROW_FIELDS)}, got {len(values)}")
     rec = dict(zip(ROW_FIELDS, values))
     rec["cosines"] = [c for c in rec["cosines"].split(_COSINE_SEPARATOR) if c]
-    for name in ("score", "calibrated", "rank"):
+    for name in ("score", "match", "calibrated", "rank"):
         rec[name] = rec[name] or None
     return ScoreRow.from_record(rec, where)
 
@@ -1078,11 +1093,14 @@ def _make_row(item: ScoreItem, prepared: _Prepared, embedding: np.ndarray | None
 
 
 def _fill_calibration(model: Any, rows: list[ScoreRow]) -> None:
+    from .calibration import calibration_for
+
     scored = [r for r in rows if r.score is not None]
     if scored:
+        fitted = calibration_for(model).fitted
         values = _calibrate(model, np.array([r.score for r in scored], dtype=np.float64))
         for r, v in zip(scored, values):
-            r.calibrated = _short_float(v)
+            r.match, r.calibrated = _short_float(v), fitted
 
 
 # ============================================================================ finalise
@@ -1108,7 +1126,7 @@ def _finalize(model: Any, plan: ScoringPlan, outputs: OutputPaths, aggregate: st
             source_of[idx], offset_of[idx] = s, offset
             if row.score is not None:
                 scores[idx] = row.score
-                calibrated[idx] = np.nan if row.calibrated is None else row.calibrated
+                calibrated[idx] = np.nan if row.match is None else row.match
     if dropped:
         logger.warning("%d row(s) in the outputs are not part of this plan (files gone or renamed) and were dropped",
                        dropped)
@@ -1124,8 +1142,13 @@ def _finalize(model: Any, plan: ScoringPlan, outputs: OutputPaths, aggregate: st
     summaries = _subject_summaries(plan, subject_ids, scores, calibrated)
     from .embedding_cache import model_cache_identity
 
+    from .calibration import calibration_for
+
+    curve = calibration_for(model)
     _write_json_atomic(outputs.summary, {
         "model_identity": model_cache_identity(model), "aggregate": aggregate, "num_images": n,
+        # the matches come from a curve fitted for this head (True) or the uncalibrated default
+        "calibrated": curve.fitted, "calibration": curve.to_dict(),
         "num_scored": int(np.isfinite(scores).sum()), "num_errors": int((~np.isfinite(scores)).sum()),
         "subjects": summaries,
     })
@@ -1188,13 +1211,13 @@ def _subject_summaries(plan: ScoringPlan, subject_ids: np.ndarray, scores: np.nd
             entry.update(
                 mean=float(scores[valid].mean()), median=float(np.median(scores[valid])),
                 best=float(scores[best]), best_path=str(plan.items[int(best)].path),
-                calibrated_mean=float(calibrated[valid].mean()),
-                calibrated_median=float(np.median(calibrated[valid])),
-                calibrated_best=float(calibrated[best]),
+                match_mean=float(calibrated[valid].mean()),
+                match_median=float(np.median(calibrated[valid])),
+                match_best=float(calibrated[best]),
             )
         else:
             entry.update(mean=None, median=None, best=None, best_path=None,
-                         calibrated_mean=None, calibrated_median=None, calibrated_best=None)
+                         match_mean=None, match_median=None, match_best=None)
         out[subject.name] = entry
     return out
 

@@ -214,3 +214,30 @@ def test_head_write_is_atomic_and_keeps_the_tensors(tmp_path, tiny_model, monkey
     assert stored.provenance == {"data": "x"} and stored.fitted
     write_head_calibration(head, None)  # removing it gives the uncalibrated default back
     assert not calibration_for(head).fitted and _tensor_bytes(head) == tensors
+
+
+def test_score_rows_and_summary_say_whether_the_match_is_calibrated(tmp_path, tiny_model, rng):
+    from comfy_nearid import load_model
+    from comfy_nearid.scoring import OutputPaths, ScoringOptions, plan_single_subject, read_rows, score_plan
+
+    for folder, n in (("refs", 2), ("gen", 3)):
+        for i in range(n):
+            (tmp_path / folder).mkdir(exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(tmp_path / folder / f"{i}.png")
+    head = tmp_path / "head.safetensors"
+    tiny_model.save_head(head)
+    curve = Calibration(midpoint=0.2, slope=7.0, source="test", n_same=3, n_near=3)
+    plan = plan_single_subject([tmp_path / "refs"], [tmp_path / "gen"])
+    for calibration, expected in ((None, False), (curve, True)):
+        write_head_calibration(head, calibration)
+        model = load_model(head=head, pretrained=False, device="cpu", dtype="fp32")
+        out = OutputPaths.for_rows(tmp_path / f"out_{expected}" / "scores.jsonl")
+        score_plan(model, plan, out, options=ScoringOptions(batch_size=2, progress=False))
+        rows = read_rows(out.rows)
+        assert [r.calibrated for r in rows] == [expected] * 3
+        by_hand = [100 / (1 + math.exp(-(curve.slope if expected else 10.0) * (r.score - (curve.midpoint if expected else 0.5))))
+                   for r in rows]
+        np.testing.assert_allclose([r.match for r in rows], by_hand, atol=2e-4)
+        summary = json.loads(out.summary.read_text())
+        assert summary["calibrated"] is expected
+        assert summary["subjects"]["refs"]["match_best"] == pytest.approx(max(by_hand), abs=2e-4)

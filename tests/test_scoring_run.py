@@ -63,7 +63,8 @@ def test_rows_equal_the_model_called_directly(tiny_model, tmp_path, one_subject,
     assert all(r.subject == "refs" and r.error is None for r in rows)
     np.testing.assert_allclose([r.cosines for r in rows], expected, atol=2e-6, rtol=0)
     np.testing.assert_allclose([r.score for r in rows], agg, atol=2e-6, rtol=0)
-    np.testing.assert_allclose([r.calibrated for r in rows], [default_identity_match(a) for a in agg], atol=2e-4)
+    np.testing.assert_allclose([r.match for r in rows], [default_identity_match(a) for a in agg], atol=2e-4)
+    assert all(r.calibrated is False for r in rows)  # no fitted curve in the head: the rows say so
     assert [r.rank for r in rows] == ranks_by_hand([r.score for r in rows])
     summary = json.loads(out.summary.read_text())["subjects"]["refs"]
     assert summary["num_images"] == 10 and summary["num_errors"] == 0
