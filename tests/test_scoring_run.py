@@ -18,6 +18,7 @@ from comfy_nearid.embedding_cache import EmbeddingCache
 from comfy_nearid.errors import ConfigError, ImageLoadError, InvalidInputError
 from comfy_nearid.metrics.human import load_score_file
 from comfy_nearid.scoring import (
+    ROW_FIELDS,
     OutputPaths,
     ScoringOptions,
     plan_from_mapping,
@@ -190,7 +191,7 @@ def _without_rank(line: str, fmt: str) -> str:
         rec["rank"] = None
         return json.dumps(rec) + "\n"
     fields = next(csv.reader([line]))
-    fields[5] = ""
+    fields[ROW_FIELDS.index("rank")] = ""
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerow(fields)
     return buf.getvalue()
