@@ -1,0 +1,215 @@
+"""Finalising a run: merge rows in plan order, ranks, per-subject summaries, DreamBench++ JSON."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import DatasetError, InvalidInputError
+from .plan import ScoringPlan, natural_sort_key
+from .rows import CSV_HEADER, OUTPUT_FORMATS, format_from_suffix, scan_rows, short_float, decode_row, encode_row
+
+if TYPE_CHECKING:
+    pass
+
+
+logger = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class OutputPaths:
+    """Every file a run writes. ``rows`` is ``.csv`` or ``.jsonl``; the summary and resolved
+    config sit beside it (``scores.summary.json``, ``scores.config.json``)."""
+
+    rows: Path
+    fmt: str
+    summary: Path
+    config: Path
+    dreambench: Path | None = None
+
+    @classmethod
+    def for_rows(
+        cls, rows: str | Path, fmt: str | None = None, summary: str | Path | None = None,
+        dreambench: str | Path | None = None,
+    ) -> "OutputPaths":
+        rows = Path(rows)
+        fmt = fmt or format_from_suffix(rows)
+        if fmt not in OUTPUT_FORMATS:
+            raise InvalidInputError(f"output format must be one of {OUTPUT_FORMATS}, got {fmt!r}")
+        stem = rows.with_suffix("") if rows.suffix else rows
+        return cls(
+            rows=rows, fmt=fmt,
+            summary=Path(summary) if summary else stem.with_name(stem.name + ".summary.json"),
+            config=stem.with_name(stem.name + ".config.json"),
+            dreambench=Path(dreambench) if dreambench else None,
+        )
+
+    def finals(self) -> list[Path]:
+        return [p for p in (self.rows, self.summary, self.config, self.dreambench) if p is not None]
+
+    def shard(self, index: int, count: int) -> Path:
+        return self.rows.with_name(f"{self.rows.name}.part-{index}-of-{count}.jsonl")
+
+    def shards(self) -> list[Path]:
+        pattern = re.compile(re.escape(self.rows.name) + r"\.part-\d+-of-\d+\.jsonl$")
+        parent = self.rows.parent
+        if not parent.is_dir():
+            return []
+        return sorted((p for p in parent.iterdir() if pattern.match(p.name)), key=lambda p: natural_sort_key(p.name))
+
+
+@dataclass
+class ScoringResult:
+    """What a completed run produced (returned on the main process)."""
+
+    outputs: OutputPaths
+    num_images: int
+    num_scored: int
+    num_errors: int
+    num_resumed: int
+    subjects: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+
+
+# ============================================================================ finalise
+def finalize_run(model: Any, plan: ScoringPlan, outputs: OutputPaths, aggregate: str) -> ScoringResult:
+    """Merge the rows (rows file + per-process parts) in plan order, add ranks, write the
+    final rows file atomically, the summary and the DreamBench++ JSON."""
+    n = len(plan)
+    index_of = {(it.subject, str(it.path)): it.index for it in plan.items}
+    sources = ([(outputs.rows, outputs.fmt)] if outputs.rows.exists() else []) + [(p, "jsonl") for p in outputs.shards()]
+    source_of = np.full(n, -1, dtype=np.int32)
+    offset_of = np.zeros(n, dtype=np.int64)
+    scores = np.full(n, np.nan)
+    calibrated = np.full(n, np.nan)
+    dropped = 0
+    for s, (path, fmt) in enumerate(sources):
+        for offset, row in scan_rows(path, fmt):
+            idx = index_of.get((row.subject, row.path))
+            if idx is None:
+                dropped += 1
+                continue
+            if source_of[idx] >= 0:
+                continue  # a duplicate (e.g. a batch both flushed and redone): the first one stands
+            source_of[idx], offset_of[idx] = s, offset
+            if row.score is not None:
+                scores[idx] = row.score
+                calibrated[idx] = np.nan if row.match is None else row.match
+    if dropped:
+        logger.warning("%d row(s) in the outputs are not part of this plan (files gone or renamed) and were dropped",
+                       dropped)
+    missing = np.flatnonzero(source_of < 0)
+    if missing.size:
+        first = plan.items[int(missing[0])]
+        raise DatasetError(f"{missing.size} image(s) have no row after the run (first: {first.path}); run again with --resume")
+    subject_ids = _subject_ids(plan)
+    ranks = _ranks_within_subjects(subject_ids, scores)
+    _write_final_rows(outputs, sources, source_of, offset_of, ranks)
+    for path in outputs.shards():
+        path.unlink()
+    summaries = _subject_summaries(plan, subject_ids, scores, calibrated)
+    from ..embedding_cache import model_cache_identity
+
+    from ..calibration import calibration_for
+
+    curve = calibration_for(model)
+    write_json_atomic(outputs.summary, {
+        "model_identity": model_cache_identity(model), "aggregate": aggregate, "num_images": n,
+        # the matches come from a curve fitted for this head (True) or the uncalibrated default
+        "calibrated": curve.fitted, "calibration": curve.to_dict(),
+        "num_scored": int(np.isfinite(scores).sum()), "num_errors": int((~np.isfinite(scores)).sum()),
+        "subjects": summaries,
+    })
+    if outputs.dreambench is not None:
+        _write_dreambench(plan, scores, outputs.dreambench)
+    num_scored = int(np.isfinite(scores).sum())
+    return ScoringResult(outputs, n, num_scored, n - num_scored, 0, summaries)
+
+
+def _subject_ids(plan: ScoringPlan) -> np.ndarray:
+    number = {s.name: i for i, s in enumerate(plan.subjects)}
+    return np.array([number[it.subject] for it in plan.items], dtype=np.int32)
+
+
+def _ranks_within_subjects(subject_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Rank 1 = highest score within each subject; ties keep plan order; errors get 0."""
+    ranks = np.zeros(len(scores), dtype=np.int64)
+    valid = np.isfinite(scores)
+    for sid in np.unique(subject_ids):
+        members = np.flatnonzero((subject_ids == sid) & valid)
+        order = members[np.lexsort((members, -scores[members]))]
+        ranks[order] = np.arange(1, len(order) + 1)
+    return ranks
+
+
+def _write_final_rows(outputs: OutputPaths, sources: list[tuple[Path, str]], source_of: np.ndarray,
+                      offset_of: np.ndarray, ranks: np.ndarray) -> None:
+    tmp = outputs.rows.with_name(outputs.rows.name + ".tmp")
+    handles = [open(path, "rb") for path, _ in sources]
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as out:
+            if outputs.fmt == "csv":
+                out.write(CSV_HEADER)
+            for idx in range(len(source_of)):
+                s = int(source_of[idx])
+                handles[s].seek(int(offset_of[idx]))
+                path, fmt = sources[s]
+                row = decode_row(handles[s].readline().decode("utf-8"), fmt, f"{path} at byte {offset_of[idx]}")
+                row.rank = int(ranks[idx]) or None
+                out.write(encode_row(row, outputs.fmt))
+    finally:
+        for h in handles:
+            h.close()
+    os.replace(tmp, outputs.rows)
+
+
+def _subject_summaries(plan: ScoringPlan, subject_ids: np.ndarray, scores: np.ndarray,
+                       calibrated: np.ndarray) -> dict[str, dict[str, Any]]:
+    out = {}
+    for sid, subject in enumerate(plan.subjects):
+        members = np.flatnonzero(subject_ids == sid)
+        valid = members[np.isfinite(scores[members])]
+        entry: dict[str, Any] = {
+            "references": [str(p) for p in subject.references],
+            "num_images": int(members.size), "num_scored": int(valid.size),
+            "num_errors": int(members.size - valid.size),
+        }
+        if valid.size:
+            best = valid[np.lexsort((valid, -scores[valid]))[0]]
+            entry.update(
+                mean=float(scores[valid].mean()), median=float(np.median(scores[valid])),
+                best=float(scores[best]), best_path=str(plan.items[int(best)].path),
+                match_mean=float(calibrated[valid].mean()),
+                match_median=float(np.median(calibrated[valid])),
+                match_best=float(calibrated[best]),
+            )
+        else:
+            entry.update(mean=None, median=None, best=None, best_path=None,
+                         match_mean=None, match_median=None, match_best=None)
+        out[subject.name] = entry
+    return out
+
+
+def _write_dreambench(plan: ScoringPlan, scores: np.ndarray, path: Path) -> None:
+    """``{key: 100 * cosine}`` in plan order; images that could not be read are left out."""
+    keys = plan.dreambench_keys()
+    data = {key: short_float(100.0 * scores[i]) for i, key in enumerate(keys) if np.isfinite(scores[i])}
+    skipped = len(keys) - len(data)
+    if skipped:
+        logger.warning("DreamBench++ JSON %s leaves out %d image(s) that could not be read", path, skipped)
+    write_json_atomic(path, data)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON through a temporary file and a rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,421 @@
+"""Which generated image is scored against which references: discovery, mapping files and plans (no model).
+
+Every problem a user can fix (missing reference, empty folder, unmatched folder) is raised
+here, before any work.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+
+from ..errors import DatasetError, InvalidInputError
+from ..images import IMAGE_EXTENSIONS
+
+if TYPE_CHECKING:
+    pass
+
+
+logger = logging.getLogger(__name__)
+
+_MAPPING_PATH_SEPARATOR = ";"
+# ============================================================================ discovery
+def natural_sort_key(text: str) -> tuple:
+    """Sort key that orders digit runs by value: ``img2`` before ``img10``."""
+    return tuple((0, int(part), part) if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text))
+
+
+def is_image_file(path: Path) -> bool:
+    """A visible file with one of the common image extensions (case-insensitive)."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def list_images(root: str | Path, exclude: Iterable[Path] = ()) -> list[Path]:
+    """Image files under ``root`` (recursive), in natural order of their relative paths.
+
+    Hidden files and folders (``.name``) are skipped, as are files without an image extension
+    (metadata, captions); folders in ``exclude`` (resolved paths) are not entered. A file
+    with an image extension but no image inside is kept: it becomes an error row.
+    """
+    root = Path(root)
+    if root.is_file():
+        return [root]
+    skip = {Path(p).resolve() for p in exclude}
+    found: list[tuple[tuple, Path]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and (here / d).resolve() not in skip]
+        for name in filenames:
+            path = here / name
+            if is_image_file(path):
+                if "\n" in name or "\r" in name:
+                    raise DatasetError(f"{path!r}: file names with line breaks are not supported; rename the file")
+                try:
+                    name.encode("utf-8")
+                except UnicodeEncodeError as e:  # undecodable bytes in the name cannot go into the rows
+                    raise DatasetError(f"{path!r}: the file name is not valid UTF-8; rename the file") from e
+                found.append((natural_sort_key(path.relative_to(root).as_posix()), path))
+    found.sort(key=lambda pair: pair[0])
+    return [path for _, path in found]
+
+
+def expand_references(entries: Sequence[str | Path], subject: str) -> tuple[Path, ...]:
+    """Reference files and folders -> image files (folders expanded, natural order).
+
+    Raises:
+        DatasetError: an entry does not exist, or a folder holds no image.
+    """
+    if not entries:
+        raise DatasetError(f"subject {subject!r}: no reference image given")
+    out: list[Path] = []
+    for entry in entries:
+        path = Path(entry)
+        if not path.exists():
+            raise DatasetError(f"subject {subject!r}: reference {path} does not exist")
+        if path.is_dir():
+            images = list_images(path)
+            if not images:
+                raise DatasetError(
+                    f"subject {subject!r}: reference folder {path} holds no image "
+                    f"(extensions {', '.join(IMAGE_EXTENSIONS)})"
+                )
+            out.extend(images)
+        else:
+            out.append(path)
+    return tuple(dict.fromkeys(out))
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One subject: its reference images and the folders (or files) of its generated images."""
+
+    name: str
+    references: tuple[Path, ...]
+    generated: tuple[Path, ...]
+    exclude: tuple[Path, ...] = ()  # folders inside ``generated`` that belong to other subjects
+
+
+@dataclass(frozen=True)
+class ScoreItem:
+    """One generated image scored for one subject; ``index`` is its position in the plan."""
+
+    index: int
+    subject: str
+    path: Path
+    key_path: str  # path relative to the plan's key root, '/'-separated
+
+
+def dreambench_key(key_path: str) -> str:
+    """DreamBench++-style key: relative path without extension, ``/`` replaced by ``-``.
+
+    ``live_subject_animal_00_kitten/0_0.png`` -> ``live_subject_animal_00_kitten-0_0``.
+    """
+    stem = key_path.rsplit(".", 1)[0] if "." in key_path.rsplit("/", 1)[-1] else key_path
+    return stem.replace("/", "-")
+
+
+@dataclass(frozen=True)
+class ScoringPlan:
+    """Subjects and the ordered list of (subject, generated image) items to score."""
+
+    subjects: tuple[Subject, ...]
+    items: tuple[ScoreItem, ...]
+    key_root: Path  # deepest folder holding every generated folder (DreamBench keys are relative to it)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def subject(self, name: str) -> Subject:
+        for s in self.subjects:
+            if s.name == name:
+                return s
+        raise InvalidInputError(f"no subject named {name!r}; the plan has {[s.name for s in self.subjects]}")
+
+    def dreambench_keys(self) -> list[str]:
+        """One DreamBench++ key per item, in plan order.
+
+        Raises:
+            DatasetError: two items would share a key (the same image under two subjects,
+                or paths such as ``a/b-c.png`` and ``a-b/c.png``).
+        """
+        seen: dict[str, ScoreItem] = {}
+        keys = []
+        for item in self.items:
+            key = dreambench_key(item.key_path)
+            if key in seen:
+                raise DatasetError(
+                    f"DreamBench++ key {key!r} is shared by {seen[key].path} ({seen[key].subject}) and "
+                    f"{item.path} ({item.subject}); one JSON cannot hold both. Score them in separate runs"
+                )
+            seen[key] = item
+            keys.append(key)
+        return keys
+
+    def describe(self) -> list[dict[str, Any]]:
+        """JSON-ready description of the subjects (for the resolved config)."""
+        return [
+            {
+                "name": s.name,
+                "references": [str(p) for p in s.references],
+                "generated": [str(p) for p in s.generated],
+                "num_images": sum(1 for it in self.items if it.subject == s.name),
+            }
+            for s in self.subjects
+        ]
+
+
+def build_plan(subjects: Sequence[Subject]) -> ScoringPlan:
+    """Enumerate every subject's generated images and check everything a run needs.
+
+    Raises:
+        DatasetError: no subject, duplicate subject names, a missing reference file, a missing
+            generated folder, or a generated folder without images.
+    """
+    if not subjects:
+        raise DatasetError("no subject to score")
+    names = [s.name for s in subjects]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise DatasetError(f"subject names must be unique; repeated: {duplicates}")
+    for s in subjects:
+        for ref in s.references:
+            if not ref.is_file():
+                raise DatasetError(f"subject {s.name!r}: reference image {ref} does not exist")
+    items: list[ScoreItem] = []
+    roots: list[Path] = []
+    per_subject: list[tuple[Subject, list[Path]]] = []
+    for s in subjects:
+        if not s.generated:
+            raise DatasetError(f"subject {s.name!r}: no folder of generated images given")
+        paths: list[Path] = []
+        for gen in s.generated:
+            if not gen.exists():
+                raise DatasetError(f"subject {s.name!r}: generated folder {gen} does not exist")
+            images = list_images(gen, exclude=s.exclude)
+            if not images:
+                raise DatasetError(
+                    f"subject {s.name!r}: {gen} holds no image (looked recursively for "
+                    f"{', '.join(IMAGE_EXTENSIONS)})"
+                )
+            paths.extend(images)
+            roots.append(gen.resolve() if gen.is_dir() else gen.resolve().parent)
+        unique = list({p.resolve(): p for p in paths}.values())  # a file listed twice is scored once
+        per_subject.append((s, unique))
+    key_root = Path(os.path.commonpath([str(r) for r in roots]))
+    for s, paths in per_subject:
+        for path in paths:
+            items.append(ScoreItem(len(items), s.name, path, path.resolve().relative_to(key_root).as_posix()))
+    return ScoringPlan(tuple(subjects), tuple(items), key_root)
+
+
+def plan_single_subject(
+    references: Sequence[str | Path], generated: Sequence[str | Path], subject: str | None = None
+) -> ScoringPlan:
+    """One subject: reference files and/or folders, and one or more generated folders.
+
+    The subject is named ``subject``, else after the single reference (file stem or folder name),
+    else ``subject``.
+    """
+    refs = [Path(r) for r in references]
+    if subject is None:
+        subject = (refs[0].stem if refs[0].is_file() else refs[0].name) if len(refs) == 1 else "subject"
+    if not generated:
+        raise DatasetError("no folder of generated images given")
+    ref_files = expand_references(refs, subject)
+    return build_plan([Subject(subject, ref_files, tuple(Path(g) for g in generated))])
+
+
+def _as_path_list(value: Any, where: str) -> list[str]:
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(_MAPPING_PATH_SEPARATOR)]
+        return [p for p in parts if p]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return [v.strip() for v in value if v.strip()]
+    raise DatasetError(f"{where}: expected a path or a list of paths, got {value!r}")
+
+
+def read_mapping(path: str | Path) -> list[Subject]:
+    """Read a subject mapping file (paths in it are relative to the file's folder).
+
+    - JSON: ``{"<subject>": {"references": PATHS, "generated": PATHS}, ...}`` or a list of
+      ``{"subject": ..., "references": ..., "generated": ...}``; PATHS is a path or a list.
+    - CSV: header ``subject,references,generated``; several paths in a cell are separated by
+      ``;``; rows naming the same subject are merged.
+
+    Raises:
+        DatasetError: unreadable file, unknown format, missing or unknown fields.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"mapping file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        entries = _read_mapping_json(path)
+    elif suffix == ".csv":
+        entries = _read_mapping_csv(path)
+    else:
+        raise DatasetError(f"mapping file {path}: unknown format {suffix!r}; use .json or .csv")
+    merged: dict[str, tuple[list[str], list[str]]] = {}
+    for name, refs, gens in entries:
+        slot = merged.setdefault(name, ([], []))
+        slot[0].extend(refs)
+        slot[1].extend(gens)
+    base = path.parent
+    subjects = []
+    for name, (refs, gens) in merged.items():
+        ref_paths = [p if Path(p).is_absolute() else base / p for p in refs]
+        gen_paths = tuple(Path(p) if Path(p).is_absolute() else base / p for p in dict.fromkeys(gens))
+        subjects.append(Subject(name, expand_references(ref_paths, name), gen_paths))
+    if not subjects:
+        raise DatasetError(f"mapping file {path} lists no subject")
+    return subjects
+
+
+_MAPPING_FIELDS = {"subject", "references", "generated"}
+
+
+def _read_mapping_json(path: Path) -> list[tuple[str, list[str], list[str]]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DatasetError(f"mapping file {path}: cannot read JSON ({e})") from e
+    if isinstance(data, dict):
+        records = [dict(v, subject=k) if isinstance(v, dict) else v for k, v in data.items()]
+    elif isinstance(data, list):
+        records = data
+    else:
+        raise DatasetError(f"mapping file {path}: expected a JSON object or list, got {type(data).__name__}")
+    out = []
+    for i, rec in enumerate(records):
+        where = f"mapping file {path}, entry {i}"
+        if not isinstance(rec, dict):
+            raise DatasetError(f"{where}: expected an object with 'references' and 'generated', got {rec!r}")
+        unknown = set(rec) - _MAPPING_FIELDS
+        missing = _MAPPING_FIELDS - set(rec)
+        if unknown or missing:
+            raise DatasetError(
+                f"{where}: fields must be {sorted(_MAPPING_FIELDS)}; missing {sorted(missing)}, unknown {sorted(unknown)}"
+            )
+        name = rec["subject"]
+        if not isinstance(name, str) or not name:
+            raise DatasetError(f"{where}: 'subject' must be a non-empty string, got {name!r}")
+        out.append((name, _as_path_list(rec["references"], f"{where}.references"),
+                    _as_path_list(rec["generated"], f"{where}.generated")))
+    return out
+
+
+def _read_mapping_csv(path: Path) -> list[tuple[str, list[str], list[str]]]:
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            header = set(reader.fieldnames or [])
+            if header != _MAPPING_FIELDS:
+                raise DatasetError(
+                    f"mapping file {path}: header must be {sorted(_MAPPING_FIELDS)}, got {reader.fieldnames}"
+                )
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DatasetError(f"mapping file {path}: cannot read CSV ({e})") from e
+    out = []
+    for line, row in enumerate(rows, start=2):
+        where = f"mapping file {path}, line {line}"
+        name = (row["subject"] or "").strip()
+        if not name:
+            raise DatasetError(f"{where}: empty 'subject'")
+        out.append((name, _as_path_list(row["references"] or "", f"{where}.references"),
+                    _as_path_list(row["generated"] or "", f"{where}.generated")))
+    return out
+
+
+def plan_from_mapping(path: str | Path) -> ScoringPlan:
+    """Many subjects from a mapping file (see :func:`read_mapping`)."""
+    return build_plan(read_mapping(path))
+
+
+def plan_from_subject_folders(references_root: str | Path, generated_roots: Sequence[str | Path]) -> ScoringPlan:
+    """DreamBench-style layout: generated folders named after their subject's reference folder.
+
+    Every folder under ``references_root`` that directly holds images is a subject, named by
+    its path relative to ``references_root`` (``dog`` or ``live_subject_animal/00_kitten``).
+    In each generated root, the subject's images are in ``<root>/<name>`` or, flattened,
+    ``<root>/<name with '/' replaced by '_'>`` (DreamBench++'s ``live_subject_animal_00_kitten``).
+
+    Raises:
+        DatasetError: no reference subject, a generated root with no matching folder, or
+            images in a generated root outside every subject's folder.
+    """
+    ref_root = Path(references_root)
+    if not ref_root.is_dir():
+        raise DatasetError(f"references folder {ref_root} does not exist")
+    subject_refs: dict[str, tuple[Path, ...]] = {}
+    for image in list_images(ref_root):
+        name = image.parent.relative_to(ref_root).as_posix()
+        if name == ".":
+            raise DatasetError(
+                f"{image}: images directly in the references folder {ref_root} belong to no subject; "
+                "put each subject's references in its own sub-folder"
+            )
+        subject_refs.setdefault(name, ())
+        subject_refs[name] = (*subject_refs[name], image)
+    if not subject_refs:
+        raise DatasetError(f"references folder {ref_root} holds no subject folder with images")
+    if not generated_roots:
+        raise DatasetError("no folder of generated images given")
+    matched: dict[str, list[Path]] = {}
+    for gen_root in (Path(g) for g in generated_roots):
+        if not gen_root.is_dir():
+            raise DatasetError(f"generated folder {gen_root} does not exist")
+        found_here = _match_subject_folders(gen_root, subject_refs)
+        if not found_here:
+            raise DatasetError(
+                f"no folder in {gen_root} is named after a subject of {ref_root} "
+                f"(subjects: {_preview(sorted(subject_refs, key=natural_sort_key))})"
+            )
+        for name, folder in found_here.items():
+            matched.setdefault(name, []).append(folder)
+        _check_all_images_covered(gen_root, list(found_here.values()))
+    all_folders = [f.resolve() for folders in matched.values() for f in folders]
+    subjects = []
+    for name in sorted(matched, key=natural_sort_key):
+        own = {f.resolve() for f in matched[name]}
+        nested = tuple(f for f in all_folders if f not in own and any(o in f.parents for o in own))
+        subjects.append(Subject(name, subject_refs[name], tuple(matched[name]), exclude=nested))
+    skipped = sorted(set(subject_refs) - set(matched), key=natural_sort_key)
+    if skipped:
+        logger.warning("%d reference subject(s) have no generated folder and are skipped: %s",
+                       len(skipped), _preview(skipped))
+    return build_plan(subjects)
+
+
+def _match_subject_folders(gen_root: Path, subject_refs: dict[str, tuple[Path, ...]]) -> dict[str, Path]:
+    found = {}
+    for name in subject_refs:
+        for candidate in (gen_root / name, gen_root / name.replace("/", "_")):
+            if candidate.is_dir():
+                found[name] = candidate
+                break
+    return found
+
+
+def _check_all_images_covered(gen_root: Path, folders: list[Path]) -> None:
+    covered = [f.resolve() for f in folders]
+    stray = [p for p in list_images(gen_root) if not any(c in p.resolve().parents for c in covered)]
+    if stray:
+        raise DatasetError(
+            f"{len(stray)} image(s) in {gen_root} are not in a folder named after a reference subject: "
+            f"{_preview([str(p) for p in stray])}"
+        )
+
+
+def _preview(names: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+

@@ -1,0 +1,188 @@
+"""Score rows: one row per (subject, image); CSV/JSONL encoding, reading and appending."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import numpy as np
+
+from ..errors import DatasetError, InvalidInputError
+
+if TYPE_CHECKING:
+    pass
+
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_FORMATS = ("csv", "jsonl")
+ROW_FIELDS = ("path", "subject", "cosines", "score", "match", "calibrated", "rank", "error")
+_COSINE_SEPARATOR = ";"
+# ============================================================================ rows
+@dataclass
+class ScoreRow:
+    """One output row. ``score`` combines the references (mean or max of the cosines, or the
+    cosine to the prototype; see :func:`combine_references`),
+    ``match`` its 0..100 identity match, ``calibrated`` whether that match comes from a curve
+    fitted for this head (False: the uncalibrated default curve), ``rank`` 1 = best within the subject (filled in
+    when the run completes); error rows carry ``error`` and no numbers."""
+
+    path: str
+    subject: str
+    cosines: tuple[float, ...] = ()
+    score: float | None = None
+    match: float | None = None
+    calibrated: bool | None = None
+    rank: int | None = None
+    error: str | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "path": self.path, "subject": self.subject, "cosines": list(self.cosines), "score": self.score,
+            "match": self.match, "calibrated": self.calibrated, "rank": self.rank, "error": self.error,
+        }
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any], where: str) -> "ScoreRow":
+        try:
+            return cls(
+                path=str(rec["path"]), subject=str(rec["subject"]),
+                cosines=tuple(float(c) for c in rec.get("cosines") or ()),
+                score=None if rec.get("score") is None else float(rec["score"]),
+                match=None if rec.get("match") is None else float(rec["match"]),
+                calibrated=_parse_flag(rec.get("calibrated")),
+                rank=None if rec.get("rank") is None else int(rec["rank"]),
+                error=rec.get("error") or None,
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise DatasetError(f"{where}: not a score row ({e}); expected fields {list(ROW_FIELDS)}") from e
+
+
+def _parse_flag(value: Any) -> bool | None:
+    """``calibrated`` as written in JSONL (true/false) or CSV (``true``/``false``/empty)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "false"):
+        return str(value).lower() == "true"
+    raise ValueError(f"calibrated must be true or false, got {value!r}")
+
+
+def short_float(x: float) -> float:
+    """The shortest decimal that round-trips the value's float32: rows stay readable and two
+    runs that computed the same float32 write the same text."""
+    return float(str(np.float32(x)))
+
+
+def _csv_line(values: Sequence[str]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow(values)
+    return buf.getvalue()
+
+
+CSV_HEADER = _csv_line(ROW_FIELDS)
+
+
+def encode_row(row: ScoreRow, fmt: str) -> str:
+    """One row as one line of CSV or JSONL (ending in a newline)."""
+    if fmt == "jsonl":
+        return json.dumps(row.to_record(), ensure_ascii=False) + "\n"
+    num = lambda v: "" if v is None else repr(v)  # noqa: E731
+    return _csv_line([
+        row.path, row.subject, _COSINE_SEPARATOR.join(repr(c) for c in row.cosines), num(row.score),
+        num(row.match), "" if row.calibrated is None else str(row.calibrated).lower(),
+        "" if row.rank is None else str(row.rank), row.error or "",
+    ])
+
+
+def decode_row(line: str, fmt: str, where: str) -> ScoreRow:
+    """Parse one line written by :func:`encode_row`."""
+    if fmt == "jsonl":
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{where}: not valid JSON ({e})") from e
+        if not isinstance(rec, dict):
+            raise DatasetError(f"{where}: expected a JSON object, got {rec!r}")
+        return ScoreRow.from_record(rec, where)
+    values = next(csv.reader([line]))
+    if len(values) != len(ROW_FIELDS):
+        raise DatasetError(f"{where}: expected {len(ROW_FIELDS)} CSV fields {list(ROW_FIELDS)}, got {len(values)}")
+    rec = dict(zip(ROW_FIELDS, values))
+    rec["cosines"] = [c for c in rec["cosines"].split(_COSINE_SEPARATOR) if c]
+    for name in ("score", "match", "calibrated", "rank"):
+        rec[name] = rec[name] or None
+    return ScoreRow.from_record(rec, where)
+
+
+def scan_rows(path: Path, fmt: str) -> Iterator[tuple[int, ScoreRow]]:
+    """``(byte offset, row)`` for every complete line of a row file; a trailing line without
+    its newline (the write a crash interrupted) is ignored."""
+    with open(path, "rb") as f:
+        offset = 0
+        line_no = 0
+        if fmt == "csv":
+            header = f.readline()
+            line_no = 1
+            if header and header.endswith(b"\n") and header.decode("utf-8") != CSV_HEADER:
+                raise DatasetError(
+                    f"{path}: header is {header.decode('utf-8', 'replace').strip()!r}, expected "
+                    f"{CSV_HEADER.strip()!r}; it was not written by `nearid score`"
+                )
+            offset = len(header)
+        for raw in iter(f.readline, b""):
+            line_no += 1
+            if not raw.endswith(b"\n"):
+                break
+            if raw.strip():
+                yield offset, decode_row(raw.decode("utf-8"), fmt, f"{path}, line {line_no}")
+            offset += len(raw)
+
+
+def read_rows(path: str | Path, fmt: str | None = None) -> list[ScoreRow]:
+    """All rows of a CSV/JSONL row file written by :func:`score_plan` (format from the suffix)."""
+    path = Path(path)
+    return [row for _, row in scan_rows(path, fmt or format_from_suffix(path))]
+
+
+def format_from_suffix(path: Path) -> str:
+    suffix = path.suffix.lower().lstrip(".")
+    if suffix in OUTPUT_FORMATS:
+        return suffix
+    raise InvalidInputError(f"output {path}: cannot tell the format from {path.suffix!r}; use .csv or .jsonl")
+
+
+def open_for_append(path: Path, fmt: str) -> io.TextIOWrapper:
+    """Open a row file to append: drop a crash's partial last line, write the CSV header if new."""
+    if path.exists():
+        with open(path, "rb+") as f:
+            data_end = f.seek(0, os.SEEK_END)
+            keep = data_end
+            while keep > 0:
+                step = min(65536, keep)
+                f.seek(keep - step)
+                block = f.read(step)
+                cut = block.rfind(b"\n")
+                if cut >= 0:
+                    keep = keep - step + cut + 1
+                    break
+                keep -= step
+            if keep != data_end:
+                logger.warning("%s: dropping an incomplete last line (%d bytes) left by an interrupted run",
+                               path, data_end - keep)
+                f.truncate(keep)
+    new = not path.exists() or path.stat().st_size == 0
+    handle = open(path, "a", encoding="utf-8", newline="")
+    if new and fmt == "csv":
+        handle.write(CSV_HEADER)
+        handle.flush()
+    return handle
+
+

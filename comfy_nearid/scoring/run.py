@@ -1,0 +1,371 @@
+"""The streaming scorer: decode/preprocess threads ahead of the model, one batch at a time.
+
+Batches are cut at fixed positions of the plan (chunk ``k`` = items ``[k*B, (k+1)*B)``), so a
+resumed run and an ``accelerate`` run with chunk ``k`` on process ``k % world`` embed exactly
+the same batches as one uninterrupted process: their rows are identical.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+from ..errors import ConfigError, ImageLoadError, InvalidInputError
+from .combine import REFERENCE_COMBINATIONS, calibrated_matches, calibration_description, combine_references
+from .outputs import OutputPaths, ScoringResult, finalize_run, write_json_atomic
+from .plan import ScoreItem, ScoringPlan
+from .rows import ScoreRow, open_for_append, scan_rows, short_float, encode_row
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..embedding_cache import EmbeddingCache
+    from ..model import IdentityModel
+
+logger = logging.getLogger(__name__)
+
+# ============================================================================ streaming
+@dataclass
+class _Prepared:
+    """What a decode thread hands the model thread for one item."""
+
+    key: str | None = None
+    embedding: np.ndarray | None = None  # a cache hit
+    pixels: "torch.Tensor | None" = None  # [3, S, S], to embed
+    error: str | None = None
+
+
+class _ItemPreparer:
+    """Read, hash, look up and (on a miss) decode + preprocess one image. Runs in threads."""
+
+    def __init__(self, preprocess: Callable[[Any], "torch.Tensor"], cache: "EmbeddingCache | None", identity: str):
+        self.preprocess = preprocess
+        self.cache = cache
+        self.identity = identity
+
+    def __call__(self, item: ScoreItem) -> _Prepared:
+        from ..embedding_cache import bytes_content_hash
+        from ..images import load_image_bytes
+
+        try:
+            data = item.path.read_bytes()
+        except OSError as e:
+            return _Prepared(error=f"cannot read file ({e.strerror or e})")
+        if not data:
+            return _Prepared(error="file is empty (0 bytes)")
+        key = None
+        if self.cache is not None:
+            key = bytes_content_hash(data)
+            hit = self.cache.get_many(self.identity, [key]).get(key)
+            if hit is not None:
+                return _Prepared(key=key, embedding=hit)
+        try:
+            pixels = self.preprocess(load_image_bytes(data, str(item.path)))
+        except ImageLoadError as e:
+            return _Prepared(key=key, error=e.reason)
+        return _Prepared(key=key, pixels=pixels)
+
+
+def prefetch(
+    prepare: Callable[[ScoreItem], _Prepared],
+    batches: Iterable[list[ScoreItem]],
+    num_workers: int,
+    depth: int,
+) -> Iterator[tuple[list[ScoreItem], list[_Prepared]]]:
+    """Yield ``(batch, prepared)`` in order while ``depth`` further batches are prepared in
+    ``num_workers`` threads (``num_workers=0``: prepare inline). At most ``depth + 1`` batches
+    of pixels exist at once, so memory does not grow with the number of images."""
+    if num_workers <= 0:
+        for batch in batches:
+            yield batch, [prepare(item) for item in batch]
+        return
+    pool = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="nearid-decode")
+    pending: deque[tuple[list[ScoreItem], list[Future]]] = deque()
+    source = iter(batches)
+
+    def submit_next() -> None:
+        batch = next(source, None)
+        if batch is not None:
+            pending.append((batch, [pool.submit(prepare, item) for item in batch]))
+
+    try:
+        for _ in range(depth + 1):
+            submit_next()
+        while pending:
+            batch, futures = pending.popleft()
+            prepared = [f.result() for f in futures]
+            submit_next()
+            yield batch, prepared
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _no_barrier() -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class ProcessShard:
+    """This process's place in a multi-process run (``accelerate launch``): chunk ``k`` of the
+    plan is scored by process ``k % count``; ``barrier`` waits for every process."""
+
+    index: int = 0
+    count: int = 1
+    barrier: Callable[[], None] = _no_barrier
+
+    @property
+    def is_main(self) -> bool:
+        return self.index == 0
+
+
+@dataclass(frozen=True)
+class ScoringOptions:
+    """How to score. ``num_workers`` decode threads prepare ``prefetch_batches`` batches ahead."""
+
+    aggregate: str = "mean"
+    batch_size: int = 32
+    num_workers: int = 2
+    prefetch_batches: int = 2
+    strict: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.aggregate not in REFERENCE_COMBINATIONS:
+            raise InvalidInputError(f"aggregate must be one of {REFERENCE_COMBINATIONS}, got {self.aggregate!r}")
+        if self.batch_size < 1:
+            raise InvalidInputError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0 or self.prefetch_batches < 0:
+            raise InvalidInputError(
+                f"num_workers and prefetch_batches must be >= 0, got {self.num_workers}, {self.prefetch_batches}"
+            )
+
+
+def score_plan(
+    model: "IdentityModel",
+    plan: ScoringPlan,
+    outputs: OutputPaths,
+    *,
+    options: ScoringOptions = ScoringOptions(),
+    cache: "EmbeddingCache | None" = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    shard: ProcessShard = ProcessShard(),
+    run_config: dict[str, Any] | None = None,
+) -> ScoringResult | None:
+    """Score every item of ``plan`` and write the outputs.
+
+    Args:
+        model: the identity model (``preprocess``, ``embed_pixels``, ``identity``).
+        plan: what to score (see :func:`plan_single_subject` and friends).
+        outputs: where rows, summary, resolved config and the optional DreamBench JSON go.
+        options: aggregate, batching, threads, strict mode, progress bar.
+        cache: embedding cache (``None``: no cache).
+        resume: continue the rows already in ``outputs`` (and any per-process parts).
+        overwrite: replace existing outputs.
+        shard: this process's place in a multi-process run.
+        run_config: extra resolved settings recorded in the config file.
+
+    Returns:
+        The :class:`ScoringResult` on the main process, ``None`` on the others.
+
+    Raises:
+        InvalidInputError: outputs exist and neither ``resume`` nor ``overwrite`` is set.
+        ConfigError: ``resume`` of outputs written by another model or aggregate.
+        ImageLoadError: a reference cannot be read, or (``strict``) a generated image.
+    """
+    if resume and overwrite:
+        raise InvalidInputError("resume and overwrite exclude each other: resume keeps the rows, overwrite discards them")
+    config = _resolved_config(model, plan, outputs, options, run_config)
+    _check_outputs(outputs, resume, overwrite, config)
+    if outputs.dreambench is not None:
+        plan.dreambench_keys()  # a key collision stops the run before any work
+    references = _embed_references(model, plan, cache, options.batch_size)
+    shard.barrier()
+    if shard.is_main:
+        if overwrite:
+            for path in [*outputs.finals(), *outputs.shards()]:
+                path.unlink(missing_ok=True)
+        write_json_atomic(outputs.config, config)
+    shard.barrier()
+    done = _finished_indices(plan, outputs)
+    shard.barrier()  # nobody appends before every process has read what is done
+    todo = _chunks_for(plan, done, options.batch_size, shard)
+    journal = outputs.rows if shard.count == 1 else outputs.shard(shard.index, shard.count)
+    fmt = outputs.fmt if shard.count == 1 else "jsonl"
+    logger.info("scoring %d image(s) of %d subject(s); %d already done%s", len(plan), len(plan.subjects),
+                len(done), "" if shard.count == 1 else f"; process {shard.index}/{shard.count}")
+    _run_chunks(model, todo, done, references, journal, fmt, options, cache, shard)
+    shard.barrier()
+    if not shard.is_main:
+        return None
+    result = finalize_run(model, plan, outputs, options.aggregate)
+    result.num_resumed = len(done)
+    return result
+
+
+def _resolved_config(
+    model: Any, plan: ScoringPlan, outputs: OutputPaths, options: ScoringOptions, extra: dict[str, Any] | None
+) -> dict[str, Any]:
+    from .. import __version__
+    from ..embedding_cache import model_cache_identity
+
+    return {
+        "command": "score",
+        "library_version": __version__,
+        "model_identity": model_cache_identity(model),
+        "calibration": calibration_description(model),
+        "aggregate": options.aggregate,
+        "format": outputs.fmt,
+        "batch_size": options.batch_size,
+        "num_images": len(plan),
+        "outputs": {
+            "rows": str(outputs.rows), "summary": str(outputs.summary),
+            "dreambench": None if outputs.dreambench is None else str(outputs.dreambench),
+        },
+        "subjects": plan.describe(),
+        **(extra or {}),
+    }
+
+
+def _check_outputs(outputs: OutputPaths, resume: bool, overwrite: bool, config: dict[str, Any]) -> None:
+    for path in outputs.finals():
+        if path.is_dir():
+            raise InvalidInputError(f"output {path} is a directory; give a file path")
+    existing = [p for p in [*outputs.finals(), *outputs.shards()] if p.exists()]
+    if existing and not (resume or overwrite):
+        raise InvalidInputError(
+            f"output {existing[0]} already exists{f' (and {len(existing) - 1} more)' if len(existing) > 1 else ''}; "
+            "pass --overwrite to replace it or --resume to continue it"
+        )
+    if resume and outputs.config.exists():
+        try:
+            previous = json.loads(outputs.config.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"cannot resume: {outputs.config} is unreadable ({e}); use --overwrite") from e
+        for name in ("model_identity", "calibration", "aggregate", "format", "batch_size"):
+            if previous.get(name) != config[name]:
+                raise ConfigError(
+                    f"cannot resume {outputs.rows}: it was written with {name}={previous.get(name)!r}, "
+                    f"this run uses {config[name]!r}; use the same settings or --overwrite"
+                )
+
+
+def _embed_references(
+    model: Any, plan: ScoringPlan, cache: "EmbeddingCache | None", batch_size: int
+) -> dict[str, np.ndarray]:
+    """Each subject's reference embeddings ``[R, D]``, embedded once (through the cache)."""
+    from ..embedding_cache import cached_embed
+
+    out = {}
+    for subject in plan.subjects:
+        emb = cached_embed(model, list(subject.references), cache, batch_size=batch_size)
+        out[subject.name] = emb.numpy().astype(np.float32)
+    return out
+
+
+def _finished_indices(plan: ScoringPlan, outputs: OutputPaths) -> set[int]:
+    """Plan indices that already have a row in the outputs (rows file and per-process parts)."""
+    index_of = {(it.subject, str(it.path)): it.index for it in plan.items}
+    done: set[int] = set()
+    sources = ([(outputs.rows, outputs.fmt)] if outputs.rows.exists() else []) + [(p, "jsonl") for p in outputs.shards()]
+    for path, fmt in sources:
+        for _, row in scan_rows(path, fmt):
+            idx = index_of.get((row.subject, row.path))
+            if idx is not None:
+                done.add(idx)
+    return done
+
+
+def _chunks_for(plan: ScoringPlan, done: set[int], batch_size: int, shard: ProcessShard) -> list[list[ScoreItem]]:
+    """This process's unfinished chunks. A partly finished chunk is embedded whole (its
+    finished rows are not written again) so that its batch, and hence every float, is the
+    same as in an uninterrupted run."""
+    chunks = []
+    for k, start in enumerate(range(0, len(plan), batch_size)):
+        if k % shard.count != shard.index:
+            continue
+        chunk = list(plan.items[start : start + batch_size])
+        if any(it.index not in done for it in chunk):
+            chunks.append(chunk)
+    return chunks
+
+
+def _run_chunks(
+    model: Any, chunks: list[list[ScoreItem]], done: set[int], references: dict[str, np.ndarray],
+    journal: Path, fmt: str, options: ScoringOptions, cache: "EmbeddingCache | None", shard: ProcessShard,
+) -> None:
+    """The streaming loop: prefetched batches -> model -> rows appended and flushed per batch
+    (rows of items in ``done`` are not written again)."""
+    from tqdm.auto import tqdm
+
+    from ..embedding_cache import model_cache_identity
+
+    total = sum(1 for c in chunks for it in c if it.index not in done)
+    if total == 0:
+        return
+    identity = model_cache_identity(model)
+    preparer = _ItemPreparer(model.preprocess, cache, identity)
+    bar = tqdm(total=total, unit="img", desc="scoring" if shard.count == 1 else f"scoring [{shard.index}]",
+               disable=not options.progress, dynamic_ncols=True, smoothing=0.1)
+    with open_for_append(journal, fmt) as out:
+        for batch, prepared in prefetch(preparer, chunks, options.num_workers, options.prefetch_batches):
+            embeddings = _embed_batch(model, prepared, cache, identity)
+            rows = [_make_row(item, prep, emb, references, options.aggregate)
+                    for item, prep, emb in zip(batch, prepared, embeddings) if item.index not in done]
+            _fill_calibration(model, rows)
+            out.write("".join(encode_row(r, fmt) for r in rows))
+            out.flush()  # rows survive a crash of this process from here on
+            bar.update(len(rows))
+            if options.strict:
+                failed = next((r for r in rows if r.error), None)
+                if failed is not None:
+                    bar.close()
+                    raise ImageLoadError(failed.path, f"{failed.error} (--strict stops at the first unreadable image)")
+    bar.close()
+
+
+def _embed_batch(model: Any, prepared: list[_Prepared], cache: "EmbeddingCache | None", identity: str
+                 ) -> list[np.ndarray | None]:
+    """Embeddings for a batch: cache hits as they are, the rest in one forward pass."""
+    import torch
+
+    out: list[np.ndarray | None] = [p.embedding for p in prepared]
+    todo = [i for i, p in enumerate(prepared) if p.pixels is not None]
+    if todo:
+        pixels = torch.stack([prepared[i].pixels for i in todo])
+        fresh = model.embed_pixels(pixels).detach().float().cpu().numpy()
+        for j, i in enumerate(todo):
+            out[i] = fresh[j]
+        if cache is not None:
+            cache.put_many(identity, [(prepared[i].key, fresh[j]) for j, i in enumerate(todo)])
+    return out
+
+
+def _make_row(item: ScoreItem, prepared: _Prepared, embedding: np.ndarray | None,
+              references: dict[str, np.ndarray], aggregate: str) -> ScoreRow:
+    if prepared.error is not None or embedding is None:
+        reason = (prepared.error or "no embedding").replace("\n", " ").replace("\r", " ")
+        return ScoreRow(str(item.path), item.subject, error=reason)
+    cosines = references[item.subject] @ np.asarray(embedding, dtype=np.float32)
+    score = combine_references(np.asarray(embedding)[None, :], references[item.subject], aggregate)[0]
+    return ScoreRow(str(item.path), item.subject, tuple(short_float(c) for c in cosines), short_float(score))
+
+
+def _fill_calibration(model: Any, rows: list[ScoreRow]) -> None:
+    from ..calibration import calibration_for
+
+    scored = [r for r in rows if r.score is not None]
+    if scored:
+        fitted = calibration_for(model).fitted
+        values = calibrated_matches(model, np.array([r.score for r in scored], dtype=np.float64))
+        for r, v in zip(scored, values):
+            r.match, r.calibrated = short_float(v), fitted
+
+
