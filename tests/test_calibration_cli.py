@@ -241,3 +241,41 @@ def test_score_rows_and_summary_say_whether_the_match_is_calibrated(tmp_path, ti
         summary = json.loads(out.summary.read_text())
         assert summary["calibrated"] is expected
         assert summary["subjects"]["refs"]["match_best"] == pytest.approx(max(by_hand), abs=2e-4)
+
+
+def test_convert_calibrates_the_converted_head_on_the_users_data(tmp_path, capsys):
+    pytest.importorskip("transformers", reason="transformers is a test dependency (pip install -e .[test])")
+    from test_convert import _reference_model, _save_release
+
+    from comfy_nearid import load_model
+
+    release = _save_release(_reference_model(3), tmp_path / "rel", "5.x")
+    fit_samples = _noise_dataset(tmp_path / "data", "val", 5, 0)
+    head, bb = tmp_path / "nearid.safetensors", tmp_path / "bb.safetensors"
+    code = cli_main(["convert", str(release), "--out", str(head), "--backbone", "tiny-siglip",
+                     "--backbone-out", str(bb), "--data", str(tmp_path / "data"), "--split", "val",
+                     "--device", "cpu", "--no-progress"])
+    assert code == 0
+    assert "calibrated head" in capsys.readouterr().out
+    model = load_model(head, backbone_weights=bb, device="cpu", dtype="fp32")
+    same, near = [], []
+    for views, dists in fit_samples:
+        v, d = model.embed(views).double().numpy(), model.embed(dists).double().numpy()
+        same += [v[a] @ v[b] for a, b in ((0, 1), (0, 2), (1, 2))]
+        near += [v[k] @ d[k] for k in range(3)]
+    expected = fit_logistic(same, near)
+    stored = calibration_for(head)
+    assert stored.slope == pytest.approx(expected.slope, rel=1e-3)
+    assert stored.midpoint == pytest.approx(expected.midpoint, abs=1e-4)
+    assert read_head_metadata(head).provenance["converted_from"] == "Aleksandar/nearid-siglip2"
+
+
+def test_convert_without_data_says_the_head_is_uncalibrated(tmp_path, capsys):
+    pytest.importorskip("transformers", reason="transformers is a test dependency (pip install -e .[test])")
+    from test_convert import _reference_model, _save_release
+
+    release = _save_release(_reference_model(3), tmp_path / "rel", "5.x")
+    head = tmp_path / "nearid.safetensors"
+    assert cli_main(["convert", str(release), "--out", str(head), "--backbone", "tiny-siglip"]) == 0
+    assert "uncalibrated" in capsys.readouterr().err
+    assert not calibration_for(head).fitted
