@@ -540,7 +540,7 @@ def reliability_diagram(report: ReliabilityReport, path: str | Path, title: str 
         ) from e
     fig = Figure(figsize=(4.6, 5.2), dpi=100)
     FigureCanvasAgg(fig)
-    top = fig.add_axes((0.14, 0.36, 0.82, 0.56))
+    top = fig.add_axes((0.14, 0.36, 0.82, 0.52))
     bottom = fig.add_axes((0.14, 0.09, 0.82, 0.18), sharex=top)
     width = 1.0 / len(report.bins)
     lo = [b["lo"] for b in report.bins]
