@@ -10,6 +10,7 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
 from typing import Sequence
 
 from . import __version__
@@ -18,6 +19,8 @@ from .errors import NearIDError
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("comfy_nearid.commands.score", "score generated images against subject reference images"),
+    "report": ("comfy_nearid.commands.report", "write the HTML report of an existing `nearid score` rows file"),
+    "consistency": ("comfy_nearid.commands.consistency", "identity consistency within sets of images, without a reference"),
     "eval": ("comfy_nearid.commands.evaluate", "evaluate scorers: SSR/PA (NearID), MTG, DreamBench++ human alignment"),
     "synth": ("comfy_nearid.commands.synth", "generate the synthetic near-identity benchmark"),
     "demo": ("comfy_nearid.commands.demo", "run the whole method end to end on the synthetic benchmark"),
@@ -53,6 +56,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return build_parser(command).parse_args(argv)
 
 
+# Exit statuses: 2 = the input is wrong (a NearIDError: fix the file/option it names),
+# 1 = something unexpected went wrong (a bug or the environment), 130 = interrupted.
+EXIT_BAD_INPUT = 2
+EXIT_UNEXPECTED = 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(
@@ -61,15 +70,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.command is None:
         build_parser().print_help()
-        return 2
+        return EXIT_BAD_INPUT
     try:
         return int(_load_command(args.command).run(args) or 0)
     except NearIDError as e:
-        print(f"nearid {args.command}: error: {e}", file=sys.stderr)
-        return 1
+        if args.verbose:
+            logging.getLogger(__name__).debug("traceback", exc_info=True)
+        print(f"nearid {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"nearid {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - the one place that turns any failure into one line
+        if args.verbose:
+            traceback.print_exc(file=sys.stderr)
+        where = "" if args.verbose else "; run with -v for the traceback"
+        print(f"nearid {args.command}: unexpected error: {type(e).__name__}: {_one_line(e)}{where}",
+              file=sys.stderr)
+        return EXIT_UNEXPECTED
+
+
+def _one_line(e: BaseException) -> str:
+    """The exception's message; multi-line messages (a list of searched places) are kept."""
+    text = str(e).strip()
+    return text or type(e).__name__
 
 
 def entry_point() -> None:

@@ -8,7 +8,6 @@ kinds is what makes a file, its PIL image and its ComfyUI tensor give the same e
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence, Union
@@ -59,39 +58,60 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 def decode_image(opener: Any, description: str, mode: str = "RGB") -> Image.Image:
     """Decode a file path or file-like object into ``mode`` ("RGB": any Pillow mode converted,
     transparency composited onto white; "L": a mask, converted directly), applying the EXIF
-    orientation. Every failure is an :class:`ImageLoadError` naming ``description``."""
+    orientation. Every failure is an :class:`ImageLoadError` naming ``description``.
+
+    Images over ``Image.MAX_IMAGE_PIXELS`` (Pillow's decompression-bomb limit, read, never
+    changed) are refused from the header's size before any pixel is decoded. No warning filter
+    is touched: they are process-global, so changing them from decode threads would leak into
+    the caller's own ``Image.open`` calls.
+    """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(opener) as img:
-                img.load()
-                img = ImageOps.exif_transpose(img)
-                out = _to_rgb(img) if mode == "RGB" else img.convert(mode)
+        with Image.open(opener) as img:
+            _check_pixel_count(img, description)
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            out = _to_rgb(img) if mode == "RGB" else img.convert(mode)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        # Image.open itself raises past twice the limit (or past it, where the caller's own
+        # filters turn the warning into an error).
         raise ImageLoadError(
             description, f"larger than Pillow's decompression-bomb limit ({Image.MAX_IMAGE_PIXELS} pixels): {e}"
         ) from e
     except UnidentifiedImageError as e:
         raise ImageLoadError(description, "not a recognised image format") from e
-    except (OSError, SyntaxError, ValueError) as e:
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageLoadError(description, f"corrupt or truncated image data ({e})") from e
     return check_image(out, description)
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Decode an image file into an RGB PIL image, applying its EXIF orientation.
+def _check_pixel_count(img: Image.Image, description: str) -> None:
+    """Refuse an image whose header declares more pixels than Pillow's limit (``None``: no limit)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    width, height = img.size
+    if limit is not None and width * height > limit:
+        raise ImageLoadError(
+            description,
+            f"larger than Pillow's decompression-bomb limit ({limit} pixels): {width}x{height} = "
+            f"{width * height} pixels, refused before decoding",
+        )
 
-    Raises :class:`ImageLoadError` naming the file when it is missing, empty, truncated,
-    not an image, zero-sized or larger than Pillow's decompression-bomb limit.
+
+def load_image(path: str | Path, mode: str = "RGB") -> Image.Image:
+    """Decode an image file into an RGB PIL image (``mode="L"``: a mask), applying its EXIF orientation.
+
+    Raises :class:`ImageLoadError` naming the file when it is missing, not a regular file (a
+    directory, FIFO, dangling link, link loop), empty, truncated, not an image, zero-sized or
+    larger than Pillow's decompression-bomb limit.
     """
+    from .fileio import regular_file_problem
+
     p = Path(path)
-    if not p.exists():
-        raise ImageLoadError(p, "file does not exist")
-    if p.is_dir():
-        raise ImageLoadError(p, "is a directory, not an image file")
+    problem = regular_file_problem(p)
+    if problem is not None:
+        raise ImageLoadError(p, problem)
     if p.stat().st_size == 0:
         raise ImageLoadError(p, "file is empty (0 bytes)")
-    return decode_image(p, str(p))
+    return decode_image(p, str(p), mode)
 
 
 def load_image_bytes(data: bytes, description: str) -> Image.Image:
@@ -233,12 +253,7 @@ def as_mask_arrays(masks: Any, count: int) -> list[np.ndarray]:
         arrays = []
         for i, m in enumerate(masks):
             if isinstance(m, (str, Path)):
-                p = Path(m)
-                try:
-                    with Image.open(p) as im:
-                        arrays.append(np.asarray(im.convert("L"), dtype=np.float32) / 255.0)
-                except (OSError, ValueError) as e:
-                    raise ImageLoadError(p, f"cannot read mask ({e})") from e
+                arrays.append(np.asarray(load_image(m, mode="L"), dtype=np.float32) / 255.0)
             elif isinstance(m, Image.Image):
                 arrays.append(np.asarray(m.convert("L"), dtype=np.float32) / 255.0)
             else:
@@ -250,24 +265,67 @@ def as_mask_arrays(masks: Any, count: int) -> list[np.ndarray]:
     return arrays
 
 
+RESIZE_MODES = ("squash", "shorter")
+
+
 @dataclass(frozen=True)
 class Preprocess:
-    """Resize (no crop, aspect not kept) + scale to 0..1 + normalise, as in SigLIP's processor.
+    """Resize + scale to 0..1 + normalise: a model's preprocessing as data (timm's
+    ``resolve_data_config`` idea), read by this one transform.
 
-    ``image_size`` is the square model input side in pixels.
+    ``resize="squash"`` (the NearID / SigLIP processor convention): resize to
+    ``image_size`` x ``image_size``, aspect not kept, no crop. ``resize="shorter"`` (the
+    torchvision / CLIP / DINO evaluation convention): resize the shorter side to
+    ``resize_size`` (default ``image_size``; the longer side to ``int(resize_size * long /
+    short)``, as torchvision's ``Resize(int)``), then take the centre ``image_size`` square
+    (torchvision's ``CenterCrop`` rounding). ``image_size`` is the model input side in pixels.
     """
 
     image_size: int
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     interpolation: str = "bicubic"
+    resize: str = "squash"
+    resize_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZE_MODES:
+            raise InvalidInputError(f"preprocess resize must be one of {RESIZE_MODES}, got {self.resize!r}")
+        if self.interpolation not in _RESAMPLE:
+            raise InvalidInputError(
+                f"preprocess interpolation must be one of {sorted(_RESAMPLE)}, got {self.interpolation!r}"
+            )
+        if self.resize_size is not None:
+            if self.resize != "shorter":
+                raise InvalidInputError("preprocess resize_size applies to resize='shorter' only")
+            if self.resize_size < self.image_size:
+                raise InvalidInputError(
+                    f"preprocess resize_size {self.resize_size} is smaller than the crop {self.image_size}"
+                )
+
+    def geometry(self, image: Image.Image, interpolation: str | None = None) -> Image.Image:
+        """The resize (and centre crop) alone: any PIL image (also a mode "F" mask) -> the
+        ``image_size`` square; ``interpolation`` overrides the filter (masks use bilinear)."""
+        s = self.image_size
+        resample = _RESAMPLE[interpolation or self.interpolation]
+        if self.resize == "squash":
+            return image if image.size == (s, s) else image.resize((s, s), resample=resample)
+        short_target = self.resize_size or s
+        w, h = image.size
+        short, long = (w, h) if w <= h else (h, w)
+        if short != short_target:
+            new_long = int(short_target * long / short)
+            size = (short_target, new_long) if w <= h else (new_long, short_target)
+            image = image.resize(size, resample=resample)
+        w, h = image.size
+        left, top = int(round((w - s) / 2.0)), int(round((h - s) / 2.0))
+        if (left, top, w, h) == (0, 0, s, s):
+            return image
+        return image.crop((left, top, left + s, top + s))
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """RGB PIL image -> float32 ``[3, S, S]`` normalised pixels."""
-        s = self.image_size
-        img = image if image.mode == "RGB" else _to_rgb(image)
-        if img.size != (s, s):
-            img = img.resize((s, s), resample=_RESAMPLE[self.interpolation])
+        img = self.geometry(image if image.mode == "RGB" else _to_rgb(image))
         arr = np.asarray(img, dtype=np.float32) / np.float32(255.0)
         mean = np.asarray(self.mean, dtype=np.float32)
         std = np.asarray(self.std, dtype=np.float32)
@@ -279,7 +337,12 @@ class Preprocess:
         return torch.stack([self(im) for im in images])
 
     def describe(self) -> str:
+        """A stable description (part of cache keys); the squash default's is unchanged."""
+        if self.resize == "squash":
+            geometry = f"resize{self.image_size}-{self.interpolation}-squash"
+        else:
+            geometry = f"shorter{self.resize_size or self.image_size}-{self.interpolation}-crop{self.image_size}"
         return (
-            f"resize{self.image_size}-{self.interpolation}-squash"
+            f"{geometry}"
             f"-mean{','.join(f'{m:g}' for m in self.mean)}-std{','.join(f'{s:g}' for s in self.std)}"
         )

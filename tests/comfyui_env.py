@@ -91,8 +91,12 @@ def prepare_base_dir(base: Path) -> Path:
 class ComfyServer:
     """One headless ComfyUI process on 127.0.0.1 with its own base directory."""
 
-    def __init__(self, tree: Path, base: Path, port: int | None = None) -> None:
+    def __init__(self, tree: Path, base: Path, port: int | None = None,
+                 env: dict[str, str | None] | None = None) -> None:
+        """``env``: variables to set for the server process (None removes one), applied after
+        the defaults below (offline hub, no NEARID_ALLOW_DOWNLOAD)."""
         self.tree = tree
+        self.env = dict(env or {})
         self.base = prepare_base_dir(base)
         self.fixed_port = port is not None  # a port the caller chose is never swapped for another
         self.port = port or free_port()
@@ -136,6 +140,11 @@ class ComfyServer:
         env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
                     "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "2")})
         env.pop("NEARID_ALLOW_DOWNLOAD", None)
+        for name, value in self.env.items():
+            if value is None:
+                env.pop(name, None)
+            else:
+                env[name] = value
         log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(self.command(), cwd=self.tree, env=env, stdout=log, stderr=subprocess.STDOUT)

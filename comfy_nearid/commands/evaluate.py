@@ -77,7 +77,8 @@ def _add_scoring_arguments(sp: argparse.ArgumentParser, mtg: bool) -> None:
     data.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
     sc = sp.add_argument_group("scorers (repeatable, one table row each)")
     sc.add_argument("--scorer", action="append", default=[], metavar="SPEC",
-                    help="head:PATH.safetensors | pooled:BACKBONE | mean:BACKBONE | feature:background|object; "
+                    help="clip-i | dino-i | dino-i-s8 | dinov2 | head:PATH.safetensors | pooled:BACKBONE | mean:BACKBONE | "
+                         "feature:background|object; "
                          "optionally NAME=SPEC")
     sc.add_argument("--csv", action="append", default=[], metavar="[NAME=]FILE",
                     help="per-sample similarity CSV in the reference format")
@@ -113,10 +114,27 @@ def run(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- human
 
 
+def _check_outputs_writable(args: argparse.Namespace) -> None:
+    """Every output of ``eval`` (and the cache), checked before any work."""
+    from ..fileio import check_writable
+
+    check_writable(args.out / "summary.json", "output folder", existing_ok=False)
+    if args.json is not None:
+        check_writable(args.json, "--json output", existing_ok=False)
+    if getattr(args, "report", None) is not None:
+        check_writable(args.report / "index.html", "--report folder", existing_ok=False)
+    cache = getattr(args, "cache", None)
+    if cache is not None:
+        from ..embedding_cache import default_cache_path
+
+        check_writable(Path(cache).expanduser() if cache else default_cache_path(), "embedding cache")
+
+
 def _run_human(args: argparse.Namespace) -> int:
     from ..metrics.human import alignment_to_dict, human_alignment, parse_categories
 
     categories = parse_categories(args.category)
+    _check_outputs_writable(args)
     result = alignment_to_dict(human_alignment(args.ratings, args.metric, categories))
     print(format_human_table(result, per_method=args.per_method), end="")
     ratings = str(args.ratings) if args.ratings is not None else "bundled (published DreamBench++ ratings)"
@@ -233,6 +251,8 @@ def _run_scoring(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.mask_keep != "foreground" and args.masks != "pixels":
         raise InvalidInputError(f"--mask-keep {args.mask_keep} applies to --masks pixels (got {'--masks ' + args.masks if args.masks else 'no --masks'})")
+    if int(os.environ.get("RANK", "0")) == 0:
+        _check_outputs_writable(args)
     rank = int(os.environ.get("RANK", "0"))
     progress = not args.no_progress
     results: list = []

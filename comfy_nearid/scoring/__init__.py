@@ -20,9 +20,11 @@ the same batches as one uninterrupted process: their rows are identical.
 
 Modules: :mod:`.plan` (discovery, plans), :mod:`.rows` (row I/O), :mod:`.combine` (reference
 combination, calibrated match), :mod:`.run` (the streaming scorer), :mod:`.outputs` (output
-paths, finalisation, summaries).
+paths, finalisation, summaries), :mod:`.columns` (several scorers in one run, one score column
+each).
 """
 
+from .columns import ScorerPass, score_plan_with_scorers
 from .combine import AGGREGATES, REFERENCE_COMBINATIONS, aggregate_cosines, combine_references
 from .outputs import OutputPaths, ScoringResult
 from .plan import (
@@ -38,16 +40,18 @@ from .plan import (
     read_mapping,
 )
 from .rows import OUTPUT_FORMATS, ROW_FIELDS, ScoreRow, read_rows
-from .run import ProcessShard, ScoringOptions, prefetch, score_plan
+from .run import DEFAULT_BATCH_SIZE, ProcessShard, ScoringOptions, default_batch_size, prefetch, score_plan
 
 __all__ = [
     "AGGREGATES",
+    "DEFAULT_BATCH_SIZE",
     "OUTPUT_FORMATS",
     "ROW_FIELDS",
     "OutputPaths",
     "ProcessShard",
     "ScoreItem",
     "ScoreRow",
+    "ScorerPass",
     "ScoringOptions",
     "ScoringPlan",
     "ScoringResult",
@@ -55,6 +59,7 @@ __all__ = [
     "REFERENCE_COMBINATIONS",
     "aggregate_cosines",
     "combine_references",
+    "default_batch_size",
     "dreambench_key",
     "list_images",
     "natural_sort_key",
@@ -65,5 +70,6 @@ __all__ = [
     "read_rows",
     "prefetch",
     "score_plan",
+    "score_plan_with_scorers",
 ]
 

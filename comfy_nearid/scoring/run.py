@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: Called in the decode threads with ``(path, decoded PIL image or None on a cache hit, file bytes)``.
+ImageHook = Callable[[Path, Any, bytes], None]
+
 # ============================================================================ streaming
 @dataclass
 class _Prepared:
@@ -45,15 +48,21 @@ class _Prepared:
 class _ItemPreparer:
     """Read, hash, look up and (on a miss) decode + preprocess one image. Runs in threads."""
 
-    def __init__(self, preprocess: Callable[[Any], "torch.Tensor"], cache: "EmbeddingCache | None", identity: str):
+    def __init__(self, preprocess: Callable[[Any], "torch.Tensor"], cache: "EmbeddingCache | None", identity: str,
+                 on_decoded: "ImageHook | None" = None):
         self.preprocess = preprocess
         self.cache = cache
         self.identity = identity
+        self.on_decoded = on_decoded
 
     def __call__(self, item: ScoreItem) -> _Prepared:
         from ..embedding_cache import bytes_content_hash
+        from ..fileio import regular_file_problem
         from ..images import load_image_bytes
 
+        problem = regular_file_problem(item.path)  # before opening: a FIFO would block forever
+        if problem is not None:
+            return _Prepared(error=problem)
         try:
             data = item.path.read_bytes()
         except OSError as e:
@@ -65,11 +74,16 @@ class _ItemPreparer:
             key = bytes_content_hash(data)
             hit = self.cache.get_many(self.identity, [key]).get(key)
             if hit is not None:
+                if self.on_decoded is not None:
+                    self.on_decoded(item.path, None, data)
                 return _Prepared(key=key, embedding=hit)
         try:
-            pixels = self.preprocess(load_image_bytes(data, str(item.path)))
+            image = load_image_bytes(data, str(item.path))
+            pixels = self.preprocess(image)
         except ImageLoadError as e:
             return _Prepared(key=key, error=e.reason)
+        if self.on_decoded is not None:
+            self.on_decoded(item.path, image, data)  # e.g. the report's thumbnail, from this one decode
         return _Prepared(key=key, pixels=pixels)
 
 
@@ -101,8 +115,10 @@ def prefetch(
         while pending:
             batch, futures = pending.popleft()
             prepared = [f.result() for f in futures]
-            submit_next()
             yield batch, prepared
+            # Only once the consumer is done with this batch: the batch in hand plus `depth`
+            # batches ahead, never `depth + 2`.
+            submit_next()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -123,6 +139,20 @@ class ProcessShard:
     @property
     def is_main(self) -> bool:
         return self.index == 0
+
+
+# Images per forward pass when the user gives none. Measured, not guessed: model-only
+# throughput by batch size (`python benchmarks/bench_scoring.py --only throughput`, which
+# prints the sweep and this default). On the 2-core CPU, small-siglip gave ~55 img/s at
+# batch 8-16, ~48 at 32 and ~43 at 64 (two runs), so the CPU default is 16; larger batches
+# only add cache misses there. The CUDA value awaits the GPU suite's sweep (benchmarks/gpu.sh).
+DEFAULT_BATCH_SIZE = {"cpu": 16, "cuda": 64}
+
+
+def default_batch_size(device: "torch.device | str") -> int:
+    """Images per forward pass when none is given, for ``device`` (see DEFAULT_BATCH_SIZE)."""
+    kind = device.type if hasattr(device, "type") else str(device).split(":")[0]
+    return DEFAULT_BATCH_SIZE.get(kind, DEFAULT_BATCH_SIZE["cuda"])
 
 
 @dataclass(frozen=True)
@@ -158,6 +188,7 @@ def score_plan(
     overwrite: bool = False,
     shard: ProcessShard = ProcessShard(),
     run_config: dict[str, Any] | None = None,
+    on_decoded: ImageHook | None = None,
 ) -> ScoringResult | None:
     """Score every item of ``plan`` and write the outputs.
 
@@ -171,6 +202,7 @@ def score_plan(
         overwrite: replace existing outputs.
         shard: this process's place in a multi-process run.
         run_config: extra resolved settings recorded in the config file.
+        on_decoded: called in the decode threads with each image read (the report's thumbnails).
 
     Returns:
         The :class:`ScoringResult` on the main process, ``None`` on the others.
@@ -194,14 +226,14 @@ def score_plan(
                 path.unlink(missing_ok=True)
         write_json_atomic(outputs.config, config)
     shard.barrier()
-    done = _finished_indices(plan, outputs)
+    done = _finished_indices(plan, outputs, strict=options.strict)
     shard.barrier()  # nobody appends before every process has read what is done
     todo = _chunks_for(plan, done, options.batch_size, shard)
     journal = outputs.rows if shard.count == 1 else outputs.shard(shard.index, shard.count)
     fmt = outputs.fmt if shard.count == 1 else "jsonl"
     logger.info("scoring %d image(s) of %d subject(s); %d already done%s", len(plan), len(plan.subjects),
                 len(done), "" if shard.count == 1 else f"; process {shard.index}/{shard.count}")
-    _run_chunks(model, todo, done, references, journal, fmt, options, cache, shard)
+    _run_chunks(model, todo, done, references, journal, fmt, options, cache, shard, on_decoded)
     shard.barrier()
     if not shard.is_main:
         return None
@@ -238,6 +270,7 @@ def _check_outputs(outputs: OutputPaths, resume: bool, overwrite: bool, config: 
     for path in outputs.finals():
         if path.is_dir():
             raise InvalidInputError(f"output {path} is a directory; give a file path")
+    outputs.check_writable(resume)
     existing = [p for p in [*outputs.finals(), *outputs.shards()] if p.exists()]
     if existing and not (resume or overwrite):
         raise InvalidInputError(
@@ -270,8 +303,13 @@ def _embed_references(
     return out
 
 
-def _finished_indices(plan: ScoringPlan, outputs: OutputPaths) -> set[int]:
-    """Plan indices that already have a row in the outputs (rows file and per-process parts)."""
+def _finished_indices(plan: ScoringPlan, outputs: OutputPaths, strict: bool = False) -> set[int]:
+    """Plan indices that already have a row in the outputs (rows file and per-process parts).
+
+    Raises:
+        ImageLoadError: ``strict`` and a previous row of this plan is an error row (a resumed
+            strict run stays strict: it does not finish with the error rows of the last one).
+    """
     index_of = {(it.subject, str(it.path)): it.index for it in plan.items}
     done: set[int] = set()
     sources = ([(outputs.rows, outputs.fmt)] if outputs.rows.exists() else []) + [(p, "jsonl") for p in outputs.shards()]
@@ -279,6 +317,11 @@ def _finished_indices(plan: ScoringPlan, outputs: OutputPaths) -> set[int]:
         for _, row in scan_rows(path, fmt):
             idx = index_of.get((row.subject, row.path))
             if idx is not None:
+                if strict and row.error:
+                    raise ImageLoadError(
+                        row.path, f"{row.error} (--strict: the previous run already wrote an error row for it in "
+                        f"{path}; fix or remove the file and run with --overwrite, or resume without --strict)"
+                    )
                 done.add(idx)
     return done
 
@@ -300,6 +343,7 @@ def _chunks_for(plan: ScoringPlan, done: set[int], batch_size: int, shard: Proce
 def _run_chunks(
     model: Any, chunks: list[list[ScoreItem]], done: set[int], references: dict[str, np.ndarray],
     journal: Path, fmt: str, options: ScoringOptions, cache: "EmbeddingCache | None", shard: ProcessShard,
+    on_decoded: ImageHook | None = None,
 ) -> None:
     """The streaming loop: prefetched batches -> model -> rows appended and flushed per batch
     (rows of items in ``done`` are not written again)."""
@@ -311,7 +355,7 @@ def _run_chunks(
     if total == 0:
         return
     identity = model_cache_identity(model)
-    preparer = _ItemPreparer(model.preprocess, cache, identity)
+    preparer = _ItemPreparer(model.preprocess, cache, identity, on_decoded)
     bar = tqdm(total=total, unit="img", desc="scoring" if shard.count == 1 else f"scoring [{shard.index}]",
                disable=not options.progress, dynamic_ncols=True, smoothing=0.1)
     with open_for_append(journal, fmt) as out:
