@@ -22,6 +22,7 @@ from comfy_nearid.calibration import (
     write_head_calibration,
 )
 from comfy_nearid.checkpoint import read_head_metadata
+from comfy_nearid.cli import EXIT_BAD_INPUT
 from comfy_nearid.cli import main as cli_main
 
 
@@ -175,11 +176,11 @@ def test_cli_dataset_path_fits_on_one_split_and_reports_on_another(tmp_path, tin
 def test_cli_refuses_ambiguous_or_missing_pairs(tmp_path, tiny_model, capsys):
     head = tmp_path / "head.safetensors"
     tiny_model.save_head(head)
-    assert cli_main(["calibrate", "--head", str(head)]) == 1
+    assert cli_main(["calibrate", "--head", str(head)]) == EXIT_BAD_INPUT
     assert "exactly one of --data" in capsys.readouterr().err
-    assert cli_main(["calibrate", "--head", str(head), "--csv", "a.csv", "--split", "train"]) == 1
+    assert cli_main(["calibrate", "--head", str(head), "--csv", "a.csv", "--split", "train"]) == EXIT_BAD_INPUT
     assert "--eval-csv" in capsys.readouterr().err
-    assert cli_main(["calibrate", "--head", str(head), "--data", "d", "--split", "x", "--eval-split", "x"]) == 1
+    assert cli_main(["calibrate", "--head", str(head), "--data", "d", "--split", "x", "--eval-split", "x"]) == EXIT_BAD_INPUT
     assert "must differ" in capsys.readouterr().err
 
 
