@@ -116,7 +116,7 @@ class IdentityScorer:
         num_workers: decode threads per actor (0: decode in the calling thread).
         expected_identity: refuse a model other than the one that embedded the references.
 
-    Output columns: ``path, subject, cosines, score, calibrated, rank, error`` (``rank`` is
+    Output columns: ``path, subject, cosines, score, match, calibrated, rank, error`` (``rank`` is
     null: ranks need every row of a subject; see :func:`comfy_nearid.scoring.outputs`).
     """
 

@@ -77,7 +77,7 @@ def rows_by_key(rows) -> dict[tuple[str, str], object]:
 
 
 def assert_same_rows(got, expected, check_ranks: bool = True) -> None:
-    """Same (subject, key) set; cosines and scores to 1e-6 (calibrated, 0..100, to 1e-4); same
+    """Same (subject, key) set; cosines and scores to 1e-6 (match, 0..100, to 1e-4); same
     ranks; the same error reasons."""
     got_by, exp_by = rows_by_key(got), rows_by_key(expected)
     assert sorted(got_by) == sorted(exp_by)
@@ -87,5 +87,6 @@ def assert_same_rows(got, expected, check_ranks: bool = True) -> None:
         if e.error is None:
             np.testing.assert_allclose(g.cosines, e.cosines, atol=1e-6)
             np.testing.assert_allclose(g.score, e.score, atol=1e-6, rtol=0)
-            np.testing.assert_allclose(g.calibrated, e.calibrated, atol=1e-4, rtol=0)  # 0..100 scale
+            np.testing.assert_allclose(g.match, e.match, atol=1e-4, rtol=0)  # 0..100 scale
+            assert g.calibrated == e.calibrated
         assert not check_ranks or g.rank == e.rank, (k, g.rank, e.rank)

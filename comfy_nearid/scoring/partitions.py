@@ -13,7 +13,7 @@ also offer ``embed_references(references, batch_size) -> (model identity, embedd
 workers embed the references once, in their own dtype) and ``close()``.
 
 Output folder: ``<name>.parquet`` per partition (columns of ``nearid score``: path, subject,
-cosines, score, calibrated, rank, error), ``_summary.json`` and ``_config.json``; a parquet
+cosines, score, match, calibrated, rank, error), ``_summary.json`` and ``_config.json``; a parquet
 reader given the folder sees only the rows.
 """
 
@@ -105,7 +105,8 @@ def rows_table(rows: Sequence[ScoreRow], **constant_columns: Any) -> "pa.Table":
         "subject": pa.array([r.subject for r in rows], pa.string()),
         "cosines": pa.array([list(r.cosines) for r in rows], pa.list_(pa.float64())),
         "score": pa.array([r.score for r in rows], pa.float64()),
-        "calibrated": pa.array([r.calibrated for r in rows], pa.float64()),
+        "match": pa.array([r.match for r in rows], pa.float64()),
+        "calibrated": pa.array([r.calibrated for r in rows], pa.bool_()),
         "rank": pa.array([r.rank for r in rows], pa.int64()),
         "error": pa.array([r.error for r in rows], pa.string()),
     }
@@ -299,14 +300,14 @@ def finalize_partitions(model_identity: str, aggregate: str, names: Sequence[str
     missing = [p for p in paths if not p.exists()]
     if missing:
         raise DatasetError(f"{len(missing)} partition(s) have no output (first: {missing[0]}); run again with --resume")
-    parts = [pq.read_table(p, columns=["path", "subject", "score", "calibrated"]) for p in paths]
+    parts = [pq.read_table(p, columns=["path", "subject", "score", "match"]) for p in paths]
     lengths = [t.num_rows for t in parts]
     table = pa.concat_tables(parts)
     subject_names = list(references)
     number = {name: i for i, name in enumerate(subject_names)}
     subject_ids = np.array([number.get(s, -1) for s in table.column("subject").to_pylist()], dtype=np.int64)
     scores = table.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
-    calibrated = table.column("calibrated").to_numpy(zero_copy_only=False).astype(np.float64)
+    match = table.column("match").to_numpy(zero_copy_only=False).astype(np.float64)
     scores[subject_ids < 0] = np.nan  # a row whose subject has no references is an error row
     row_paths = table.column("path").to_pylist()
     ranks = _ranks_within_subjects(subject_ids, scores, row_paths)
@@ -318,7 +319,7 @@ def finalize_partitions(model_identity: str, aggregate: str, names: Sequence[str
         part = part.set_column(part.schema.get_field_index("rank"), "rank", rank_column)
         write_table_atomic(path, part)
         start += length
-    summaries = summarize_subjects([(n, references[n]) for n in subject_names], subject_ids, scores, calibrated,
+    summaries = summarize_subjects([(n, references[n]) for n in subject_names], subject_ids, scores, match,
                                    ranks, lambda i: str(row_paths[i]))
     num_scored = int(np.isfinite(scores).sum())
     num_unmatched = int((subject_ids < 0).sum())
