@@ -25,8 +25,8 @@ Output folder layout::
     summary.json             metrics with intervals, targets, timings (written last)
     table.md                 the printed tables
 
-Each distinct test image goes through the frozen backbone once: its patch tokens (kept at the
-training cache's precision) and its pooled vector serve both baselines and the trained head.
+Each distinct test image goes through the frozen backbone once: its patch tokens (kept in
+float32) and its pooled vector serve both baselines and the trained head.
 """
 
 from __future__ import annotations
@@ -346,13 +346,12 @@ class FrozenFeatures:
 
     Images are recognised by their pixels (a digest of mode, size and bytes), so the
     evaluator's passes over a split (one per scorer) and the later trained-head pass share
-    one backbone pass. Tokens are kept at ``token_dtype`` (the training cache's precision,
-    which the head was trained on); pooled vectors in float32.
+    one backbone pass. Tokens and pooled vectors are kept in float32, the precision
+    ``nearid eval`` reads them at, so the demo's numbers are the exported head's.
     """
 
-    def __init__(self, model: "IdentityModel", token_dtype: "torch.dtype") -> None:
+    def __init__(self, model: "IdentityModel") -> None:
         self.model = model
-        self.token_dtype = token_dtype
         self._features: dict[bytes, tuple["torch.Tensor", "torch.Tensor"]] = {}
 
     @staticmethod
@@ -370,7 +369,7 @@ class FrozenFeatures:
         missing = {k: im for k, im in zip(keys, images) if k not in self._features}
         if missing:
             tokens, pooled = frozen_pass(self.model, self.model.preprocess_batch(list(missing.values())))
-            tokens, pooled = tokens.to("cpu", self.token_dtype), pooled.cpu()
+            tokens, pooled = tokens.cpu(), pooled.cpu()
             self._features.update((k, (t, p)) for k, t, p in zip(missing, tokens, pooled))
         return [self._features[k] for k in keys]
 
@@ -406,7 +405,8 @@ def _baseline_scorers(model: "IdentityModel", features: FrozenFeatures, batch_si
         return F.normalize(features.pooled(images), dim=-1)
 
     def mean(images: list, masks: Any) -> "torch.Tensor":
-        return F.normalize(features.tokens(images).mean(dim=1), dim=-1).cpu()
+        with torch.inference_mode():  # the model's readout is "mean"
+            return model.embed_tokens(features.tokens(images)).cpu()
 
     return [
         Scorer(names["pooled"], pooled, batch_size=batch_size, identity=base + "|readout=pooled"),
@@ -421,7 +421,7 @@ def _head_scorer(model: "IdentityModel", features: FrozenFeatures, batch_size: i
 
     def head(images: list, masks: Any) -> "torch.Tensor":
         with torch.inference_mode():
-            return model.head(features.tokens(images)).cpu()
+            return model.embed_tokens(features.tokens(images), head=model.head).cpu()
 
     return Scorer(_scorer_names(model.spec.name)["head"], head, batch_size=batch_size, identity=model.identity)
 
@@ -696,8 +696,8 @@ def _heatmap_section(
 
 
 def _head_file_check(viewer: "IdentityModel", model: "IdentityModel", features: FrozenFeatures, refs: list[Any]) -> dict[str, Any]:
-    """The saved head loaded the ordinary way (``load_model(head=...)``, fp32 tokens) against
-    the demo's scoring path (kept tokens): largest difference of the embeddings."""
+    """The saved head loaded the ordinary way (``load_model(head=...)``) against the demo's
+    scoring path (kept fp32 tokens): largest difference of the embeddings."""
     import torch
 
     if not refs:
@@ -705,7 +705,7 @@ def _head_file_check(viewer: "IdentityModel", model: "IdentityModel", features: 
     images = [r.load() for r in refs]
     loaded = viewer.embed(images)
     with torch.inference_mode():
-        scored = model.head(features.tokens(images)).cpu()
+        scored = model.embed_tokens(features.tokens(images), head=model.head).cpu()
     return {"images": len(images), "max_abs_diff": float((loaded - scored).abs().max())}
 
 
@@ -794,7 +794,7 @@ def run_demo(
                        seed=settings.seed, n_mtg=settings.n_mtg, workers=settings.workers, progress=progress)
     phase("generate", t)
 
-    features = FrozenFeatures(model, torch.float16)  # synth.yaml trains from float16 cached tokens
+    features = FrozenFeatures(model)
     batch = 64 if model.device.type == "cpu" else 256
     t = time.perf_counter()
     logger.info("[2/5] scoring the held-out test identities with the frozen %s baselines", settings.backbone)
