@@ -130,6 +130,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.spec = spec
         self.trunk = trunk
+        self.weights_path: Path | None = None  # the weights file loaded (set by build_backbone)
         self.requires_grad_(False)
         self.eval()
 
@@ -277,4 +278,6 @@ def build_backbone(
     if path is not None:
         load_backbone_state(trunk, spec, read_state_dict(path), str(path))
         logger.info("loaded %s weights from %s", spec.name, path)
-    return Backbone(spec, trunk)
+    backbone = Backbone(spec, trunk)
+    backbone.weights_path = path  # the file actually loaded (None: random weights)
+    return backbone

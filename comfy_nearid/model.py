@@ -20,6 +20,7 @@ from .checkpoint import HeadMetadata, head_hash, load_head_file, read_head_metad
 from .errors import HeadMismatchError, InvalidInputError
 from .head import NearIDHead
 from .images import Preprocess, as_mask_arrays, as_pil_images
+from .weights import weights_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +156,10 @@ class IdentityModel(nn.Module):
 
     @property
     def identity(self) -> str:
-        """Stable description of everything that determines an embedding (cache key)."""
+        """Stable description of everything that determines an embedding (cache key), from
+        content, not names: backbone architecture, ``weights=sha256:`` of the weights file
+        loaded (or the random seed), preprocessing, readout, the head's tensor hash and the
+        compute dtype when it is not fp32."""
         if self._identity is None:
             parts = [self.spec.name, self.backbone_id, self.preprocess.describe(), f"readout={self.readout}"]
             if self.readout == "head":
@@ -363,9 +367,8 @@ def load_model(
                             "backbone %s has no pooling head of its own: the head is freshly initialised "
                             "and untrained; load a trained head file for meaningful scores", spec.name,
                         )
-    backbone_id = f"pretrained:{Path(str(backbone_weights)).name}" if backbone_weights else (
-        "pretrained" if pretrained else f"random(seed={seed})"
-    )
+    # identity from content: the loaded weights file's hash (explicit or auto-located alike)
+    backbone_id = f"weights={weights_fingerprint(bb.weights_path)}" if bb.weights_path else f"random(seed={seed})"
     model = IdentityModel(
         bb, nh, readout=readout, device=device, dtype=dtype, backbone_id=backbone_id, head_source=head_source
     )

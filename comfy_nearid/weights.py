@@ -11,17 +11,16 @@ Search order for a backbone's weights file (names in the spec's ``weights_files`
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import CheckpointError, WeightsNotFoundError
+from .fileutil import file_sha256
 
 if TYPE_CHECKING:
     from .backbones import BackboneSpec
@@ -105,20 +104,17 @@ def _download(spec: "BackboneSpec") -> Path:
     return target
 
 
-@lru_cache(maxsize=16)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def weights_fingerprint(path: str | Path) -> str:
+    """Content identity of a weights file: ``sha256:<hex>`` of its bytes, hashed once per file
+    version (remembered by path, size and mtime; see :func:`comfy_nearid.fileutil.file_sha256`).
+    The same weights under two names share it; other weights under the same name never do."""
+    return "sha256:" + file_sha256(path)
 
 
 def verify_sha256(path: Path, expected: str | None) -> None:
     if not expected:
         return
-    st = path.stat()
-    found = _sha256(str(path), st.st_size, st.st_mtime_ns)
+    found = file_sha256(path)
     if found != expected:
         raise CheckpointError(f"weights file {path} has sha256 {found}, expected {expected}")
 
