@@ -40,10 +40,15 @@ class _Prepared:
     embedding: np.ndarray | None = None  # a cache hit
     pixels: "torch.Tensor | None" = None  # [3, S, S], to embed
     error: str | None = None
+    file_key: tuple[str, int, int, str] | None = None  # (path, size, mtime_ns, key) to remember
 
 
 class _ItemPreparer:
-    """Read, hash, look up and (on a miss) decode + preprocess one image. Runs in threads."""
+    """Key, look up and (on a miss) decode + preprocess one image. Runs in threads.
+
+    The cache key is the decoded pixels' (:func:`~comfy_nearid.embedding_cache.pixels_content_hash`,
+    the nodes' key too); an unchanged file (same path, size, mtime) is looked up by the key
+    remembered for it, without being read or decoded."""
 
     def __init__(self, preprocess: Callable[[Any], "torch.Tensor"], cache: "EmbeddingCache | None", identity: str):
         self.preprocess = preprocess
@@ -51,26 +56,37 @@ class _ItemPreparer:
         self.identity = identity
 
     def __call__(self, item: ScoreItem) -> _Prepared:
-        from ..embedding_cache import bytes_content_hash
+        from ..embedding_cache import file_stat_key, pixels_content_hash
         from ..images import load_image_bytes
 
+        try:
+            stat = file_stat_key(item.path)
+        except OSError as e:
+            return _Prepared(error=f"cannot read file ({e.strerror or e})")
+        if self.cache is not None:
+            key = self.cache.remembered_file_keys([stat]).get(stat[0])
+            hit = None if key is None else self.cache.get_many(self.identity, [key]).get(key)
+            if hit is not None:
+                return _Prepared(key=key, embedding=hit)
         try:
             data = item.path.read_bytes()
         except OSError as e:
             return _Prepared(error=f"cannot read file ({e.strerror or e})")
         if not data:
             return _Prepared(error="file is empty (0 bytes)")
-        key = None
-        if self.cache is not None:
-            key = bytes_content_hash(data)
-            hit = self.cache.get_many(self.identity, [key]).get(key)
-            if hit is not None:
-                return _Prepared(key=key, embedding=hit)
         try:
-            pixels = self.preprocess(load_image_bytes(data, str(item.path)))
+            image = load_image_bytes(data, str(item.path))
         except ImageLoadError as e:
-            return _Prepared(key=key, error=e.reason)
-        return _Prepared(key=key, pixels=pixels)
+            return _Prepared(error=e.reason)
+        if self.cache is None:
+            return _Prepared(pixels=self.preprocess(image))
+        key = pixels_content_hash(np.asarray(image, dtype=np.uint8))
+        # remembered only when the file did not change while it was read
+        file_key = (*stat, key) if stat[1] == len(data) and file_stat_key(item.path) == stat else None
+        hit = self.cache.get_many(self.identity, [key]).get(key)
+        if hit is not None:
+            return _Prepared(key=key, embedding=hit, file_key=file_key)
+        return _Prepared(key=key, pixels=self.preprocess(image), file_key=file_key)
 
 
 def prefetch(
@@ -345,6 +361,8 @@ def _embed_batch(model: Any, prepared: list[_Prepared], cache: "EmbeddingCache |
             out[i] = fresh[j]
         if cache is not None:
             cache.put_many(identity, [(prepared[i].key, fresh[j]) for j, i in enumerate(todo)])
+    if cache is not None:  # after the embeddings: a remembered key always has its vector
+        cache.remember_file_keys([p.file_key for p in prepared if p.file_key is not None])
     return out
 
 
