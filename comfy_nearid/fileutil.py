@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["atomic_write_json", "atomic_write_text", "file_sha256", "user_cache_dir"]
 
 CACHE_DIR_ENV_VAR = "NEARID_CACHE_DIR"
+HASH_MEMO_ENV_VAR = "NEARID_HASH_MEMO"
 _HASH_BLOCK = 1 << 20
 
 
@@ -68,7 +69,9 @@ _MEMO_FILE = "file_hashes.json"
 
 
 def _memo_path() -> Path:
-    return user_cache_dir() / _MEMO_FILE
+    """``$NEARID_HASH_MEMO``, else ``file_hashes.json`` in :func:`user_cache_dir`."""
+    explicit = os.environ.get(HASH_MEMO_ENV_VAR)
+    return Path(explicit).expanduser() if explicit else user_cache_dir() / _MEMO_FILE
 
 
 def _read_memo_file() -> dict[str, str]:
@@ -83,7 +86,7 @@ def file_sha256(path: str | Path, *, remember: bool = True) -> str:
     """SHA-256 (hex) of a file's bytes, hashed once per file version.
 
     The digest is remembered under (absolute path, size, mtime in ns) in memory and, with
-    ``remember``, in ``file_hashes.json`` in :func:`user_cache_dir`; a file that changes gets
+    ``remember``, in ``file_hashes.json`` in :func:`user_cache_dir` (or ``$NEARID_HASH_MEMO``); a file that changes gets
     a new size or mtime and so is hashed again. A memo that cannot be written is only logged.
     """
     p = Path(path).resolve()

@@ -97,6 +97,8 @@ class ComfyServer:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.base / "comfyui.log"
+        # the nodes' shared embedding cache (use_cache): inside the base folder, never the user's
+        self.embedding_cache = self.base / "user" / "nearid-embeddings.sqlite"
         self.process: subprocess.Popen | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -112,6 +114,7 @@ class ComfyServer:
         env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
                     "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "2")})
         env.pop("NEARID_ALLOW_DOWNLOAD", None)
+        env["NEARID_EMBEDDING_CACHE"] = str(self.embedding_cache)
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(self.command(), cwd=self.tree, env=env, stdout=log, stderr=subprocess.STDOUT)
         log.close()

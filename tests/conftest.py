@@ -39,6 +39,6 @@ def random_rgb(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 
 @pytest.fixture(autouse=True, scope="session")
 def _private_user_cache_dir(tmp_path_factory):
-    """Keep the library's user cache folder (file-hash memo) out of the real home folder."""
-    os.environ["NEARID_CACHE_DIR"] = str(tmp_path_factory.mktemp("nearid-user-cache"))
+    """Keep the library's file-hash memo out of the real home folder."""
+    os.environ["NEARID_HASH_MEMO"] = str(tmp_path_factory.mktemp("nearid-user-cache") / "file_hashes.json")
     yield

@@ -64,7 +64,7 @@ def test_auto_located_weights_are_identified_by_their_content(tmp_path):
 
 
 def test_weights_are_hashed_once_per_file_version(tmp_path, monkeypatch):
-    monkeypatch.setenv("NEARID_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("NEARID_HASH_MEMO", str(tmp_path / "cache" / "file_hashes.json"))
     monkeypatch.setattr(fileutil, "_memo", {})
     path = tmp_path / "w.bin"
     path.write_bytes(b"first version")
