@@ -7,8 +7,8 @@
    MTG-style part-edit split;
 2. scores the test split with the frozen backbone's baselines: its own pooling
    (``pooled:BACKBONE``) and its mean-pooled patch tokens (``mean:BACKBONE``);
-3. trains the identity head with the trainer (:func:`trainer.train`) from the frozen-feature
-   cache, on the object-level distractors: a fixed number of epochs, or as many steps as a
+3. trains the identity head with the trainer (passed in as ``train_head``; see
+   :mod:`trainer.demo`) from the frozen-feature cache, on the object-level distractors: a fixed number of epochs, or as many steps as a
    time budget (``minutes``) allows;
 4. scores the test split with the trained head and builds a Table-1-style comparison with
    95% bootstrap intervals, pooled and per difficulty level (object, part, colour) and MTG;
@@ -41,7 +41,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -53,6 +53,11 @@ if TYPE_CHECKING:
 
     from .evaluate import EvalResult, Scorer
     from .model import IdentityModel
+
+# Trains ``model.head`` in place for the demo: (model, settings, out folder, progress) ->
+# (the trainer's result: head_path, global_step, epochs_completed, best_step, seconds,
+# best_validation, run_dir; and the estimated seconds per step, None for the fixed plan).
+TrainHead = Callable[["IdentityModel", "DemoSettings", Path, bool], "tuple[Any, float | None]"]
 
 __all__ = [
     "DemoResult",
@@ -207,7 +212,7 @@ def resolve_settings(
         minutes=None if minutes is None else float(minutes),
         epochs=preset.epochs if minutes is None else MAX_EPOCHS,
         # global batch; at least two optimizer steps per epoch on small runs
-        batch_size=max(2, min(64, _kept_for_training(n_train) // 2)),
+        batch_size=max(2, min(64, kept_for_training(n_train) // 2)),
         bootstrap=preset.bootstrap,
         workers=workers,
         device=device,
@@ -216,7 +221,7 @@ def resolve_settings(
     )
 
 
-def _kept_for_training(n_train: int) -> int:
+def kept_for_training(n_train: int) -> int:
     """Training identities left after the trainer's validation hold-out (its own rounding)."""
     return n_train - int(round(n_train * VAL_FRACTION))
 
@@ -472,62 +477,6 @@ def measure_step_seconds(model: "IdentityModel", batch_size: int, slots: int, re
 STEP_OVERHEAD = 1.3
 
 
-def _train_config(settings: DemoSettings, out: Path, epochs: int, steps: int, device_type: str):
-    from trainer.cli import CONFIGS_DIR
-    from trainer.config import config_from_dict, load_config
-
-    base = load_config(CONFIGS_DIR / "synth.yaml")  # the trainer's tuned synthetic recipe
-    values = {
-        "output_dir": str(out / "train"),
-        "seed": settings.seed,
-        "model": {"backbone": settings.backbone, "pretrained": settings.pretrained,
-                  "backbone_weights": settings.backbone_weights, "backbone_seed": settings.seed,
-                  "init_head": "own", "head_seed": settings.seed},
-        "data": {"format": "folder", "train": str(out / "data"), "train_split": "train",
-                 "sources": [TRAIN_LEVEL], "val_fraction": VAL_FRACTION, "test": None},
-        "features": {"cache": True, "cache_dir": str(out / "train" / "feature_cache")},
-        # the demo trains at batch <= 64, where lr 1e-3 is the recipe its recorded run used
-        # (synth.yaml's 2e-3 is tuned for batch 128)
-        "optim": {"lr": DEMO_LR, "warmup_steps": min(base.optim.warmup_steps, max(1, steps // 10))},
-        "train": {"epochs": epochs, "max_steps": steps, "batch_size": settings.batch_size,
-                  "cpu": device_type == "cpu", "mixed_precision": "no"},
-        "checkpoint": {"every_steps": 0},  # the demo never resumes; the head files are what counts
-        "eval": {"every_steps": max(5, steps // 8), "baseline": False},
-        "logging": {"every_steps": max(1, min(10, steps // 10))},
-    }
-    config = config_from_dict(values, base)
-    config.check()
-    return config
-
-
-def _train(model: "IdentityModel", settings: DemoSettings, out: Path, progress: bool) -> tuple[Any, float | None]:
-    """Train the head in place (the best validation head loaded back); returns the
-    :class:`trainer.TrainResult` and the estimated seconds per step (None for the fixed plan)."""
-    from trainer.loop import train
-
-    from .checkpoint import load_head_file
-
-    kept = _kept_for_training(settings.n_train)
-    per_epoch = kept // settings.batch_size
-    if settings.minutes is None:  # the fixed plan: the same steps, and so the same head, anywhere
-        epochs, steps, step_s = settings.epochs, settings.epochs * per_epoch, None
-        logger.info("training %d steps (%d epochs of %d samples, batch %d)", steps, epochs, kept, settings.batch_size)
-    else:
-        slots = 1 + 2 + 3  # anchor, P=2 positives, K=3 distractors (synth.yaml)
-        step_s = measure_step_seconds(model, settings.batch_size, slots) * STEP_OVERHEAD
-        epochs, steps = plan_training(kept, settings.batch_size, step_s, settings.minutes, settings.epochs)
-        logger.info("training budget %.1f min at ~%.2f s/step: %d steps (%d epochs of %d samples, batch %d)",
-                    settings.minutes, step_s, steps, epochs, kept, settings.batch_size)
-    config = _train_config(settings, out, epochs, steps, model.device.type)
-    config.logging.progress = progress
-    result = train(config, model=model)
-    state, _ = load_head_file(result.head_path)  # the best head on validation
-    model.head.load_state_dict(state)
-    model.head.requires_grad_(False).eval()
-    model.invalidate_identity()
-    return result, step_s
-
-
 def _save_final_head(model: "IdentityModel", train_result: Any, out: Path, demo_metrics: dict[str, Any]) -> Path:
     """The trained head with the trainer's provenance plus the demo's test metrics (atomic)."""
     from .checkpoint import read_head_metadata, save_head
@@ -743,8 +692,13 @@ def run_demo(
     device: str = "auto",
     pretrained: bool = True,
     workers: int | None = None,
+    train_head: "TrainHead",
 ) -> DemoResult:
     """Run the whole method end to end (see the module docstring) and return what it made.
+
+    The library holds no training code: step 3 calls ``train_head(model, settings, out,
+    progress) -> (train result, seconds per step or None)``, which trains ``model.head`` in
+    place; :func:`trainer.demo.run_demo` passes the trainer's (:func:`trainer.demo.train_demo_head`).
 
     Args:
         out_dir: output folder: new, empty, or (with ``overwrite``) a previous demo run.
@@ -803,7 +757,7 @@ def run_demo(
 
     t = time.perf_counter()
     logger.info("[3/5] training the identity head (frozen-feature cache, %s-level distractors)", TRAIN_LEVEL)
-    train_result, step_estimate = _train(model, settings, out, progress)
+    train_result, step_estimate = train_head(model, settings, out, progress)
     phase("train", t)
 
     t = time.perf_counter()
