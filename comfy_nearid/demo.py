@@ -290,15 +290,10 @@ def _clear_previous_run(out: Path) -> None:
 
 
 def _write_json(path: Path, data: Any) -> Path:
-    """Write JSON atomically (a temporary file renamed over the target)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=False, default=str) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():  # interrupted before the rename: leave no partial file behind
-            tmp.unlink()
-    return path
+    """Write JSON atomically (:func:`comfy_nearid.fileutil.atomic_write_json`)."""
+    from .fileutil import atomic_write_json
+
+    return atomic_write_json(path, data, default=str)
 
 
 # --------------------------------------------------------------------------- model and features
@@ -307,8 +302,6 @@ def _write_json(path: Path, data: Any) -> Path:
 def _build_model(settings: DemoSettings) -> "IdentityModel":
     """The frozen backbone (weights found on disk, or an immediate WeightsNotFoundError) with
     the head to train: the backbone's own pooling head where it has one, else a fresh one."""
-    import torch
-
     from .backbones import get_backbone_spec
     from .model import load_model
     from .weights import resolve_backbone_weights
@@ -717,8 +710,6 @@ def run_demo(
             ``overwrite``) or unrelated files.
         WeightsNotFoundError: the backbone's weights are not on disk.
     """
-    import torch
-
     from .data import generate_benchmark
 
     started = time.perf_counter()

@@ -15,7 +15,6 @@ Run on several processes with ``accelerate launch -m comfy_nearid eval ssr ...``
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import re
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidInputError
+from ..fileutil import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -285,8 +285,4 @@ def _safe(name: str) -> str:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_json(path, data, allow_nan=False)  # strict JSON

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -13,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import DatasetError, InvalidInputError
+from ..fileutil import atomic_write_json
 from .plan import ScoringPlan, natural_sort_key
 from .rows import CSV_HEADER, OUTPUT_FORMATS, format_from_suffix, scan_rows, short_float, decode_row, encode_row
 
@@ -117,7 +117,7 @@ def finalize_run(model: Any, plan: ScoringPlan, outputs: OutputPaths, aggregate:
     summaries = _subject_summaries(plan, subject_ids, scores, calibrated)
     from ..embedding_cache import model_cache_identity
 
-    write_json_atomic(outputs.summary, {
+    atomic_write_json(outputs.summary, {
         "model_identity": model_cache_identity(model), "aggregate": aggregate, "num_images": n,
         "num_scored": int(np.isfinite(scores).sum()), "num_errors": int((~np.isfinite(scores)).sum()),
         "subjects": summaries,
@@ -199,12 +199,4 @@ def _write_dreambench(plan: ScoringPlan, scores: np.ndarray, path: Path) -> None
     skipped = len(keys) - len(data)
     if skipped:
         logger.warning("DreamBench++ JSON %s leaves out %d image(s) that could not be read", path, skipped)
-    write_json_atomic(path, data)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON through a temporary file and a rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_json(path, data)

@@ -19,7 +19,8 @@ import numpy as np
 
 from ..errors import ConfigError, ImageLoadError, InvalidInputError
 from .combine import REFERENCE_COMBINATIONS, calibrated_matches, calibration_description, combine_references
-from .outputs import OutputPaths, ScoringResult, finalize_run, write_json_atomic
+from ..fileutil import atomic_write_json
+from .outputs import OutputPaths, ScoringResult, finalize_run
 from .plan import ScoreItem, ScoringPlan
 from .rows import ScoreRow, open_for_append, scan_rows, short_float, encode_row
 
@@ -208,7 +209,7 @@ def score_plan(
         if overwrite:
             for path in [*outputs.finals(), *outputs.shards()]:
                 path.unlink(missing_ok=True)
-        write_json_atomic(outputs.config, config)
+        atomic_write_json(outputs.config, config)
     shard.barrier()
     done = _finished_indices(plan, outputs)
     shard.barrier()  # nobody appends before every process has read what is done
