@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -188,12 +187,10 @@ def _has_data(args: argparse.Namespace) -> bool:
 
 
 def _default_device(device: str | None) -> str | None:
-    """Under a multi-process launch each process takes its own GPU (``LOCAL_RANK``)."""
-    if device is not None or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return device
-    import torch
+    """Under a multi-process launch each process takes its own GPU (see :mod:`comfy_nearid.launch`)."""
+    from ..launch import process_device
 
-    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+    return process_device(device)
 
 
 def _open_cache(option: str | None) -> Any:
@@ -219,7 +216,9 @@ def _run_scoring(args: argparse.Namespace) -> int:
                                 + (" or --published PATH" if args.benchmark == "mtg" else " or --positives PATH"))
     if args.batch_size < 1:
         raise InvalidInputError(f"--batch-size must be >= 1, got {args.batch_size}")
-    rank = int(os.environ.get("RANK", "0"))
+    from ..launch import launch_info
+
+    rank = launch_info().rank
     progress = not args.no_progress
     results: list = []
     dataset_samples = None
