@@ -222,6 +222,31 @@ def save_head(
     return path
 
 
+def check_safetensors_file(path: str | Path) -> None:
+    """Refuse, in plain words, a file that is not safetensors at all (e.g. a pickled ``.pt`` /
+    ``.ckpt`` renamed to ``.safetensors``), before the parser reports "header too large".
+
+    A safetensors file starts with an 8-byte little-endian header length ``n`` followed by
+    ``n`` bytes of JSON (an object, so ``{``) that fit in the file."""
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        with open(p, "rb") as f:
+            start = f.read(9)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {p}: {e}") from e
+    if len(start) == 9:
+        n = int.from_bytes(start[:8], "little")
+        if 2 <= n <= size - 8 and start[8:9] == b"{":
+            return
+    kind = "a zip archive (torch.save)" if start[:4] == b"PK\x03\x04" else (
+        "a pickle" if start[:1] == b"\x80" else f"{size} bytes starting {start[:8].hex()}")
+    raise CheckpointError(
+        f"{p} is not a safetensors file (a renamed .pt/.ckpt?): it is {kind}; save the weights with "
+        "safetensors (head files come from the trainer, `nearid convert` or save_head)"
+    )
+
+
 def read_head_metadata(path: str | Path) -> HeadMetadata:
     """Read only the header of a head file (cheap; no tensors)."""
     from safetensors import SafetensorError, safe_open
@@ -229,6 +254,7 @@ def read_head_metadata(path: str | Path) -> HeadMetadata:
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"head file {p} does not exist")
+    check_safetensors_file(p)
     try:
         with safe_open(str(p), framework="pt") as f:
             return HeadMetadata.from_strings(f.metadata(), str(p))

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import CheckpointError, WeightsNotFoundError
-from .fileutil import file_sha256
+from .fileutil import file_sha256  # re-exported: convert.py hashes releases with it
 
 if TYPE_CHECKING:
     from .backbones import BackboneSpec

@@ -53,12 +53,18 @@ def register_model_folders() -> bool:
     return True
 
 
+#: Sub-folder of ``models/nearid`` where the loader keeps converted releases (not listed).
+RELEASE_CACHE_DIRNAME = ".nearid-cache"
+
+
 def head_file_names() -> list[str]:
-    """Head files offered by the loader (relative names), or [] outside ComfyUI."""
+    """Model files offered by the loader (head files and releases, relative names), or []
+    outside ComfyUI. The loader's own conversion cache is left out."""
     folder_paths = _comfy_module("folder_paths")
     if folder_paths is None or HEAD_FOLDER not in folder_paths.folder_names_and_paths:
         return []
-    return list(folder_paths.get_filename_list(HEAD_FOLDER))
+    names = folder_paths.get_filename_list(HEAD_FOLDER)
+    return [n for n in names if n.replace("\\", "/").split("/", 1)[0] != RELEASE_CACHE_DIRNAME]
 
 
 def head_file_path(name: str) -> str | None:
@@ -122,6 +128,11 @@ class _NoProgress:
 
     def update(self, value: int) -> None:
         self.current = min(self.total, self.current + value)
+
+    def update_absolute(self, value: int, total: int | None = None) -> None:
+        if total is not None:
+            self.total = total
+        self.current = min(self.total, value)
 
 
 def progress_bar(total: int) -> Any:

@@ -88,7 +88,7 @@ def nearid_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "comfy_nearid", *args]
 
 
-def run_nearid(args: Sequence[str], cwd: Path, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
+def run_nearid(args: Sequence[str], cwd: Path, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(nearid_command(*args), cwd=cwd, env=subprocess_env(**env), capture_output=True,
                           text=True, timeout=timeout)
 

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+from _processes import free_port, port_was_taken
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACK_NAME = "comfy-nearid"
@@ -26,6 +28,10 @@ SETUP_SCRIPT = REPO_ROOT / "scripts" / "setup_comfyui.py"
 
 class ComfyUINotReady(RuntimeError):
     """The ComfyUI tree (or the test checkpoint) is missing."""
+
+
+class _PortTaken(RuntimeError):
+    """The server exited at start-up because its port was bound by another process."""
 
 
 class PromptRejected(RuntimeError):
@@ -72,12 +78,6 @@ def require_sd15_checkpoint() -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def prepare_base_dir(base: Path) -> Path:
     """Lay out a ComfyUI base directory with this repository linked in as a custom node."""
     for sub in ("custom_nodes", "models/nearid", "models/checkpoints", "input", "output", "temp", "user"):
@@ -91,15 +91,23 @@ def prepare_base_dir(base: Path) -> Path:
 class ComfyServer:
     """One headless ComfyUI process on 127.0.0.1 with its own base directory."""
 
-    def __init__(self, tree: Path, base: Path, port: int | None = None) -> None:
+    def __init__(self, tree: Path, base: Path, port: int | None = None,
+                 env: dict[str, str | None] | None = None) -> None:
+        """``env``: variables to set for the server process (None removes one), applied after
+        the defaults below (offline hub, no NEARID_ALLOW_DOWNLOAD)."""
         self.tree = tree
+        self.env = dict(env or {})
         self.base = prepare_base_dir(base)
+        self.fixed_port = port is not None  # a port the caller chose is never swapped for another
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.base / "comfyui.log"
         # the nodes' shared embedding cache (use_cache): inside the base folder, never the user's
         self.embedding_cache = self.base / "user" / "nearid-embeddings.sqlite"
         self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     # ------------------------------------------------------------------ lifecycle
     def command(self) -> list[str]:
@@ -109,33 +117,75 @@ class ComfyServer:
             "--database-url", "sqlite:///:memory:",
         ]
 
-    def start(self, timeout: float = 240.0) -> "ComfyServer":
+    def start(self, timeout: float = 600.0, port_attempts: int = 5) -> "ComfyServer":
+        """Start the server and wait until it answers. :func:`free_port` cannot reserve its port,
+        so when another process binds it first the server exits at start-up; it is then
+        started again on a new free port (up to ``port_attempts`` times)."""
+        for attempt in range(1, port_attempts + 1):
+            log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
+            try:
+                return self._start_once(timeout)
+            except _PortTaken:
+                if self.fixed_port or attempt == port_attempts:
+                    raise RuntimeError(
+                        f"ComfyUI could not bind port {self.port} (attempt {attempt}):\n{self.log_tail()}"
+                    ) from None
+                taken, self.port = self.port, free_port()
+                logging.getLogger(__name__).warning(
+                    "port %d was taken before ComfyUI bound it; retrying on %d (log from byte %d)",
+                    taken, self.port, log_start,
+                )
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout: float) -> "ComfyServer":
         env = dict(os.environ)
         env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
                     "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "2")})
         env.pop("NEARID_ALLOW_DOWNLOAD", None)
         env["NEARID_EMBEDDING_CACHE"] = str(self.embedding_cache)
+        for name, value in self.env.items():
+            if value is None:
+                env.pop(name, None)
+            else:
+                env[name] = value
+        log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(self.command(), cwd=self.tree, env=env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                if port_was_taken(self.log_path.read_bytes()[log_start:].decode(errors="replace")):
+                    raise _PortTaken(self.port)
                 raise RuntimeError(f"ComfyUI exited with {self.process.returncode} during start-up:\n{self.log_tail()}")
             try:
                 if self._request("GET", "/object_info/KSampler", timeout=5).status_code == 200:
-                    return self
+                    if self._answering_server_is_ours():
+                        return self
+                    self.stop()  # another ComfyUI holds the port; ours would fail to bind it
+                    raise _PortTaken(self.port)
             except OSError:
                 pass
-            time.sleep(0.5)
+            time.sleep(0.5)  # polling for readiness; the deadline only bounds a hung start-up
         self.stop()
         raise RuntimeError(f"ComfyUI did not answer within {timeout:.0f} s:\n{self.log_tail()}")
 
+    def _answering_server_is_ours(self) -> bool:
+        """Whether the server on our port was started with our base directory (a parallel
+        test run's ComfyUI may hold the port while ours is still loading)."""
+        argv = self.get_json("/system_stats").get("system", {}).get("argv", [])
+        return str(self.base) in argv
+
+    def running(self) -> bool:
+        """The server process has not exited."""
+        return self.process is not None and self.process.poll() is None
+
     def alive(self) -> bool:
-        if self.process is None or self.process.poll() is not None:
+        """Running and answering HTTP (a busy machine may take a while: generous timeout)."""
+        if not self.running():
             return False
         try:
-            return self._request("GET", "/queue", timeout=5).status_code == 200
+            return self._request("GET", "/queue", timeout=60).status_code == 200
         except OSError:
             return False
 
@@ -156,7 +206,7 @@ class ComfyServer:
             return "(no log)"
 
     # ------------------------------------------------------------------ HTTP
-    def _request(self, method: str, path: str, timeout: float = 30.0, **kwargs: Any):
+    def _request(self, method: str, path: str, timeout: float = 120.0, **kwargs: Any):
         import requests
 
         try:
@@ -179,7 +229,7 @@ class ComfyServer:
             raise PromptRejected(body)
         return body["prompt_id"]
 
-    def wait_for(self, prompt_id: str, timeout: float = 300.0) -> dict[str, Any]:
+    def wait_for(self, prompt_id: str, timeout: float = 600.0) -> dict[str, Any]:
         """The /history entry of a finished prompt (success or error)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -189,15 +239,15 @@ class ComfyServer:
                 entry["status"].get("status_str") in ("success", "error")
             ):
                 return entry
-            if not self.alive():
+            if not self.running():  # the process exited (a slow HTTP answer is not a death)
                 raise RuntimeError(f"ComfyUI died while running {prompt_id}:\n{self.log_tail()}")
             time.sleep(0.1)
         raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f} s:\n{self.log_tail()}")
 
-    def run(self, prompt: dict[str, Any], timeout: float = 300.0) -> dict[str, Any]:
+    def run(self, prompt: dict[str, Any], timeout: float = 600.0) -> dict[str, Any]:
         return self.wait_for(self.queue_prompt(prompt), timeout)
 
-    def wait_until_running(self, timeout: float = 60.0) -> None:
+    def wait_until_running(self, timeout: float = 300.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.get_json("/queue").get("queue_running"):

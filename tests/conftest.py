@@ -11,6 +11,7 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.pop("NEARID_ALLOW_DOWNLOAD", None)
+os.environ.pop("NEARID_TRAIN_HOLD_AFTER_STEP", None)  # only the interruption tests set it, per child
 
 try:
     import torch

@@ -18,36 +18,15 @@ from comfy_nearid.errors import CheckpointError, WeightsNotFoundError
 
 transformers = pytest.importorskip("transformers", reason="transformers is a test dependency (pip install -e .[test])")
 
+from _release_helpers import reference_model, save_release  # noqa: E402  (needs transformers)
+
 
 def _reference_model(seed: int = 0):
-    from transformers import SiglipVisionConfig, SiglipVisionModel
-
-    # Same shape as the registry's tiny-siglip: 30 px input, patch 4 -> 7x7 tokens, 2 px unused.
-    cfg = SiglipVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        image_size=30, patch_size=4, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
-    )
-    torch.manual_seed(seed)
-    model = SiglipVisionModel(cfg).eval()
-    # random init leaves LayerNorms at identity and biases at 0: perturb every tensor so that
-    # a wrong mapping cannot hide behind default values
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
+    return reference_model(seed)
 
 
 def _save_release(model, directory, layout: str):
-    from safetensors.torch import save_file
-
-    directory.mkdir(parents=True, exist_ok=True)
-    prefix = "backbone.vision_model." if layout == "4.x" else "backbone."
-    state = {}
-    for k, v in model.state_dict().items():
-        k = k[len("vision_model."):] if k.startswith("vision_model.") else k
-        state[prefix + k] = v.contiguous()
-    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    return directory
+    return save_release(model, directory, layout).parent
 
 
 @pytest.mark.parametrize("layout", ["4.x", "5.x"])

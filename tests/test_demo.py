@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -165,6 +164,7 @@ def tiny_demo(tmp_path_factory):
     return run_demo(out, **TINY)
 
 
+@pytest.mark.slow
 def test_shortened_demo_writes_report_head_summary_and_config(tiny_demo):
     out = tiny_demo.out_dir
     report = out / "report" / "index.html"
@@ -187,6 +187,7 @@ def test_shortened_demo_writes_report_head_summary_and_config(tiny_demo):
     assert not list(out.rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_shortened_demo_head_loads_and_is_the_best_validation_head(tiny_demo):
     import torch
 
@@ -213,6 +214,7 @@ def test_shortened_demo_head_loads_and_is_the_best_validation_head(tiny_demo):
         assert sims[i, j] == pytest.approx(result.table.view_sims[row, i, j], abs=2e-2)
 
 
+@pytest.mark.slow
 def test_shortened_demo_numbers_follow_the_protocol(tiny_demo):
     """The pooled baseline re-embedded independently (fp32, the ordinary loader) and SSR/PA
     recomputed per level by loops must equal the demo's per-level table."""
@@ -240,6 +242,7 @@ def test_shortened_demo_numbers_follow_the_protocol(tiny_demo):
         assert lo <= got["ssr"] <= hi
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_not_overwritten_without_overwrite(tiny_demo):
     from comfy_nearid.cli import main
     from trainer.demo import run_demo
@@ -253,6 +256,7 @@ def test_a_finished_run_is_not_overwritten_without_overwrite(tiny_demo):
     assert (out / "nearid-head.safetensors").stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_a_previous_run(tmp_path):
     from trainer.demo import run_demo
 
@@ -284,26 +288,30 @@ def test_cli_rejects_bad_identities(capsys, tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_during_training_leaves_no_partial_head(tmp_path):
     """SIGINT while the head trains: exit status 130, no temporary or half-written file, and
-    the folder is then refused as an unfinished run."""
+    the folder is then refused as an unfinished run. The trainer is told to hold after its
+    first optimizer step (NEARID_TRAIN_HOLD_AFTER_STEP), so the signal always lands mid-run,
+    however late this process is scheduled."""
+    from trainer.loop import HOLD_AFTER_STEP_ENV
+
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "comfy_nearid", "demo", "--out", str(out), "--backbone", "tiny-siglip",
-           "--random-weights", "--identities", "200", "--minutes", "2", "--no-progress"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+           "--random-weights", "--identities", "20", "--no-progress"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", HOLD_AFTER_STEP_ENV: "1"}
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     seen = []
     try:
         for line in proc.stderr:
             seen.append(line)
-            if "optimizer steps per epoch" in line:  # the trainer's loop is starting
-                time.sleep(1.0)
+            if "holding after step 1" in line:  # the run waits here until a signal ends it
                 proc.send_signal(signal.SIGINT)
                 break
         else:
-            pytest.fail("the training phase never started:\n" + "".join(seen[-20:]))
-        rest = proc.communicate(timeout=120)[1]
+            pytest.fail("the training phase never reached its first step:\n" + "".join(seen[-20:]))
+        rest = proc.communicate(timeout=300)[1]
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
     assert proc.returncode == 130, "".join(seen[-10:]) + rest
     assert "interrupted" in rest
     leftovers = [p for p in out.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".tmp")]

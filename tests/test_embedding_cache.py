@@ -7,7 +7,6 @@ import hashlib
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
@@ -182,43 +181,55 @@ def test_default_path_follows_the_environment(monkeypatch, tmp_path):
 
 _READER = textwrap.dedent(
     """
-    import sys, time
+    import sys
     import numpy as np
     from comfy_nearid.embedding_cache import EmbeddingCache
-    path, n_keys, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    path, n_keys = sys.argv[1], int(sys.argv[2])
     keys = [f"k{i}" for i in range(n_keys)]
-    seen, reads, end = set(), 0, time.time() + seconds
+    seen, reads = set(), 0
     with EmbeddingCache(path, readonly=True) as cache:
-        while time.time() < end or len(seen) < n_keys:
+        while len(seen) < n_keys:
             for key, vec in cache.get_many("writer-model", keys).items():
                 expected = np.full(4, float(key[1:]), dtype=np.float32)
                 if not np.array_equal(vec, expected):
-                    print("WRONG", key, vec); sys.exit(3)
+                    print("WRONG", key, vec, flush=True); sys.exit(3)
                 seen.add(key)
             reads += 1
-            if time.time() > end + 20:
-                print("STARVED", len(seen)); sys.exit(4)
-    print("OK", reads, len(seen))
+            if reads == 1:  # the writer waits for this before it writes the other keys
+                print("READY", len(seen), flush=True)
+    print("OK", reads, len(seen), flush=True)
     """
 )
 
 
+@pytest.mark.slow
 def test_concurrent_readers_in_other_processes_see_only_complete_entries(tmp_path):
+    """Three reader processes read while this one writes: each reader's first read happens
+    before the writing starts (handshake), so it sees a partial cache and must read again
+    while the writes go on; every entry it ever sees is complete."""
     path = tmp_path / "shared.sqlite"
     n_keys = 200
     with EmbeddingCache(path) as writer:
         writer.put("writer-model", "k0", np.zeros(4, dtype=np.float32))
         readers = [
-            subprocess.Popen([sys.executable, "-c", _READER, str(path), str(n_keys), "1.5"],
+            subprocess.Popen([sys.executable, "-c", _READER, str(path), str(n_keys)],
                              env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for _ in range(3)
         ]
-        # Write while they read: small transactions, as the scorer does per batch.
-        for start in range(1, n_keys, 10):
-            batch = {f"k{i}": np.full(4, float(i), dtype=np.float32) for i in range(start, min(start + 10, n_keys))}
-            writer.put_many("writer-model", batch)
-            time.sleep(0.01)
-        outputs = [r.communicate(timeout=60) for r in readers]
+        try:
+            for r in readers:
+                first = r.stdout.readline().split()
+                assert first == ["READY", "1"], f"reader failed before writing began: {first} {r.stderr.read()}"
+            # Write while they read: small transactions, as the scorer does per batch.
+            for start in range(1, n_keys, 10):
+                batch = {f"k{i}": np.full(4, float(i), dtype=np.float32) for i in range(start, min(start + 10, n_keys))}
+                writer.put_many("writer-model", batch)
+            outputs = [r.communicate(timeout=300) for r in readers]
+        finally:
+            for r in readers:
+                if r.poll() is None:
+                    r.kill()
+                    r.wait()
     for r, (out, err) in zip(readers, outputs):
         assert r.returncode == 0, f"reader failed: {out} {err}"
         status, reads, seen = out.split()

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from _eval_helpers import write_tiny_dataset
+from _processes import accelerate_launch
 from comfy_nearid import load_model
 from comfy_nearid.cli import main
 from comfy_nearid.data.folder import FolderDataset
@@ -169,11 +168,7 @@ def test_two_processes_fill_one_cache_file(tmp_path):
     base = ["eval", "ssr", "--data", str(root), "--scorer", "mean:tiny-siglip", "--random-weights",
             "--device", "cpu", "--bootstrap", "20", "--no-progress", "--cache", str(cache_path)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "comfy_nearid", *base, "--out", str(tmp_path / "two")],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
+    proc = accelerate_launch(["-m", "comfy_nearid", *base, "--out", str(tmp_path / "two")], env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "process 0/2 embeds" in proc.stderr and "process 1/2 embeds" in proc.stderr
     two = json.loads((tmp_path / "two" / "summary.json").read_text())["mean:tiny-siglip"]

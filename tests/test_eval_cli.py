@@ -5,14 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from _eval_helpers import write_tiny_dataset, write_tiny_mtg
+from _processes import accelerate_launch
 from comfy_nearid.cli import main
 from comfy_nearid.metrics.table import read_similarity_csv
 
@@ -129,11 +128,7 @@ def test_two_processes_give_the_same_numbers_as_one(tiny_root, tmp_path):
             "--random-weights", "--device", "cpu", "--bootstrap", "100", "--no-progress"]
     assert main(base + ["--out", str(tmp_path / "one")]) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "comfy_nearid", *base, "--out", str(tmp_path / "two")],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
+    proc = accelerate_launch(["-m", "comfy_nearid", *base, "--out", str(tmp_path / "two")], env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "process 0/2 embeds" in proc.stderr and "process 1/2 embeds" in proc.stderr
     one = json.loads((tmp_path / "one" / "summary.json").read_text())

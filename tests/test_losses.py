@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _processes import torchrun
 from comfy_nearid.errors import InvalidInputError
 from trainer.losses import two_tier_infonce, two_tier_terms
 
@@ -243,16 +243,13 @@ def test_bad_inputs_are_refused(change, message):
         two_tier_infonce(**change(args))
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_global_batch_loss_and_gradient(tmp_path):
     """Real gloo processes (torchrun): uneven local batches (3 + 5 rows), a shared linear map
     as the trainable part, DDP-style gradient averaging; compared with one process."""
     out = tmp_path / "ddp.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", str(29500 + os.getpid() % 1000), str(HELPERS), "loss-ddp", str(out),
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    result = torchrun([str(HELPERS), "loss-ddp", str(out)], timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     got = json.loads(out.read_text())
 

@@ -4,15 +4,16 @@ resumed, and `accelerate launch --cpu --num_processes 2`."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from _processes import accelerate_launch
 from comfy_nearid.cli import main
 
 from _scoring_helpers import (
@@ -73,37 +74,55 @@ def test_cli_stops_before_any_work_on_bad_layouts(tmp_path, rng, capsys):
         assert not out.exists()
 
 
-def _kill_midway(cmd: list[str], rows_file: Path, cwd: Path, min_rows: int, total: int) -> int:
+def _kill_when_blocked(cmd: list[str], rows_file: Path, cwd: Path, rows_before_block: int) -> int:
+    """Run ``cmd``, whose input has a FIFO where image ``rows_before_block`` belongs: reading it
+    blocks forever (nobody writes to it), so the run stops there with every earlier batch
+    flushed, a state it cannot leave by itself. SIGKILL it there, however late this process
+    runs. (The loop below only waits for that final state; its deadline bounds a failure.)"""
     proc = subprocess.Popen(cmd, cwd=cwd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while _count_rows(rows_file) < min_rows and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    _, err = proc.communicate(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, f"the run ended before it could be killed: {err.decode()[-2000:]}"
-    written = _count_rows(rows_file)
-    assert min_rows <= written < total, f"killed with {written} of {total} rows written: not midway"
-    return written
+    try:
+        deadline = time.monotonic() + 600
+        while _count_rows(rows_file) < rows_before_block:
+            assert proc.poll() is None, f"the run ended before it blocked: {proc.stderr.read().decode()[-2000:]}"
+            assert time.monotonic() < deadline, "the run never reached the blocking image"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    return _count_rows(rows_file)
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs a POSIX FIFO")
 def test_sigkill_midway_then_resume_equals_an_uninterrupted_run(tmp_path):
     rng = np.random.default_rng(7)
     write_image(tmp_path / "ref.png", rng)
-    for i in range(500):
-        write_smooth_image(tmp_path / "gen" / f"{i:03d}.jpg", rng, side=512)
+    total, blocked_at = 120, 60  # batches of 10: six batches are flushed before the FIFO's batch
+    for i in range(total):
+        if i != blocked_at:
+            write_smooth_image(tmp_path / "gen" / f"{i:03d}.jpg", rng, side=256)
+    fifo = tmp_path / "gen" / f"{blocked_at:03d}.jpg"
+    os.mkfifo(fifo)
     common = ["--reference", "ref.png", "gen", "--batch-size", "10", "--workers", "1", *TINY_MODEL_ARGS,
               "--dreambench-json"]
     killed = ["score", *common, "killed.db.json", "-o", "killed.csv", "--cache", "killed.sqlite"]
-    written = _kill_midway(nearid_command(*killed), tmp_path / "killed.csv", tmp_path, min_rows=60, total=500)
-    resumed = run_nearid([*killed, "--resume"], cwd=tmp_path)
+    written = _kill_when_blocked(nearid_command(*killed), tmp_path / "killed.csv", tmp_path, blocked_at)
+    assert written == blocked_at  # every batch before the blocked one, and nothing after it
+    fifo.unlink()
+    write_smooth_image(fifo, rng, side=256)  # the image the FIFO stood for
+    resumed = run_nearid([*killed, "--resume"], cwd=tmp_path, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert f"{written} taken from the previous run" in resumed.stdout
-    straight = run_nearid(["score", *common, "straight.db.json", "-o", "straight.csv", "--no-cache"], cwd=tmp_path)
+    straight = run_nearid(["score", *common, "straight.db.json", "-o", "straight.csv", "--no-cache"], cwd=tmp_path,
+                          timeout=600)
     assert straight.returncode == 0, straight.stderr
     killed_rows = (tmp_path / "killed.csv").read_text().splitlines()
     straight_rows = (tmp_path / "straight.csv").read_text().splitlines()
-    assert len(killed_rows) == 501 and len(set(killed_rows)) == 501  # header + 500, none twice
+    assert len(killed_rows) == total + 1 and len(set(killed_rows)) == total + 1  # header + rows, none twice
     assert killed_rows == straight_rows
     assert (tmp_path / "killed.db.json").read_text() == (tmp_path / "straight.db.json").read_text()
     assert json.loads((tmp_path / "killed.summary.json").read_text())["subjects"] == \
@@ -126,10 +145,8 @@ def test_two_accelerate_processes_give_the_same_rows_as_one(tmp_path):
     common = ["score", "--references-root", "refs", "gen", "--batch-size", "4", *TINY_MODEL_ARGS, "--no-cache"]
     one = run_nearid([*common, "-o", "one.csv", "--dreambench-json", "one.json"], cwd=tmp_path)
     assert one.returncode == 0, one.stderr
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "comfy_nearid",
-              *common, "-o", "two.csv", "--dreambench-json", "two.json"]
-    two = subprocess.run(launch, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    two = accelerate_launch(["-m", "comfy_nearid", *common, "-o", "two.csv", "--dreambench-json", "two.json"],
+                            cwd=tmp_path, env=subprocess_env(), timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "process 0/2" in two.stderr and "process 1/2" in two.stderr  # really two processes
     assert two.stdout.count("image(s),") == 1  # only the main process reports

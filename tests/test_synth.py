@@ -59,6 +59,7 @@ def test_layout_and_manifest(bench):
         FolderDataset(bench)
 
 
+@pytest.mark.slow  # a pool of 2 worker processes
 def test_same_seed_same_bytes_and_workers_do_not_matter(bench, tmp_path):
     again = tmp_path / "again"
     generate_benchmark(again, N_TRAIN, N_TEST, image_size=SIZE, seed=3, n_mtg=N_MTG, workers=2, progress=False)

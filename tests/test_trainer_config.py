@@ -141,7 +141,7 @@ def test_cli_reports_config_errors_with_exit_code_2(caplog):
 def test_python_dash_m_trainer_runs(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "trainer", "--print-config", "seed=11"],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     assert yaml.safe_load(result.stdout)["seed"] == 11

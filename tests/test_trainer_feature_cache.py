@@ -96,6 +96,7 @@ def test_cache_size_limit(tmp_path, dataset_root):
     assert FeatureCache.open(tmp_path / "c") is None
 
 
+@pytest.mark.slow
 def test_training_from_the_cache_equals_training_through_the_backbone(tmp_path, dataset_root):
     heads = {}
     losses = {}

@@ -10,7 +10,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +21,10 @@ from safetensors.torch import load_file
 from comfy_nearid import load_model
 from comfy_nearid.checkpoint import read_head_metadata
 from trainer.config import config_to_dict
-from trainer.loop import TrainingDivergedError, train, warmup_cosine
+from trainer.loop import HOLD_AFTER_STEP_ENV, TrainingDivergedError, train, warmup_cosine
 from trainer.tracking import read_metrics
 
+from _processes import accelerate_launch
 from _trainer_helpers import make_folder_dataset, tiny_config
 
 torch.set_num_threads(1)
@@ -46,6 +46,7 @@ def test_warmup_then_cosine_schedule():
     assert warmup_cosine(9, 4, 12, schedule="constant") == 1.0
 
 
+@pytest.mark.slow
 def test_only_the_head_trains_and_the_backbone_stays_bit_identical(tmp_path, data_root):
     model = load_model(backbone="tiny-siglip", pretrained=False, device="cpu", dtype="fp32", seed=0)
     backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
@@ -63,6 +64,7 @@ def test_only_the_head_trains_and_the_backbone_stays_bit_identical(tmp_path, dat
         assert torch.equal(exported[key], value)
 
 
+@pytest.mark.slow
 def test_run_exports_head_with_provenance_logs_and_checkpoints(tmp_path, data_root):
     cfg = tiny_config(
         tmp_path, data_root,
@@ -100,6 +102,7 @@ def test_run_exports_head_with_provenance_logs_and_checkpoints(tmp_path, data_ro
     assert acc and all(0.0 <= v <= 1.0 for v in acc)
 
 
+@pytest.mark.slow
 def test_bf16_and_gradient_accumulation_run(tmp_path, data_root):
     cfg = tiny_config(
         tmp_path, data_root, train__epochs=1, train__mixed_precision="bf16", train__gradient_accumulation_steps=3
@@ -109,6 +112,7 @@ def test_bf16_and_gradient_accumulation_run(tmp_path, data_root):
     assert np.isfinite(result.final_loss)
 
 
+@pytest.mark.slow
 def test_tensorboard_tracker_writes_events(tmp_path, data_root):
     cfg = tiny_config(tmp_path, data_root, train__epochs=1, logging__tracker="tensorboard")
     train(cfg)
@@ -126,6 +130,7 @@ def test_training_refuses_a_dataset_without_distractors(tmp_path):
         train(tiny_config(tmp_path, single))
 
 
+@pytest.mark.slow
 def test_trains_on_the_published_parquet_layout(tmp_path, data_root):
     """Positives + one row-aligned distractor table as parquet files (the hub's layout)."""
     import pyarrow as pa
@@ -161,6 +166,7 @@ def _corrupt_sample_tokens(cache_dir: Path, sample_dir: Path) -> None:
     tokens.flush()
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_naming_step_samples_and_last_checkpoint(tmp_path, data_root):
     cfg = tiny_config(tmp_path, data_root, train__epochs=2, features__cache=True, checkpoint__every_steps=1)
     train(cfg)  # builds the cache (clean run)
@@ -185,6 +191,7 @@ def _write_config(tmp_path: Path, cfg) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_latest_equals_an_uninterrupted_run(tmp_path):
     data = make_folder_dataset(tmp_path / "data", n_samples=40, seed=3)
     overrides = dict(train__epochs=5, checkpoint__every_steps=3, checkpoint__total_limit=2)
@@ -192,20 +199,28 @@ def test_sigkill_then_resume_latest_equals_an_uninterrupted_run(tmp_path):
 
     killed_cfg = tiny_config(tmp_path / "killed", data, **overrides)
     path = _write_config(tmp_path, killed_cfg)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # The run holds after step 3 (its checkpoint written) until the signal: it cannot finish
+    # first, however late this process is scheduled.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", HOLD_AFTER_STEP_ENV: "3"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "trainer", "--config", str(path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=REPO,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=REPO, text=True,
     )
-    checkpoints = Path(killed_cfg.output_dir) / "checkpoints"
-    deadline = time.time() + 120
-    while not (checkpoints / "step_00000003").is_dir():
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.time() < deadline, "no checkpoint within 120 s"
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    proc.stderr.close()
+    seen = []
+    try:
+        for line in proc.stderr:
+            seen.append(line)
+            if "holding after step 3" in line:
+                break
+        else:
+            pytest.fail("the run never reached step 3:\n" + "".join(seen[-20:]))
+        assert (Path(killed_cfg.output_dir) / "checkpoints" / "step_00000003").is_dir()
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (Path(killed_cfg.output_dir) / "head.safetensors").exists()  # it died mid-run
 
@@ -220,6 +235,7 @@ def test_sigkill_then_resume_latest_equals_an_uninterrupted_run(tmp_path):
     assert resumed.final_loss == pytest.approx(reference.final_loss, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_over_the_same_global_batch(tmp_path):
     data = make_folder_dataset(tmp_path / "data", n_samples=16, seed=4)
     overrides = dict(train__epochs=1, train__batch_size=8, features__cache=True)
@@ -230,13 +246,7 @@ def test_two_processes_equal_one_process_over_the_same_global_batch(tmp_path):
     # `--multi_gpu` on a machine without (visible) GPUs starts torch.distributed processes
     # that Accelerate runs on CPU with gloo; `--cpu` alone would start a single process.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(29400 + os.getpid() % 500),
-        "-m", "trainer", "--config", str(path),
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    result = accelerate_launch(["-m", "trainer", "--config", str(path)], timeout=600, env=env, cwd=REPO)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "2 process(es)" in result.stderr and "global batch 8 (4 per process)" in result.stderr
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,11 @@ from .validation import (
 logger = logging.getLogger(__name__)
 
 TOKEN_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+# For tests of interruption (Ctrl-C, SIGKILL): with this set to N, every process stops after
+# optimizer step N (its checkpoint, if one is due, written) and waits there until a signal
+# ends it, so the signal can never arrive after the run has already finished.
+HOLD_AFTER_STEP_ENV = "NEARID_TRAIN_HOLD_AFTER_STEP"
 
 __all__ = ["TrainResult", "TrainingDivergedError", "train", "warmup_cosine"]
 
@@ -508,6 +514,7 @@ class _Run:
             self._validate()
         if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
             self.last_checkpoint = save_checkpoint(acc, self.ckpt_dir, step, cfg.checkpoint.total_limit)
+        _hold_if_requested(step)
 
     # ------------------------------------------------------------------ evaluation
     def _head_embedder(self, split: _Split, head: torch.nn.Module):
@@ -723,6 +730,23 @@ class _LogWindow:
         self.samples_at_start = samples_seen
         self.reset()
         return values
+
+
+def _hold_if_requested(step: int) -> None:
+    """Wait forever (until a signal) after step ``$NEARID_TRAIN_HOLD_AFTER_STEP``; see
+    :data:`HOLD_AFTER_STEP_ENV`. A no-op when the variable is unset."""
+    value = os.environ.get(HOLD_AFTER_STEP_ENV)
+    if not value:
+        return
+    try:
+        hold_step = int(value)
+    except ValueError as e:
+        raise ConfigError(f"{HOLD_AFTER_STEP_ENV} must be a step number, got {value!r}") from e
+    if step != hold_step:
+        return
+    logger.warning("holding after step %d (%s is set): waiting for a signal", step, HOLD_AFTER_STEP_ENV)
+    while True:  # a signal (SIGINT raises KeyboardInterrupt here) is the only way out
+        time.sleep(3600)
 
 
 def train(config: TrainConfig, model: Any = None) -> TrainResult:

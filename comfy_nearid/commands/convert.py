@@ -1,4 +1,5 @@
-"""`nearid convert`: the paper's released checkpoint -> a NearID head file (+ timm backbone)."""
+"""`nearid convert` (also `python -m comfy_nearid convert`): the paper's released checkpoint ->
+a NearID head file (+ timm backbone). The ComfyUI loader runs the same conversion in memory."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--from-hub", action="store_true",
                      help="download Aleksandar/nearid-siglip2 first (needs network; NEARID_ALLOW_DOWNLOAD=1)")
     parser.add_argument("--out", required=True, help="output head file (.safetensors)")
-    parser.add_argument("--backbone", default="siglip2-so400m", help="registry backbone the release was trained on")
+    parser.add_argument("--backbone", default=None,
+                        help="registry backbone the release was trained on (default: detected from its tensor shapes)")
     parser.add_argument("--backbone-out", default=None,
                         help="also write the full backbone in timm layout (usable as --backbone-weights)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")

@@ -3,7 +3,8 @@
 - ``ssr``: NearID SSR / PA (and the reference PA) from models (``--scorer``) on a NearID
   dataset, and/or from per-sample similarity CSVs (``--csv``); one Table-1-style row each.
 - ``mtg``: the same on MTG-format data, plus MO / MOpair from the part/object masks.
-- ``human``: DreamBench++ human alignment (MH) of score directories.
+- ``human``: DreamBench++ human alignment (MH) of score directories, against the published
+  DreamBench++ ratings bundled with the package unless ``--ratings`` names others.
 
 Outputs under ``--out`` (default ``nearid_eval``): ``<scorer>.samples.csv`` (similarities,
 margins), ``summary.json``, ``table.md`` and ``eval_config.json`` (the resolved options);
@@ -22,6 +23,7 @@ from typing import Any
 
 from ..errors import InvalidInputError
 from ..fileutil import atomic_write_json
+from ..masking import MASK_KEEPS, MASK_MODES
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +41,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     hp = sub.add_parser("human", help="DreamBench++ human alignment (MH) of score directories",
                         description="DreamBench++ human alignment: Fisher-z mean over methods of "
                                     "(r_group1 + r_group2) / 2 per category.")
-    hp.add_argument("--ratings", required=True, type=Path,
-                    help="DreamBench++ ratings directory (holds data_human_rating/merged_data/group1|group2)")
+    hp.add_argument("--ratings", type=Path, default=None,
+                    help="DreamBench++ ratings directory (holds data_human_rating/merged_data/group1|group2); "
+                         "default: the published DreamBench++ ratings bundled with comfy-nearid")
     hp.add_argument("--metric", action="append", default=None,
-                    help="metric directory under --ratings (or absolute), repeatable; 'human' = the "
-                         "group1-vs-group2 ceiling; default: every directory with one file per method")
+                    help="metric directory (one <method>.json per method, e.g. written by `nearid score "
+                         "--dreambench-json`): under --ratings, relative to the working directory, or absolute; "
+                         "repeatable; 'human' = the group1-vs-group2 ceiling; default: every directory under "
+                         "--ratings with one file per method")
     hp.add_argument("--category", action="append", default=None,
                     help="category NAME, NAME=REGEX or REGEX (matched at the key's start), repeatable; "
                          "default: object")
@@ -75,7 +80,13 @@ def _add_scoring_arguments(sp: argparse.ArgumentParser, mtg: bool) -> None:
                          "optionally NAME=SPEC")
     sc.add_argument("--csv", action="append", default=[], metavar="[NAME=]FILE",
                     help="per-sample similarity CSV in the reference format")
-    sc.add_argument("--masks", action="store_true", help="give model scorers the object masks")
+    sc.add_argument("--masks", nargs="?", const="attention", default=None, choices=MASK_MODES,
+                    help="use the object masks in model scorers: 'attention' (bare --masks; the head "
+                         "attends only to the mask's patches) or 'pixels' (the reference evaluation: the "
+                         "cleaned mask blackens the image's pixels; see docs/evaluation.md). Default: off")
+    sc.add_argument("--mask-keep", choices=MASK_KEEPS, default="foreground",
+                    help="with --masks pixels: keep the 'foreground' (outside -> black) or the "
+                         "'background' (inside -> black, a context-only probe) (default: %(default)s)")
     sc.add_argument("--random-weights", action="store_true",
                     help="build backbones with random weights (smoke tests; scores are meaningless)")
     sc.add_argument("--device", default=None, help="torch device (default: cuda if available)")
@@ -107,7 +118,8 @@ def _run_human(args: argparse.Namespace) -> int:
     categories = parse_categories(args.category)
     result = alignment_to_dict(human_alignment(args.ratings, args.metric, categories))
     print(format_human_table(result, per_method=args.per_method), end="")
-    config = {"command": "eval human", "ratings": str(args.ratings), "metrics": list(result),
+    ratings = str(args.ratings) if args.ratings is not None else "bundled (published DreamBench++ ratings)"
+    config = {"command": "eval human", "ratings": ratings, "metrics": list(result),
               "categories": categories}
     paths = [args.out / "human_alignment.json"] + ([args.json] if args.json else [])
     for path in paths:
@@ -216,6 +228,8 @@ def _run_scoring(args: argparse.Namespace) -> int:
                                 + (" or --published PATH" if args.benchmark == "mtg" else " or --positives PATH"))
     if args.batch_size < 1:
         raise InvalidInputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.mask_keep != "foreground" and args.masks != "pixels":
+        raise InvalidInputError(f"--mask-keep {args.mask_keep} applies to --masks pixels (got {'--masks ' + args.masks if args.masks else 'no --masks'})")
     from ..launch import launch_info
 
     rank = launch_info().rank
@@ -232,7 +246,8 @@ def _run_scoring(args: argparse.Namespace) -> int:
             for item in args.scorer:
                 name, spec = _named(item, "--scorer")
                 scorer = ev.model_scorer(spec, name=name, device=device, batch_size=args.batch_size,
-                                         use_masks=args.masks, pretrained=not args.random_weights, cache=cache)
+                                         use_masks=args.masks is not None, mask_mode=args.masks or "attention",
+                                         mask_keep=args.mask_keep, pretrained=not args.random_weights, cache=cache)
                 results += ev.evaluate_dataset([scorer], dataset_samples, benchmark=args.benchmark,
                                                sources=sources, n_resamples=args.bootstrap, seed=args.seed,
                                                progress=progress)

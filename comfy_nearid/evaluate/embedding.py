@@ -10,8 +10,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import DatasetError, InvalidInputError
+from ..masking import MaskKeep, MaskMode, apply_pixel_mask
 from ..metrics.table import N_VIEWS, SimilarityTable
-from .scorers import Benchmark, EmbedFn, Scorer
+from .scorers import Benchmark, EmbedFn, Scorer, check_mask_options
 
 if TYPE_CHECKING:
     from ..data.sample import ImageRef, Sample
@@ -152,8 +153,16 @@ def embed_images(
     batch_size: int = 32,
     progress: bool = True,
     desc: str = "embedding",
+    mask_mode: MaskMode = "attention",
+    mask_keep: MaskKeep = "foreground",
 ) -> np.ndarray:
     """Embed ``(image, mask)`` refs in batches; returns ``[N, D]`` float64 unit vectors.
+
+    With ``use_masks``, ``mask_mode="attention"`` hands each image's mask (or ``None``) to
+    ``embed_fn``; ``"pixels"`` hands it the reference's masked copy instead
+    (:func:`~comfy_nearid.masking.apply_pixel_mask` with ``mask_keep``) and no masks. An
+    image without a mask is used whole either way. Each image's embedding depends on the
+    image and its mask only, never on which batch it falls in.
 
     Raises:
         InvalidInputError: ``embed_fn`` returned a wrong shape, or an all-zero / non-finite
@@ -161,12 +170,16 @@ def embed_images(
     """
     if batch_size < 1:
         raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
+    check_mask_options(mask_mode, mask_keep)
     chunks: list[np.ndarray] = []
     with tqdm(total=len(items), desc=desc, unit="img", disable=not progress) as bar:
         for start in range(0, len(items), batch_size):
             batch = items[start : start + batch_size]
             images = [ref.load() for ref, _ in batch]
             masks = [None if m is None else m.load() for _, m in batch] if use_masks else None
+            if masks is not None and mask_mode == "pixels":
+                images = [im if m is None else apply_pixel_mask(im, m, mask_keep) for im, m in zip(images, masks)]
+                masks = None
             chunks.append(_to_numpy(embed_fn(images, masks), len(batch)))
             bar.update(len(batch))
     if not chunks:
@@ -194,8 +207,9 @@ def _embed_distributed(items: Sequence[tuple["ImageRef", "ImageRef | None"]], sc
     """Embed on every process a strided share of the distinct images and gather all of them."""
     rank, world = _world()
     if world <= 1:
-        return embed_images(items, scorer.embed_fn, use_masks=scorer.use_masks,
-                            batch_size=scorer.batch_size, progress=progress, desc=f"embedding ({scorer.name})")
+        return embed_images(items, scorer.embed_fn, use_masks=scorer.use_masks, mask_mode=scorer.mask_mode,
+                            mask_keep=scorer.mask_keep, batch_size=scorer.batch_size, progress=progress,
+                            desc=f"embedding ({scorer.name})")
     import torch
     from accelerate import PartialState  # lazy: only when launched on several processes
     from accelerate.utils import gather_object
@@ -206,6 +220,7 @@ def _embed_distributed(items: Sequence[tuple["ImageRef", "ImageRef | None"]], sc
     logger.info("process %d/%d embeds %d of %d distinct images", state.process_index, state.num_processes,
                 len(share), len(items))
     local = embed_images([items[i] for i in share], scorer.embed_fn, use_masks=scorer.use_masks,
+                         mask_mode=scorer.mask_mode, mask_keep=scorer.mask_keep,
                          batch_size=scorer.batch_size, progress=progress and state.is_main_process,
                          desc=f"embedding ({scorer.name}, {state.num_processes} processes)")
     gathered = gather_object([(share, local)])
@@ -234,6 +249,8 @@ def similarity_table(
     batch_size: int = 32,
     benchmark: Benchmark = "ssr",
     progress: bool = True,
+    mask_mode: MaskMode = "attention",
+    mask_keep: MaskKeep = "foreground",
 ) -> SimilarityTable:
     """Per-(sample, source) similarities of one scorer over a dataset.
 
@@ -242,7 +259,8 @@ def similarity_table(
     Args:
         dataset: :class:`~comfy_nearid.data.Sample` iterable (a reader, or a list).
         embed_fn: a :data:`EmbedFn` or a :class:`Scorer` (whose settings then win).
-        use_masks: give ``embed_fn`` each image's own object mask.
+        use_masks: use each image's own object mask (a distractor without one: its view's).
+        mask_mode, mask_keep: how masks are used, see :func:`embed_images`.
         sources: distractor sources to evaluate (default: every source of each sample).
         batch_size: images per ``embed_fn`` call.
         benchmark: ``"mtg"`` also fills the oracle column from the part/object masks.
@@ -251,7 +269,8 @@ def similarity_table(
     Returns:
         The table; ``table.images`` holds the rows' ``ImageRef``s for the report.
     """
-    scorer = embed_fn if isinstance(embed_fn, Scorer) else Scorer("scorer", embed_fn, use_masks, batch_size)
+    scorer = (embed_fn if isinstance(embed_fn, Scorer)
+              else Scorer("scorer", embed_fn, use_masks, batch_size, mask_mode=mask_mode, mask_keep=mask_keep))
     plan = _plan(dataset, use_masks=scorer.use_masks, sources=sources, benchmark=benchmark, progress=progress)
     logger.info("%s: %d distinct images for %d image slots in %d rows",
                 scorer.name, len(plan.items), plan.n_slots, len(plan.ids))

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import InvalidInputError
+from ..masking import MASK_KEEPS, MASK_MODES, MaskKeep, MaskMode
 
 if TYPE_CHECKING:
     from ..embedding_cache import EmbeddingCache
@@ -35,10 +36,16 @@ class Scorer:
     Attributes:
         name: row label in tables and reports.
         embed_fn: see :data:`EmbedFn`.
-        use_masks: pass object masks to ``embed_fn`` (views' and distractors' own masks).
+        use_masks: use object masks (each image's own; a distractor without one takes its
+            view's mask; an image without any mask is used whole).
         batch_size: images per ``embed_fn`` call.
         identity: provenance string (model identity, feature name) recorded in the summary.
         cache_path: the embedding cache file the scorer reads and fills, or ``None``.
+        mask_mode: ``"attention"`` passes the masks to ``embed_fn`` (the model restricts its
+            attention pooling to them); ``"pixels"`` passes the reference's masked copies of
+            the images (:func:`~comfy_nearid.masking.apply_pixel_mask`) and no masks.
+        mask_keep: with ``"pixels"``: ``"foreground"`` blackens outside the mask,
+            ``"background"`` inside it (a context-only probe).
     """
 
     name: str
@@ -47,6 +54,21 @@ class Scorer:
     batch_size: int = 32
     identity: str = ""
     cache_path: str | None = None
+    mask_mode: MaskMode = "attention"
+    mask_keep: MaskKeep = "foreground"
+
+    def __post_init__(self) -> None:
+        check_mask_options(self.mask_mode, self.mask_keep)
+
+
+def check_mask_options(mask_mode: str, mask_keep: str) -> None:
+    """Reject an unknown mask mode / keep, and ``keep="background"`` outside pixel masking."""
+    if mask_mode not in MASK_MODES:
+        raise InvalidInputError(f"mask mode must be one of {MASK_MODES}, got {mask_mode!r}")
+    if mask_keep not in MASK_KEEPS:
+        raise InvalidInputError(f"mask keep must be one of {MASK_KEEPS}, got {mask_keep!r}")
+    if mask_keep == "background" and mask_mode != "pixels":
+        raise InvalidInputError("mask keep 'background' applies to pixel masking only (masks 'pixels')")
 
 
 # --------------------------------------------------------------------------- planning
@@ -75,6 +97,8 @@ def model_scorer(
     use_masks: bool = False,
     pretrained: bool = True,
     cache: "EmbeddingCache | None" = None,
+    mask_mode: MaskMode = "attention",
+    mask_keep: MaskKeep = "foreground",
 ) -> Scorer:
     """Build a :class:`Scorer` from a spec through :func:`comfy_nearid.load_model`.
 
@@ -82,9 +106,12 @@ def model_scorer(
     = the frozen backbone read out through its own pooling (SigLIP's MAP head);
     ``mean:BACKBONE`` = the backbone's mean-pooled tokens; ``feature:...`` =
     :func:`feature_scorer` (cheap, never cached). ``pretrained=False`` builds random weights
-    (tests, benchmarks). ``cache``: see :func:`embedding_scorer`.
+    (tests, benchmarks). ``cache``: see :func:`embedding_scorer`; ``use_masks``,
+    ``mask_mode``, ``mask_keep``: see :class:`Scorer` (feature scorers always read the raw
+    masks to select their region, so the mask options do not apply to them).
     """
     kind, arg = parse_scorer_spec(spec)
+    check_mask_options(mask_mode, mask_keep)
     if kind == "feature":
         return feature_scorer(arg, name=name or spec, batch_size=batch_size)
     from .. import load_model  # lazy: the CSV path and `nearid eval human` need no torch
@@ -93,7 +120,8 @@ def model_scorer(
         model = load_model(head=arg, device=device, pretrained=pretrained)
     else:
         model = load_model(backbone=arg, readout=kind, device=device, pretrained=pretrained)
-    return embedding_scorer(model, name=name or spec, batch_size=batch_size, use_masks=use_masks, cache=cache)
+    return embedding_scorer(model, name=name or spec, batch_size=batch_size, use_masks=use_masks, cache=cache,
+                            mask_mode=mask_mode, mask_keep=mask_keep)
 
 
 def embedding_scorer(
@@ -103,6 +131,8 @@ def embedding_scorer(
     batch_size: int = 32,
     use_masks: bool = False,
     cache: "EmbeddingCache | None" = None,
+    mask_mode: MaskMode = "attention",
+    mask_keep: MaskKeep = "foreground",
 ) -> Scorer:
     """A :class:`Scorer` over a loaded :class:`~comfy_nearid.model.IdentityModel`.
 
@@ -115,14 +145,26 @@ def embedding_scorer(
     from ..embedding_cache import cached_embed, model_cache_identity
 
     def embed(images: list[Image.Image], masks: list[Image.Image | None] | None) -> Any:
-        if masks is not None and any(m is None for m in masks):
-            if not all(m is None for m in masks):
-                raise InvalidInputError(f"scorer {name}: some images of a batch have masks and some do not")
-            masks = None
-        return cached_embed(model, images, cache, masks=masks, batch_size=len(images))
+        if masks is None or all(m is None for m in masks):
+            return cached_embed(model, images, cache, masks=None, batch_size=len(images))
+        # An image without a mask is embedded whole, exactly as when masks are off, whichever
+        # batch it falls in: masked and unmasked images go through the model separately.
+        out = np.zeros((len(images), 0), dtype=np.float32)
+        for with_mask in (True, False):
+            idx = [i for i, m in enumerate(masks) if (m is not None) == with_mask]
+            if not idx:
+                continue
+            part = cached_embed(model, [images[i] for i in idx], cache,
+                                masks=[masks[i] for i in idx] if with_mask else None, batch_size=len(idx))
+            part = part.detach().cpu().float().numpy()
+            if out.shape[1] == 0:
+                out = np.zeros((len(images), part.shape[1]), dtype=np.float32)
+            out[idx] = part
+        return out
 
     return Scorer(name=name, embed_fn=embed, use_masks=use_masks, batch_size=batch_size,
-                  identity=model_cache_identity(model), cache_path=None if cache is None else str(cache.path))
+                  identity=model_cache_identity(model), cache_path=None if cache is None else str(cache.path),
+                  mask_mode=mask_mode, mask_keep=mask_keep)
 
 
 # Feature scorers: hand-made embeddings that see only one region of the image. They check

@@ -161,6 +161,8 @@ def evaluate_dataset(
     for scorer in scorers:
         table = similarity_table(samples, scorer, sources=sources, benchmark=benchmark, progress=progress)
         config = {"scorer": scorer.name, "identity": scorer.identity, "use_masks": scorer.use_masks,
+                  "mask_mode": scorer.mask_mode if scorer.use_masks else None,
+                  "mask_keep": scorer.mask_keep if scorer.use_masks and scorer.mask_mode == "pixels" else None,
                   "batch_size": scorer.batch_size, "sources": None if sources is None else list(sources),
                   "cache": scorer.cache_path}
         results.append(evaluate_table(scorer.name, table, benchmark=benchmark,

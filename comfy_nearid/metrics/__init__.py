@@ -6,7 +6,13 @@ No model and no torch needed: every function here takes similarities or scores a
 from __future__ import annotations
 
 from .correlation import fisher_z_mean, pearson_r
-from .human import human_alignment, load_human_ratings, normalize_metric_key, parse_categories
+from .human import (
+    bundled_dreambench_ratings,
+    human_alignment,
+    load_human_ratings,
+    normalize_metric_key,
+    parse_categories,
+)
 from .mtg import MTGAlignment, mtg_alignment, mtg_margins, mtg_oracle, mtg_ssr
 from .ssr import (
     MARGIN_SLOTS,

@@ -12,14 +12,20 @@ Ratings layout (a DreamBench++ ``ratings`` directory)::
     data_human_rating/merged_data/group2/<method>-cp.json
     <metric directory>/<method>.json          (one per metric, e.g. data_dino_rating)
 
-Each file is one JSON object mapping an item key to a score, in a fixed order. Metric keys
+Each file is one JSON object mapping an item key to a score, in a fixed order (``X.json``, or
+gzip-compressed ``X.json.gz``). Metric keys
 end in ``_<index>`` where human keys do not, and DreamBench++ object 20 is ``rubik's_cube``
 in some metric files but ``magic_cube`` in the human files; both are reconciled, then the
 files are paired by position after checking that the keys agree item by item.
+
+The published DreamBench++ rating files (human groups and the paper's metrics) ship with the
+package, compressed: :func:`bundled_dreambench_ratings` is their ``ratings`` directory and the
+default of every function here that takes one.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import re
@@ -38,6 +44,7 @@ __all__ = [
     "HUMAN_FISHER_CLIP",
     "HumanRatings",
     "alignment_to_dict",
+    "bundled_dreambench_ratings",
     "category_alignment",
     "check_same_items",
     "discover_metric_dirs",
@@ -46,6 +53,7 @@ __all__ = [
     "load_score_file",
     "normalize_metric_key",
     "parse_categories",
+    "rating_file",
 ]
 
 logger = logging.getLogger(__name__)
@@ -62,6 +70,44 @@ DEFAULT_CATEGORIES: dict[str, str] = {
 }
 
 _TRAILING_INDEX = re.compile(r"_\d+$")
+RATING_SUFFIXES = (".json", ".json.gz")
+
+
+def bundled_dreambench_ratings() -> Path:
+    """The published DreamBench++ ``ratings`` directory shipped inside the package
+    (``comfy_nearid/data/dreambench_plus``; its README lists the files and the MH values they
+    reproduce, PROVENANCE.md where they come from).
+
+    Raises:
+        DatasetError: the package was installed without its data files.
+    """
+    from importlib.resources import files
+
+    root = Path(str(files("comfy_nearid").joinpath("data", "dreambench_plus", "ratings")))
+    if not (root / HUMAN_SUBDIR).is_dir():
+        raise DatasetError(
+            f"the bundled DreamBench++ ratings are missing from this installation ({root}); "
+            "reinstall comfy-nearid, or pass a ratings directory (--ratings)"
+        )
+    return root
+
+
+def rating_file(directory: Path, stem: str) -> Path | None:
+    """``directory/<stem>.json`` or its compressed twin ``<stem>.json.gz``, whichever exists."""
+    for suffix in RATING_SUFFIXES:
+        path = directory / f"{stem}{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+def _stems(directory: Path, ending: str) -> list[str]:
+    """Sorted stems (without ``ending``) of the rating files in ``directory`` named ``*<ending>.json[.gz]``."""
+    stems = set()
+    for suffix in RATING_SUFFIXES:
+        tail = ending + suffix
+        stems.update(p.name[: -len(tail)] for p in directory.glob(f"*{tail}"))
+    return sorted(stems)
 
 
 def normalize_metric_key(key: str) -> str:
@@ -74,19 +120,21 @@ def normalize_metric_key(key: str) -> str:
 
 
 def load_score_file(path: str | Path) -> dict[str, float]:
-    """Read one ratings JSON (``{key: number}``), keeping the file's item order.
+    """Read one ratings JSON (``{key: number}``; ``.json.gz`` is decompressed), keeping the
+    file's item order.
 
     Raises:
         DatasetError: missing file, invalid JSON, not an object, or a non-numeric value
             (the message names the file and the key).
     """
     path = Path(path)
+    opener = gzip.open if path.name.endswith(".gz") else open
     try:
-        with path.open("r", encoding="utf-8") as fh:
+        with opener(path, "rt", encoding="utf-8") as fh:
             data = json.load(fh)
     except FileNotFoundError as e:
         raise DatasetError(f"ratings file not found: {path}") from e
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, gzip.BadGzipFile, EOFError, UnicodeDecodeError) as e:
         raise DatasetError(f"ratings file {path} is not valid JSON: {e}") from e
     if not isinstance(data, dict):
         raise DatasetError(f"ratings file {path} must hold a JSON object {{key: score}}, got {type(data).__name__}")
@@ -143,14 +191,15 @@ class HumanRatings:
     group2: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def load_human_ratings(root: str | Path) -> HumanRatings:
-    """Load ``data_human_rating/merged_data/group{1,2}/<method>-cp.json`` under ``root``.
+def load_human_ratings(root: str | Path | None = None) -> HumanRatings:
+    """Load ``data_human_rating/merged_data/group{1,2}/<method>-cp.json`` under ``root``
+    (``None``: the bundled published ratings, :func:`bundled_dreambench_ratings`).
 
     Raises:
         DatasetError: the layout is missing, the groups cover different methods, or a
             method's two group files list different items.
     """
-    root = Path(root)
+    root = bundled_dreambench_ratings() if root is None else Path(root)
     dirs = [root / HUMAN_SUBDIR / "group1", root / HUMAN_SUBDIR / "group2"]
     for d in dirs:
         if not d.is_dir():
@@ -158,7 +207,7 @@ def load_human_ratings(root: str | Path) -> HumanRatings:
                 f"human ratings directory not found: {d} (expected the DreamBench++ layout "
                 f"<ratings>/{HUMAN_SUBDIR.as_posix()}/group1|group2/<method>-cp.json)"
             )
-    methods_per_group = [sorted(p.name[: -len("-cp.json")] for p in d.glob("*-cp.json")) for d in dirs]
+    methods_per_group = [_stems(d, "-cp") for d in dirs]
     if not methods_per_group[0]:
         raise DatasetError(f"no <method>-cp.json files in {dirs[0]}")
     if methods_per_group[0] != methods_per_group[1]:
@@ -169,7 +218,7 @@ def load_human_ratings(root: str | Path) -> HumanRatings:
         )
     ratings = HumanRatings(root=root, methods=methods_per_group[0])
     for method in ratings.methods:
-        p1, p2 = (d / f"{method}-cp.json" for d in dirs)
+        p1, p2 = (rating_file(d, f"{method}-cp") for d in dirs)
         g1, g2 = load_score_file(p1), load_score_file(p2)
         check_same_items(list(g2), list(g1), p2, p1)
         ratings.keys[method] = list(g1)
@@ -203,12 +252,17 @@ def parse_categories(specs: Sequence[str] | None) -> dict[str, str]:
 
 
 def _resolve_metric_dir(root: Path, metric: str) -> Path:
+    """A metric directory: absolute, under the ratings ``root`` (e.g. ``data_nearid_rating``),
+    or else relative to the working directory (the user's own scores)."""
     path = Path(metric)
-    if not path.is_absolute():
-        path = root / path
-    if not path.is_dir():
-        raise DatasetError(f"metric directory not found: {path} (give a directory under {root} or an absolute path)")
-    return path
+    candidates = [path] if path.is_absolute() else [root / path, path]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    raise DatasetError(
+        f"metric directory not found: {candidates[0]}" + (f" nor {Path.cwd() / path}" if len(candidates) > 1 else "")
+        + f" (give a directory under {root}, one relative to the working directory, or an absolute path)"
+    )
 
 
 def _category_rows(keys: Sequence[str], regex: str, category: str, where: str) -> np.ndarray:
@@ -236,11 +290,11 @@ def category_alignment(
     if metric != HUMAN_CEILING:
         metric_dir = _resolve_metric_dir(ratings.root, metric)
         for method in ratings.methods:
-            path = metric_dir / f"{method}.json"
-            if not path.is_file():
-                raise DatasetError(f"metric directory {metric_dir} has no file for method {method!r} ({path.name})")
+            path = rating_file(metric_dir, method)
+            if path is None:
+                raise DatasetError(f"metric directory {metric_dir} has no file for method {method!r} ({method}.json)")
             loaded = load_score_file(path)
-            human_path = ratings.root / HUMAN_SUBDIR / "group1" / f"{method}-cp.json"
+            human_path = rating_file(ratings.root / HUMAN_SUBDIR / "group1", f"{method}-cp")
             check_same_items(list(loaded), ratings.keys[method], path, human_path)
             scores[method] = np.fromiter(loaded.values(), dtype=np.float64, count=len(loaded))
     result: dict[str, dict] = {}
@@ -273,21 +327,22 @@ def discover_metric_dirs(root: str | Path, methods: Sequence[str]) -> list[str]:
         rel = d.relative_to(root)
         if rel.parts and rel.parts[0] == HUMAN_SUBDIR.parts[0]:
             continue
-        if all((d / f"{m}.json").is_file() for m in methods):
+        if all(rating_file(d, m) is not None for m in methods):
             found.append(rel.as_posix())
     return found
 
 
 def human_alignment(
-    root: str | Path,
+    root: str | Path | None = None,
     metrics: Sequence[str] | None = None,
     categories: Mapping[str, str] | None = None,
 ) -> dict[str, dict[str, dict]]:
     """MH of several metric directories over several categories.
 
     Args:
-        root: the DreamBench++ ``ratings`` directory.
-        metrics: metric directories (relative to ``root`` or absolute) or ``"human"`` for the
+        root: the DreamBench++ ``ratings`` directory; ``None``: the bundled published one
+            (:func:`bundled_dreambench_ratings`).
+        metrics: metric directories (under ``root``, relative to the working directory, or absolute) or ``"human"`` for the
             ceiling; ``None`` = every directory :func:`discover_metric_dirs` finds.
         categories: ``{name: regex}``; ``None`` = object only.
 
