@@ -8,7 +8,14 @@ reports the one-off cost of building the cache.
     python benchmarks/bench_feature_cache.py --backbone tiny-siglip --no-pretrained
     python benchmarks/bench_feature_cache.py --data runs/synth-data --n-train 600
 
+    python benchmarks/bench_feature_cache.py --compare-head         # head: MHA form vs single-query form
+
 The synthetic benchmark is generated into ``--data`` when that folder does not exist.
+
+``--compare-head`` times two epochs from the same feature cache instead: once with the head
+computed in its former ``nn.MultiheadAttention`` form (keys and values projected for every
+token; ``mha_head_forward`` below, same parameters) and once with the library's single-query
+form, and prints the speed-up per epoch (target >= 3x).
 """
 
 from __future__ import annotations
@@ -34,9 +41,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=2, help="epochs timed per mode (seconds are per epoch)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers for the live mode")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--mode", choices=["live", "cached"], help=argparse.SUPPRESS)  # child process
+    p.add_argument("--compare-head", action="store_true",
+                   help="time cached epochs with the former MHA-form head vs the single-query head")
+    p.add_argument("--mode", choices=["live", "cached", "cached-mha"], help=argparse.SUPPRESS)  # child process
+    p.add_argument("--cache-dir", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def mha_head_forward(self, tokens, mask=None, return_attention=False, normalize=True):
+    """The head's former computation (``nn.MultiheadAttention`` form), on the same parameters:
+    keys and values are projected for every token, then one query attends over them."""
+    import torch
+    import torch.nn.functional as F
+
+    mask = self._check(tokens, mask)
+    b, n, d = tokens.shape
+    h = self.config.num_heads
+    attention = torch.nn.functional.multi_head_attention_forward
+    a, weights = attention(
+        self.probe.expand(b, 1, d).transpose(0, 1), tokens.transpose(0, 1), tokens.transpose(0, 1), d, h,
+        self.attention.in_proj_weight, self.attention.in_proj_bias, None, None, False, 0.0,
+        self.attention.out_proj.weight, self.attention.out_proj.bias, training=self.training,
+        key_padding_mask=None if mask is None else ~mask, need_weights=return_attention,
+        average_attn_weights=False,
+    )
+    x = a.transpose(0, 1)
+    x = x + self.mlp(self.layernorm(x))
+    x = x[:, 0]
+    if normalize:
+        x = F.normalize(x.float(), dim=-1).to(x.dtype)
+    return (x, weights[:, :, 0]) if return_attention else x
 
 
 def _config(args: argparse.Namespace, run_dir: Path, cached: bool):
@@ -51,7 +86,7 @@ def _config(args: argparse.Namespace, run_dir: Path, cached: bool):
                 "format": "folder", "train": args.data, "train_split": "train",
                 "sources": ["object"], "num_workers": args.workers if not cached else 0,
             },
-            "features": {"cache": cached, "dtype": "float16", "batch_size": 32, "cache_dir": str(run_dir / "cache")},
+            "features": {"cache": cached, "dtype": "float16", "batch_size": 32, "cache_dir": args.cache_dir or str(run_dir / "cache")},
             "optim": {"lr": 1e-3, "warmup_steps": 10},
             "train": {"epochs": args.epochs, "batch_size": args.batch_size, "mixed_precision": "no", "cpu": True},
             "checkpoint": {"every_steps": 0},
@@ -68,7 +103,11 @@ def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     from trainer.loop import train
 
-    cached = args.mode == "cached"
+    cached = args.mode in ("cached", "cached-mha")
+    if args.mode == "cached-mha":
+        from comfy_nearid.head import NearIDHead
+
+        NearIDHead.forward = mha_head_forward
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         result = train(_config(args, Path(tmp) / "run", cached))
@@ -105,8 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         child(args)
         return 0
     ensure_data(args)
+    modes = ("cached-mha", "cached") if args.compare_head else ("live", "cached")
+    shared_cache = tempfile.TemporaryDirectory() if args.compare_head else None
     results = {}
-    for mode in ("live", "cached"):
+    for mode in modes:
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
             out = f.name
         cmd = [sys.executable, __file__, "--mode", mode, "--out", out, "--data", args.data,
@@ -114,12 +155,17 @@ def main(argv: list[str] | None = None) -> int:
                "--workers", str(args.workers), "--threads", str(args.threads)]
         if args.no_pretrained:
             cmd.append("--no-pretrained")
+        if shared_cache is not None:  # both head forms train from one cache, built once
+            cmd += ["--cache-dir", shared_cache.name]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         print(f"running {mode} ...", flush=True)
         subprocess.run(cmd, check=True, env=env)
         results[mode] = json.loads(Path(out).read_text())
         os.unlink(out)
 
+    if shared_cache is not None:
+        shared_cache.cleanup()
+        return report_head(args, results["cached-mha"], results["cached"])
     live, cached = results["live"], results["cached"]
     print()
     print(f"backbone {args.backbone}, {live['samples'] // args.epochs} samples/epoch, batch {args.batch_size}, "
@@ -132,6 +178,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'peak GPU MiB':28s}{live['peak_gpu_mib']:18.0f}{cached['peak_gpu_mib']:18.0f}")
     ratio = live["seconds_per_epoch"] / max(1e-9, cached["seconds_per_epoch"])
     print(f"speed-up per epoch with the cache: {ratio:.1f}x (target >= 10x)")
+    return 0
+
+
+def report_head(args: argparse.Namespace, before: dict, after: dict) -> int:
+    print()
+    print(f"backbone {args.backbone}, {after['samples'] // args.epochs} samples/epoch, batch {args.batch_size}, "
+          f"{args.threads} threads, {args.epochs} epoch(s) per form, load average {os.getloadavg()[0]:.2f}")
+    print(f"{'':28s}{'MHA form':>18s}{'single-query':>18s}")
+    print(f"{'seconds per epoch':28s}{before['seconds_per_epoch']:18.2f}{after['seconds_per_epoch']:18.2f}")
+    print(f"{'peak RSS MiB':28s}{before['peak_rss_mib']:18.0f}{after['peak_rss_mib']:18.0f}")
+    ratio = before["seconds_per_epoch"] / max(1e-9, after["seconds_per_epoch"])
+    print(f"speed-up per epoch from the feature cache, single-query head vs MHA form: {ratio:.2f}x (target >= 3x)")
     return 0
 
 

@@ -11,7 +11,14 @@
    steps and wall time saved, and whether both pick the same seed (random weights: the
    agreement says nothing about real models; the compute accounting does).
 
+5. `nearid score` at the model's speed: end-to-end throughput of the CLI with its default
+   settings vs the best model-only throughput (the model's forward on preprocessed pixels,
+   best of a sweep of batch sizes, same device and threads). End-to-end is measured in
+   steady state: (N - 1) images / (time for N - time for 1 image), which removes model
+   construction and start-up. Target: >= 0.90.
+
 Usage: python benchmarks/bench_scoring.py [--images 1000] [--backbone small-siglip]
+       python benchmarks/bench_scoring.py --only throughput --images 600 [--device cuda]
 Models have random weights (nothing is downloaded); timings need a quiet machine.
 """
 
@@ -130,6 +137,90 @@ def bench_speed_and_cache(args: argparse.Namespace, work: Path, streaming_speed:
           f"first run / copy {first_s / copy_s:.1f}x")
 
 
+def model_only_throughput(model, pixels, batch_sizes: list[int], repeats: int) -> dict[int, float]:
+    """img/s of ``model.embed_pixels`` on preprocessed pixels for each batch size (median of
+    ``repeats`` passes over ``pixels``, after one warm-up batch)."""
+    import statistics
+
+    import torch
+
+    def sync() -> None:
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+
+    out = {}
+    for bs in batch_sizes:
+        model.embed_pixels(pixels[:bs].to(model.device))
+        sync()
+        passes = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for i in range(0, len(pixels) - bs + 1, bs):  # whole batches only
+                model.embed_pixels(pixels[i : i + bs].to(model.device))
+            sync()
+            passes.append(((len(pixels) // bs) * bs) / (time.perf_counter() - start))
+        out[bs] = statistics.median(passes)
+    return out
+
+
+def cli_seconds(args: argparse.Namespace, ref: Path, folder: Path, out: Path) -> float:
+    """Wall time of `nearid score` with its default speed settings (in this process)."""
+    from comfy_nearid.cli import main as nearid
+
+    argv = ["score", "--reference", str(ref), str(folder), "-o", str(out), "--backbone", args.backbone,
+            "--random-weights", "--device", args.device, "--no-cache", "--no-progress", "--overwrite"]
+    start = time.perf_counter()
+    if nearid(argv) != 0:
+        raise SystemExit(f"nearid {' '.join(argv)} failed")
+    return time.perf_counter() - start
+
+
+def bench_throughput(args: argparse.Namespace, work: Path) -> None:
+    import contextlib
+    import io
+
+    import torch
+
+    from comfy_nearid import load_model
+    from comfy_nearid.images import load_image
+    from comfy_nearid.scoring import default_batch_size
+
+    ref = write_images(work / "ref", 1, args.side, seed=1)[0]
+    folder = work / f"tp{args.images}"
+    paths = write_images(folder, args.images, args.side, seed=5)
+    one = work / "tp1"
+    one.mkdir(exist_ok=True)
+    if not (one / paths[0].name).exists():
+        os.link(paths[0], one / paths[0].name)
+    model = load_model(backbone=args.backbone, pretrained=False, device=args.device)
+    sweep = args.sweep or ([4, 8, 16, 32, 64] if model.device.type == "cpu" else [32, 64, 128, 256])
+    count = min(len(paths), max(2 * max(sweep), 64))
+    pixels = model.preprocess_batch([load_image(p) for p in paths[:count]])
+    print(f"model {args.backbone} (random weights, {str(model.dtype).replace('torch.', '')}) on {model.device}, "
+          f"{args.images} JPEGs of {args.side}px, torch threads {torch.get_num_threads()}, CPU cores {os.cpu_count()}, "
+          f"load average {os.getloadavg()[0]:.2f}")
+    with contextlib.redirect_stdout(io.StringIO()):  # the CLI's summary table
+        cli_seconds(args, ref, one, work / "tp-warm.csv")
+        t_one = cli_seconds(args, ref, one, work / "tp-one.csv")
+        t_all = cli_seconds(args, ref, folder, work / "tp-all.csv")
+    end_to_end = (args.images - 1) / (t_all - t_one)
+    start = time.perf_counter()  # where the rest goes: decode + preprocess on one core
+    for p in paths[:count]:
+        model.preprocess(load_image(p))
+    decode_ms = 1000 * (time.perf_counter() - start) / count
+    rates = model_only_throughput(model, pixels, sweep, repeats=args.repeats)
+    best = max(rates, key=rates.get)
+    default = default_batch_size(model.device)
+    print("[5] model-only img/s by batch size: " + ", ".join(f"{bs}: {r:.1f}" for bs, r in rates.items())
+          + f" (best {best}; the CLI default on {model.device.type} is {default})")
+    print(f"    nearid score end to end {end_to_end:.1f} img/s vs best model-only {rates[best]:.1f} img/s: "
+          f"{end_to_end / rates[best]:.2f} of the model's speed (target >= 0.90); load average {os.getloadavg()[0]:.2f}")
+    cores = os.cpu_count() or 1
+    bound = 1.0 / (1.0 / rates[best] + decode_ms / 1000 / cores) if model.device.type == "cpu" else rates[best]
+    print(f"    decode + preprocess {decode_ms:.1f} ms per image on one core; on a CPU decode shares the "
+          f"{cores} cores with the model, so the bound is {bound:.1f} img/s ({bound / rates[best]:.2f} of model-only)")
+
+
 def bench_memory(args: argparse.Namespace, work: Path) -> None:
     ref = write_images(work / "ref", 1, args.side, seed=1)[0]
     small, large = args.memory_counts
@@ -214,11 +305,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-counts", type=int, nargs=2, default=(200, 2000))
     parser.add_argument("--n", type=int, default=8, help="candidates per prompt (early rejection)")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps (early rejection)")
+    parser.add_argument("--device", default="cpu", help="device of the throughput benchmark [5] (cpu, cuda)")
+    parser.add_argument("--sweep", type=int, nargs="+", default=None, help="model-only batch sizes for [5]")
+    parser.add_argument("--repeats", type=int, default=3, help="model-only passes per batch size for [5]")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the images here (default: a temp dir)")
-    parser.add_argument("--only", choices=("speed", "cache", "memory", "early"), action="append", default=None,
-                        help="parts to run (cache: only the cached re-run of part 2)")
+    parser.add_argument("--only", choices=("speed", "cache", "memory", "early", "throughput"), action="append",
+                        default=None, help="parts to run (cache: only the cached re-run of part 2)")
     args = parser.parse_args(argv)
-    parts = args.only or ["speed", "memory", "early"]
+    parts = args.only or ["speed", "memory", "early", "throughput"]
     with tempfile.TemporaryDirectory(prefix="nearid-bench-") as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -226,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
             bench_speed_and_cache(args, work, streaming_speed="speed" in parts)
         if "memory" in parts:
             bench_memory(args, work)
+        if "throughput" in parts:
+            bench_throughput(args, work)
         if "early" in parts:
             bench_early_rejection(args)
     return 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -53,6 +54,62 @@ HEAD_KEYS = (
     "mlp.fc2.weight",
     "mlp.fc2.bias",
 )
+
+
+# Bounds on a head file's shape fields, checked before anything is allocated: a tampered
+# ``mlp_dim=1e9`` must be refused, not tried (SO400M: embed_dim 1152, mlp_dim 4304, 729 tokens).
+MAX_EMBED_DIM = 16384
+MLP_RATIO_LIMIT = 16
+MAX_IMAGE_SIZE = 8192
+MAX_TOKENS = 1_000_000
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _strict_int(text: str) -> int:
+    """A plain decimal integer (``int`` would also take ``1_0`` and surrounding spaces)."""
+    if not isinstance(text, str) or not text.lstrip("-").isdigit() or not text.isascii():
+        raise ValueError(f"{text!r} is not an integer")
+    return int(text)
+
+
+def _three_floats(text: str) -> tuple[float, ...]:
+    from .fileio import loads_json
+
+    value = loads_json(text, "mean/std", CheckpointError)
+    if (not isinstance(value, list) or len(value) != 3
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in value)):
+        raise ValueError(f"{text!r} is not a list of 3 finite numbers")
+    return tuple(float(x) for x in value)
+
+
+def _json_object(text: str, where: str) -> dict[str, Any]:
+    from .fileio import loads_json
+
+    value = loads_json(text, where, CheckpointError)
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{where} must be a JSON object, got {type(value).__name__}: {_clip(text)!r}")
+    return value
+
+
+def head_tensor_shapes(config: HeadConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor of a head with ``config`` (computed, nothing allocated)."""
+    d, m = config.dim, config.mlp_dim
+    return {
+        "probe": (1, 1, d),
+        "attention.in_proj_weight": (3 * d, d),
+        "attention.in_proj_bias": (3 * d,),
+        "attention.out_proj.weight": (d, d),
+        "attention.out_proj.bias": (d,),
+        "layernorm.weight": (d,),
+        "layernorm.bias": (d,),
+        "mlp.fc1.weight": (m, d),
+        "mlp.fc1.bias": (m,),
+        "mlp.fc2.weight": (d, m),
+        "mlp.fc2.bias": (d,),
+    }
 
 
 @dataclass
@@ -134,36 +191,56 @@ class HeadMetadata:
                 "(convert the paper's release with `nearid convert`)"
             )
 
-        def get(key: str, parse=str):
+        def get(key: str, parse: Any = str, check: Any = None, allowed: str = "") -> Any:
+            """Field ``key`` parsed and checked; a failure names the field, value and what is allowed."""
             if key not in meta:
                 raise CheckpointError(f"{source}: metadata field {key!r} is missing")
+            raw = meta[key]
             try:
-                return parse(meta[key])
-            except (ValueError, TypeError) as e:
-                raise CheckpointError(f"{source}: metadata field {key!r} = {meta[key]!r} is invalid") from e
+                value = parse(raw)
+            except (ValueError, TypeError, CheckpointError) as e:
+                raise CheckpointError(
+                    f"{source}: metadata field {key!r} = {_clip(raw)!r} is invalid; expected {allowed}"
+                ) from e
+            if check is not None and not check(value):
+                raise CheckpointError(
+                    f"{source}: metadata field {key!r} = {_clip(raw)!r} is out of range; expected {allowed}"
+                )
+            return value
 
-        version = get("format_version", int)
+        version = get("format_version", _strict_int, lambda v: v >= 1, "an integer >= 1")
         if version > FORMAT_VERSION:
             raise CheckpointError(
                 f"{source}: format_version {version} is newer than this library supports "
                 f"({FORMAT_VERSION}); upgrade comfy-nearid"
             )
+        embed_dim = get("embed_dim", _strict_int, lambda v: 1 <= v <= MAX_EMBED_DIM,
+                        f"an integer in 1..{MAX_EMBED_DIM}")
+        num_heads = get("num_heads", _strict_int, lambda v: 1 <= v <= embed_dim and embed_dim % v == 0,
+                        f"an integer >= 1 that divides embed_dim={embed_dim}")
+        mlp_dim = get("mlp_dim", _strict_int, lambda v: 1 <= v <= MLP_RATIO_LIMIT * embed_dim,
+                      f"an integer in 1..{MLP_RATIO_LIMIT} x embed_dim = {MLP_RATIO_LIMIT * embed_dim}")
+        from .images import _RESAMPLE
+
         return cls(
-            backbone=get("backbone"),
-            image_size=get("image_size", int),
-            mean=tuple(get("mean", json.loads)),
-            std=tuple(get("std", json.loads)),
-            interpolation=get("interpolation"),
-            embed_dim=get("embed_dim", int),
-            num_heads=get("num_heads", int),
-            mlp_dim=get("mlp_dim", int),
-            layer_norm_eps=get("layer_norm_eps", float),
-            num_tokens=get("num_tokens", int),
+            backbone=get("backbone", str, bool, "a backbone name"),
+            image_size=get("image_size", _strict_int, lambda v: 1 <= v <= MAX_IMAGE_SIZE,
+                           f"an integer in 1..{MAX_IMAGE_SIZE}"),
+            mean=get("mean", _three_floats, None, "a JSON list of 3 finite numbers"),
+            std=get("std", _three_floats, lambda v: all(x > 0 for x in v), "a JSON list of 3 positive numbers"),
+            interpolation=get("interpolation", str, lambda v: v in _RESAMPLE, f"one of {sorted(_RESAMPLE)}"),
+            embed_dim=embed_dim,
+            num_heads=num_heads,
+            mlp_dim=mlp_dim,
+            layer_norm_eps=get("layer_norm_eps", float, lambda v: math.isfinite(v) and 0 < v < 1,
+                               "a number between 0 and 1 (exclusive)"),
+            num_tokens=get("num_tokens", _strict_int, lambda v: 1 <= v <= MAX_TOKENS, f"an integer in 1..{MAX_TOKENS}"),
             open_clip_model=meta.get("open_clip_model", ""),
             pretrained_tag=meta.get("pretrained_tag", ""),
             format_version=version,
-            provenance=json.loads(meta.get("provenance", "{}") or "{}"),
-            calibration=json.loads(meta["calibration"]) if meta.get("calibration") else None,
+            provenance=_json_object(meta.get("provenance", "") or "{}", f"{source}: metadata field 'provenance'"),
+            calibration=(_json_object(meta["calibration"], f"{source}: metadata field 'calibration'")
+                         if meta.get("calibration") else None),
             created=meta.get("created", ""),
             library_version=meta.get("library_version", ""),
         )
@@ -264,12 +341,17 @@ def read_head_metadata(path: str | Path) -> HeadMetadata:
 
 def load_head_file(path: str | Path) -> tuple[dict[str, torch.Tensor], HeadMetadata]:
     """Read a head file: its tensors (checked against the metadata's shapes) and metadata."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
-
-    from safetensors import SafetensorError
 
     p = Path(path)
     meta = read_head_metadata(p)
+    try:
+        with safe_open(str(p), framework="pt") as f:  # shapes from the header: nothing allocated yet
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (OSError, RuntimeError, SafetensorError) as e:
+        raise CheckpointError(f"cannot read head file {p}: {e}") from e
+    check_head_state(shapes, meta.head_config, str(p))
     try:
         state = load_file(str(p))
     except (OSError, RuntimeError, SafetensorError) as e:
@@ -278,16 +360,21 @@ def load_head_file(path: str | Path) -> tuple[dict[str, torch.Tensor], HeadMetad
     return state, meta
 
 
-def check_head_state(state: Mapping[str, torch.Tensor], config: HeadConfig, source: str) -> None:
-    reference = NearIDHead(config).state_dict()
+def check_head_state(state: Mapping[str, Any], config: HeadConfig, source: str) -> None:
+    """Refuse tensors that do not fit ``config`` (missing, unexpected or wrongly shaped).
+
+    ``state`` maps names to tensors or to shapes (a file's header, read before loading)."""
+    expected = head_tensor_shapes(config)
     missing = [k for k in HEAD_KEYS if k not in state]
-    unexpected = sorted(set(state) - set(reference))
+    unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise HeadMismatchError(f"head {source}: missing tensors {missing}, unexpected tensors {unexpected}")
-    for k, v in reference.items():
-        if tuple(state[k].shape) != tuple(v.shape):
+    for k, shape in expected.items():
+        found = state[k]
+        found_shape = tuple(found.shape) if hasattr(found, "shape") else tuple(found)
+        if found_shape != shape:
             raise HeadMismatchError(
-                f"head {source}: tensor {k} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)} "
+                f"head {source}: tensor {k} has shape {found_shape}, expected {shape} "
                 f"for dim={config.dim}, mlp_dim={config.mlp_dim}"
             )
 

@@ -10,6 +10,7 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
 from typing import Sequence
 
 from . import __version__
@@ -52,6 +53,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return build_parser(command).parse_args(argv)
 
 
+# Exit statuses: 2 = the input is wrong (a NearIDError: fix the file/option it names),
+# 1 = something unexpected went wrong (a bug or the environment), 130 = interrupted.
+EXIT_BAD_INPUT = 2
+EXIT_UNEXPECTED = 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(
@@ -60,15 +67,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.command is None:
         build_parser().print_help()
-        return 2
+        return EXIT_BAD_INPUT
     try:
         return int(_load_command(args.command).run(args) or 0)
     except NearIDError as e:
-        print(f"nearid {args.command}: error: {e}", file=sys.stderr)
-        return 1
+        if args.verbose:
+            logging.getLogger(__name__).debug("traceback", exc_info=True)
+        print(f"nearid {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"nearid {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - the one place that turns any failure into one line
+        if args.verbose:
+            traceback.print_exc(file=sys.stderr)
+        where = "" if args.verbose else "; run with -v for the traceback"
+        print(f"nearid {args.command}: unexpected error: {type(e).__name__}: {_one_line(e)}{where}",
+              file=sys.stderr)
+        return EXIT_UNEXPECTED
+
+
+def _one_line(e: BaseException) -> str:
+    """The exception's message; multi-line messages (a list of searched places) are kept."""
+    text = str(e).strip()
+    return text or type(e).__name__
 
 
 def entry_point() -> None:

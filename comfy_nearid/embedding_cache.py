@@ -147,7 +147,13 @@ class EmbeddingCache:
         if self.path.is_dir():
             raise ConfigError(f"embedding cache path {self.path} is a directory; give a file path")
         if not readonly:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(
+                    f"embedding cache {self.path}: cannot create its folder {self.path.parent} "
+                    f"({e.strerror or e}); choose another cache path (${CACHE_ENV_VAR} or --cache)"
+                ) from e
             self._initialise_schema()
         elif self.path.exists():
             self._check_schema(self._connection())
@@ -210,6 +216,11 @@ class EmbeddingCache:
                     "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,)
                 )
         except sqlite3.DatabaseError as e:
+            if _is_access_problem(e, self.path):
+                raise ConfigError(
+                    f"embedding cache {self.path} cannot be written ({e}): fix the permissions of the file "
+                    "and its folder, choose another cache path, or run without the cache"
+                ) from e
             raise ConfigError(
                 f"embedding cache {self.path} is not a usable SQLite database ({e}); delete it or "
                 "choose another cache path"
@@ -398,6 +409,14 @@ class EmbeddingCache:
 
     def __repr__(self) -> str:
         return f"EmbeddingCache({str(self.path)!r}, readonly={self.readonly})"
+
+
+def _is_access_problem(error: sqlite3.Error, path: Path) -> bool:
+    """A permission / read-only problem (the file is fine; deleting it is the wrong advice)."""
+    text = str(error).lower()
+    if "readonly" in text or "read-only" in text or "unable to open" in text or "permission" in text:
+        return True
+    return path.exists() and not os.access(path, os.W_OK)
 
 
 def _as_float32_vector(vector: Any, key: str) -> np.ndarray:

@@ -115,35 +115,48 @@ class NearIDHead(nn.Module):
 
         ``mask`` (bool ``[B, N]``, True = attend) restricts the attention to those tokens;
         with ``return_attention`` also returns the attention weights ``[B, heads, N]``.
+
+        Computed in the single-query form (same result as multi-head attention with the
+        stacked ``in_proj`` weights, far less work): with one query, head ``h``'s score for
+        token ``x`` is ``q_h . (W_k,h x + b_k,h) / sqrt(hd) = x . u_h + const`` with
+        ``u_h = W_k,h^T q_h / sqrt(hd)`` (the constant ``q_h . b_k,h`` cancels in the
+        softmax), and since the weights sum to one, ``sum_n w_n (W_v,h x_n + b_v,h) =
+        W_v,h (sum_n w_n x_n) + b_v,h``. So no key or value is ever computed per token:
+        the tokens are scored against ``heads`` vectors, pooled, then projected once.
         """
         mask = self._check(tokens, mask)
         b, n, d = tokens.shape
         h = self.config.num_heads
         hd = d // h
         w, bias = self.attention.in_proj_weight, self.attention.in_proj_bias
-        q = F.linear(self.probe, w[:d], bias[:d]).expand(b, 1, d)
-        k = F.linear(tokens, w[d : 2 * d], bias[d : 2 * d])
-        v = F.linear(tokens, w[2 * d :], bias[2 * d :])
-        q = q.reshape(b, 1, h, hd).transpose(1, 2)  # [B, h, 1, hd]
-        k = k.reshape(b, n, h, hd).transpose(1, 2)  # [B, h, N, hd]
-        v = v.reshape(b, n, h, hd).transpose(1, 2)
-        attn_mask = None if mask is None else mask[:, None, None, :]  # broadcast over heads/query
-        if return_attention:
-            scores = (q @ k.transpose(-2, -1)) / math.sqrt(hd)  # [B, h, 1, N]
-            if attn_mask is not None:
-                scores = scores.masked_fill(~attn_mask, float("-inf"))
-            weights = scores.softmax(dim=-1)
-            pooled = weights @ v
+        q = F.linear(self.probe.reshape(1, d), w[:d], bias[:d]).reshape(h, hd)
+        w_k = w[d : 2 * d].reshape(h, hd, d)
+        query = torch.einsum("he,hed->hd", q, w_k) / math.sqrt(hd)  # [h, D]: W_k folded in
+        query = query.to(tokens.dtype)
+        if return_attention or torch.is_grad_enabled():
+            # Explicit softmax (also when training: its backward skips the token gradients
+            # that the fused kernel's backward computes whether or not they are needed).
+            scores = tokens @ query.T  # [B, N, h]
+            if mask is not None:
+                scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
+            weights = scores.transpose(1, 2).softmax(dim=-1)  # [B, h, N]
+            pooled_tokens = weights @ tokens  # [B, h, D]
         else:
-            pooled = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        pooled = pooled.transpose(1, 2).reshape(b, 1, d)
+            # The heads are the fused kernel's query positions: one softmax over N per head.
+            attn_mask = None if mask is None else mask[:, None, None, :]  # [B, 1, 1, N]
+            pooled_tokens = F.scaled_dot_product_attention(
+                query.expand(b, 1, h, d), tokens[:, None], tokens[:, None], attn_mask=attn_mask, scale=1.0
+            )[:, 0]  # [B, h, D]
+        w_v = w[2 * d :].reshape(h, hd, d)
+        pooled = torch.einsum("bhd,hed->bhe", pooled_tokens, w_v.to(pooled_tokens.dtype))
+        pooled = pooled.reshape(b, 1, d) + bias[2 * d :].to(pooled.dtype)  # [B, 1, D]
         x = self.attention.out_proj(pooled)
         x = x + self.mlp(self.layernorm(x))
         x = x[:, 0]
         if normalize:
             x = F.normalize(x.float(), dim=-1).to(x.dtype)
         if return_attention:
-            return x, weights[:, :, 0, :]
+            return x, weights
         return x
 
     # ----------------------------------------------------------------- conversions

@@ -8,7 +8,6 @@ kinds is what makes a file, its PIL image and its ComfyUI tensor give the same e
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence, Union
@@ -59,39 +58,60 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 def decode_image(opener: Any, description: str, mode: str = "RGB") -> Image.Image:
     """Decode a file path or file-like object into ``mode`` ("RGB": any Pillow mode converted,
     transparency composited onto white; "L": a mask, converted directly), applying the EXIF
-    orientation. Every failure is an :class:`ImageLoadError` naming ``description``."""
+    orientation. Every failure is an :class:`ImageLoadError` naming ``description``.
+
+    Images over ``Image.MAX_IMAGE_PIXELS`` (Pillow's decompression-bomb limit, read, never
+    changed) are refused from the header's size before any pixel is decoded. No warning filter
+    is touched: they are process-global, so changing them from decode threads would leak into
+    the caller's own ``Image.open`` calls.
+    """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(opener) as img:
-                img.load()
-                img = ImageOps.exif_transpose(img)
-                out = _to_rgb(img) if mode == "RGB" else img.convert(mode)
+        with Image.open(opener) as img:
+            _check_pixel_count(img, description)
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            out = _to_rgb(img) if mode == "RGB" else img.convert(mode)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        # Image.open itself raises past twice the limit (or past it, where the caller's own
+        # filters turn the warning into an error).
         raise ImageLoadError(
             description, f"larger than Pillow's decompression-bomb limit ({Image.MAX_IMAGE_PIXELS} pixels): {e}"
         ) from e
     except UnidentifiedImageError as e:
         raise ImageLoadError(description, "not a recognised image format") from e
-    except (OSError, SyntaxError, ValueError) as e:
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageLoadError(description, f"corrupt or truncated image data ({e})") from e
     return check_image(out, description)
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Decode an image file into an RGB PIL image, applying its EXIF orientation.
+def _check_pixel_count(img: Image.Image, description: str) -> None:
+    """Refuse an image whose header declares more pixels than Pillow's limit (``None``: no limit)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    width, height = img.size
+    if limit is not None and width * height > limit:
+        raise ImageLoadError(
+            description,
+            f"larger than Pillow's decompression-bomb limit ({limit} pixels): {width}x{height} = "
+            f"{width * height} pixels, refused before decoding",
+        )
 
-    Raises :class:`ImageLoadError` naming the file when it is missing, empty, truncated,
-    not an image, zero-sized or larger than Pillow's decompression-bomb limit.
+
+def load_image(path: str | Path, mode: str = "RGB") -> Image.Image:
+    """Decode an image file into an RGB PIL image (``mode="L"``: a mask), applying its EXIF orientation.
+
+    Raises :class:`ImageLoadError` naming the file when it is missing, not a regular file (a
+    directory, FIFO, dangling link, link loop), empty, truncated, not an image, zero-sized or
+    larger than Pillow's decompression-bomb limit.
     """
+    from .fileio import regular_file_problem
+
     p = Path(path)
-    if not p.exists():
-        raise ImageLoadError(p, "file does not exist")
-    if p.is_dir():
-        raise ImageLoadError(p, "is a directory, not an image file")
+    problem = regular_file_problem(p)
+    if problem is not None:
+        raise ImageLoadError(p, problem)
     if p.stat().st_size == 0:
         raise ImageLoadError(p, "file is empty (0 bytes)")
-    return decode_image(p, str(p))
+    return decode_image(p, str(p), mode)
 
 
 def load_image_bytes(data: bytes, description: str) -> Image.Image:
@@ -233,12 +253,7 @@ def as_mask_arrays(masks: Any, count: int) -> list[np.ndarray]:
         arrays = []
         for i, m in enumerate(masks):
             if isinstance(m, (str, Path)):
-                p = Path(m)
-                try:
-                    with Image.open(p) as im:
-                        arrays.append(np.asarray(im.convert("L"), dtype=np.float32) / 255.0)
-                except (OSError, ValueError) as e:
-                    raise ImageLoadError(p, f"cannot read mask ({e})") from e
+                arrays.append(np.asarray(load_image(m, mode="L"), dtype=np.float32) / 255.0)
             elif isinstance(m, Image.Image):
                 arrays.append(np.asarray(m.convert("L"), dtype=np.float32) / 255.0)
             else:

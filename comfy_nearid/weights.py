@@ -161,7 +161,16 @@ def resolve_backbone_weights(
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read weights without unpickling code: safetensors, or ``torch.load(weights_only=True)``."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    from .fileio import regular_file_problem
+
     p = Path(path)
+    problem = regular_file_problem(p)
+    if problem is not None:
+        raise CheckpointError(f"weights file {p}: {problem}")
     try:
         if p.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -169,10 +178,27 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             state = load_file(str(p))
         else:
             state = torch.load(str(p), map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError) as e:
-        raise CheckpointError(f"cannot read weights file {p}: {e}") from e
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"weights file {p} is a pickle holding more than plain tensors (a whole model or a training "
+            "checkpoint?); it is refused because unpickling it could run code. Save its state_dict() "
+            "with torch.save, or better as .safetensors"
+        ) from e
+    except (OSError, RuntimeError, ValueError, EOFError, SafetensorError) as e:
+        raise CheckpointError(f"cannot read weights file {p}: {_first_line(e)}") from e
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise CheckpointError(f"weights file {p} does not hold a state dict (found {type(state).__name__})")
+    not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointError(
+            f"weights file {p} is not a plain state dict: entry {not_tensors[0]!r} is a "
+            f"{type(state[not_tensors[0]]).__name__}, not a tensor"
+        )
     return state
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -69,7 +69,7 @@ def test_cli_convert_writes_head_and_refuses_overwrite(tmp_path, capsys):
     meta = read_head_metadata(out)
     assert meta.provenance["converted_from"] == "Aleksandar/nearid-siglip2"
     assert len(meta.provenance["sha256"]) == 64
-    assert cli_main(["convert", str(release), "--out", str(out), "--backbone", "tiny-siglip"]) == 1
+    assert cli_main(["convert", str(release), "--out", str(out), "--backbone", "tiny-siglip"]) == 2
     assert "--overwrite" in capsys.readouterr().err
 
 

@@ -252,7 +252,7 @@ def test_a_finished_run_is_not_overwritten_without_overwrite(tiny_demo):
     with pytest.raises(InvalidInputError, match=r"already holds a finished demo run .*--overwrite"):
         run_demo(out, **TINY)
     code = main(["demo", "--out", str(out), "--backbone", "tiny-siglip", "--random-weights", "--identities", "20"])
-    assert code == 1
+    assert code == 2
     assert (out / "nearid-head.safetensors").stat().st_mtime_ns == before
 
 
@@ -280,7 +280,7 @@ def test_cli_rejects_bad_identities(capsys, tmp_path):
     from comfy_nearid.cli import main
 
     code = main(["demo", "--out", str(tmp_path / "x"), "--identities", "3", "--random-weights", "--backbone", "tiny-siglip"])
-    assert code == 1
+    assert code == 2
     assert "identities" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 

@@ -99,22 +99,22 @@ def test_eval_mtg_reports_mo(tmp_path, capsys):
     [
         (["eval", "ssr"], "give at least one --scorer SPEC or --csv FILE"),
         (["eval", "ssr", "--scorer", "feature:object"], "--scorer needs a dataset"),
-        (["eval", "ssr", "--csv", "missing.csv"], "cannot open similarity CSV"),
+        (["eval", "ssr", "--csv", "missing.csv"], "similarity CSV missing.csv: file does not exist"),
         (["eval", "ssr", "--data", "{root}", "--scorer", "nonsense"], "scorer spec 'nonsense'"),
         (["eval", "ssr", "--data", "{root}", "--scorer", "feature:object", "--batch-size", "0"], "--batch-size must be >= 1"),
     ],
 )
-def test_bad_invocations_exit_1_with_message(argv, message, tiny_root, tmp_path, capsys, monkeypatch):
+def test_bad_invocations_exit_2_with_message(argv, message, tiny_root, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     argv = [a.replace("{root}", str(tiny_root)) for a in argv] + ["--out", str(tmp_path / "o")]
-    assert main(argv) == 1
+    assert main(argv) == 2
     assert message in capsys.readouterr().err
 
 
 def test_bad_csv_names_line_and_column(tmp_path, capsys):
     bad = tmp_path / "bad.csv"
     bad.write_text("id,sim_01,cross_00,cross_11\na,0.5,oops,0.1\n")
-    assert main(["eval", "ssr", "--csv", str(bad), "--out", str(tmp_path / "o")]) == 1
+    assert main(["eval", "ssr", "--csv", str(bad), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "line 2" in err and "'cross_00'" in err and "'oops'" in err
 

@@ -144,6 +144,6 @@ def test_cli_masks_options(partly_masked, tmp_path, capsys):
     capsys.readouterr()
     rc = main(["eval", "ssr", "--data", str(partly_masked), "--scorer", "mean:tiny-siglip", "--random-weights",
                "--mask-keep", "background", "--out", str(tmp_path / "bad")])
-    assert rc == 1
+    assert rc == 2
     assert "--mask-keep background applies to --masks pixels" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()

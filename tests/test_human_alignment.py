@@ -219,5 +219,5 @@ def test_bad_rating_values_and_layout(tmp_path):
 
 def test_cli_reports_error_for_missing_ratings(tmp_path, capsys):
     rc = main(["eval", "human", "--ratings", str(tmp_path / "none"), "--out", str(tmp_path / "o")])
-    assert rc == 1
+    assert rc == 2
     assert "human ratings directory not found" in capsys.readouterr().err

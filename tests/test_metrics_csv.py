@@ -99,5 +99,5 @@ def test_derived_column_disagreeing_with_similarities_is_refused(tmp_path):
 
 
 def test_missing_csv_file(tmp_path):
-    with pytest.raises(DatasetError, match="cannot open"):
+    with pytest.raises(DatasetError, match="nope.csv: file does not exist"):
         read_similarity_csv(tmp_path / "nope.csv")

@@ -50,12 +50,13 @@ def test_cli_single_subject_prints_the_summary_and_writes_every_output(tiny_mode
     np.testing.assert_allclose([good[g.name]["score"] for g in gens], expected, atol=2e-6)
     config = json.loads((tmp_path / "o.config.json").read_text())
     assert config["layout"] == "single" and config["model"]["random_weights"] is True
+    assert config["batch_size"] == 16  # no --batch-size on the CPU: the measured CPU default
     assert (tmp_path / "o.summary.json").exists() and (tmp_path / "db.json").exists()
     # A second run refuses to overwrite, and says how to proceed.
-    assert main(argv) == 1
+    assert main(argv) == 2
     assert "--overwrite" in capsys.readouterr().err
     # --strict turns the first broken file into a failure.
-    assert main([*argv, "--overwrite", "--strict"]) == 1
+    assert main([*argv, "--overwrite", "--strict"]) == 2
     assert "b_corrupt.png" in capsys.readouterr().err
 
 
@@ -69,7 +70,7 @@ def test_cli_stops_before_any_work_on_bad_layouts(tmp_path, rng, capsys):
         ([str(tmp_path / "gen")], "choose exactly one layout"),
     ]
     for args, message in cases:
-        assert main(["score", *args, "-o", str(out), *TINY_MODEL_ARGS, "--no-cache"]) == 1
+        assert main(["score", *args, "-o", str(out), *TINY_MODEL_ARGS, "--no-cache"]) == 2
         assert message in capsys.readouterr().err
         assert not out.exists()
 

@@ -123,7 +123,7 @@ def test_json_mapping_in_both_shapes_and_merged_rows(tmp_path, rng):
     ('[1, 2]', "entry 0"),
     ('{"dog": {"references": "refs/nope.png", "generated": "gen/dog"}}', "nope.png does not exist"),
     ('{"dog": {"references": "refs/dog", "generated": "gen/nope"}}', "gen/nope does not exist"),
-    ('not json', "cannot read JSON"),
+    ("not json", "is not valid JSON"),
 ])
 def test_bad_json_mappings_name_the_problem(tmp_path, rng, content, message):
     _two_subject_tree(tmp_path, rng)

@@ -250,9 +250,9 @@ def test_cli(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "train 2, test 1, mtg_test 1 identities" in text and "images/s" in text
     assert read_manifest(out)["config"]["image_size"] == 48
-    assert main(args) == 1
+    assert main(args) == 2
     assert "already holds a benchmark" in capsys.readouterr().err
     assert main(args + ["--overwrite", "--levels", "part"]) == 0
     assert not (out / "train/train-00000/object").exists() and (out / "train/train-00000/part").is_dir()
-    assert main(["synth", "--out", str(tmp_path / "x"), "--levels", " , "]) == 1
+    assert main(["synth", "--out", str(tmp_path / "x"), "--levels", " , "]) == 2
     assert "--levels" in capsys.readouterr().err

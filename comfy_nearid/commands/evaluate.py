@@ -112,10 +112,27 @@ def run(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- human
 
 
+def _check_outputs_writable(args: argparse.Namespace) -> None:
+    """Every output of ``eval`` (and the cache), checked before any work."""
+    from ..fileio import check_writable
+
+    check_writable(args.out / "summary.json", "output folder", existing_ok=False)
+    if args.json is not None:
+        check_writable(args.json, "--json output", existing_ok=False)
+    if getattr(args, "report", None) is not None:
+        check_writable(args.report / "index.html", "--report folder", existing_ok=False)
+    cache = getattr(args, "cache", None)
+    if cache is not None:
+        from ..embedding_cache import default_cache_path
+
+        check_writable(Path(cache).expanduser() if cache else default_cache_path(), "embedding cache")
+
+
 def _run_human(args: argparse.Namespace) -> int:
     from ..metrics.human import alignment_to_dict, human_alignment, parse_categories
 
     categories = parse_categories(args.category)
+    _check_outputs_writable(args)
     result = alignment_to_dict(human_alignment(args.ratings, args.metric, categories))
     print(format_human_table(result, per_method=args.per_method), end="")
     ratings = str(args.ratings) if args.ratings is not None else "bundled (published DreamBench++ ratings)"
@@ -233,6 +250,8 @@ def _run_scoring(args: argparse.Namespace) -> int:
     from ..launch import launch_info
 
     rank = launch_info().rank
+    if rank == 0:
+        _check_outputs_writable(args)
     progress = not args.no_progress
     results: list = []
     dataset_samples = None

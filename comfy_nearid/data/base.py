@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -52,12 +51,11 @@ def load_split_indices(source: str | Path | Sequence[int], n_rows: int) -> list[
     """
     if isinstance(source, (str, Path)):
         path = Path(source)
-        try:
-            value = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError as e:
-            raise DatasetError(f"index file {path} does not exist") from e
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DatasetError(f"index file {path} is not valid JSON: {e}") from e
+        from ..fileio import read_json
+
+        if not path.exists():
+            raise DatasetError(f"index file {path} does not exist")
+        value = read_json(path, "index file")
         return parse_split_indices(value, n_rows, str(path))
     return parse_split_indices(list(source), n_rows, "<indices argument>")
 

@@ -18,7 +18,6 @@ order; folders whose name starts with "." or "_" are ignored.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -53,7 +52,7 @@ def numbered_images(directory: Path, kinds: Iterable[str]) -> tuple[dict[str, di
     for entry in entries:
         if entry.name.startswith((".", "_")):
             continue
-        if entry.is_dir():
+        if _entry_is_dir(entry):
             subdirs.append(Path(entry.path))
             continue
         m = _NUMBERED.match(entry.name)
@@ -68,6 +67,14 @@ def numbered_images(directory: Path, kinds: Iterable[str]) -> tuple[dict[str, di
     return found, subdirs
 
 
+def _entry_is_dir(entry: os.DirEntry) -> bool:
+    """A folder or a link to one; a link loop is not (as an image slot it is an unreadable image)."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
 def slot_list(files: dict[int, Path], n: int, mode: str = "RGB") -> list[ImageRef | None]:
     """Numbered files -> a list of length ``n`` (None where a number is missing)."""
     return [FileImageRef(files[k], mode=mode) if k in files else None for k in range(n)]  # type: ignore[arg-type]
@@ -77,10 +84,9 @@ def read_sample_json(path: Path) -> dict[str, Any]:
     """Read an optional ``sample.json``; an unreadable one is an error naming the file."""
     if not path.is_file():
         return {}
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DatasetError(f"{path} is not valid JSON: {e}") from e
+    from ..fileio import read_json
+
+    meta = read_json(path, "sample file")
     if not isinstance(meta, dict):
         raise DatasetError(f"{path} must hold a JSON object, found {type(meta).__name__}")
     return meta
@@ -104,7 +110,7 @@ def list_sample_dirs(root: Path, split: str | None) -> tuple[Path, list[str]]:
                 f"{base} is a benchmark root with splits {sorted(splits)}; pass split=<name> "
                 f"(or the split folder itself, e.g. {base / sorted(splits)[0]})"
             )
-    names = sorted(e.name for e in os.scandir(base) if e.is_dir() and not e.name.startswith((".", "_")))
+    names = sorted(e.name for e in os.scandir(base) if _entry_is_dir(e) and not e.name.startswith((".", "_")))
     if not names:
         raise DatasetError(f"dataset folder {base} holds no sample directories (expected {base}/<id>/view1.png ...)")
     return base, names

@@ -105,19 +105,20 @@ class FileImageRef(ImageRef):
         return str(self._path)
 
     def read_bytes(self) -> bytes:
+        from ..fileio import regular_file_problem
+
+        problem = regular_file_problem(self._path)  # a FIFO would block the read forever
+        if problem is not None:
+            raise ImageLoadError(self._path, problem)
         try:
             return self._path.read_bytes()
         except OSError as e:
             raise ImageLoadError(self._path, f"cannot read file ({e.strerror or e})") from e
 
     def load(self) -> Image.Image:
-        if self.mode == "RGB":
-            from ..images import load_image
+        from ..images import load_image
 
-            return load_image(self._path)
-        if not self._path.is_file():
-            raise ImageLoadError(self._path, "file does not exist")
-        return _decode_mask(self._path, str(self._path))
+        return load_image(self._path, self.mode)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, FileImageRef) and (self._path, self.mode) == (other._path, other.mode)

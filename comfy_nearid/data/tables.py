@@ -15,7 +15,6 @@ a path string; :func:`image_cell_ref` turns one into an :class:`ImageRef`.
 from __future__ import annotations
 
 import bisect
-import json
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -98,10 +97,9 @@ class ArrowTable:
         return "parquet", shards
 
     def _read_json(self, path: Path) -> dict[str, Any]:
-        try:
-            value = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DatasetError(f"dataset {self.name}: cannot read {path}: {e}") from e
+        from ..fileio import read_json
+
+        value = read_json(path, f"dataset {self.name}:")
         if not isinstance(value, dict):
             raise DatasetError(f"dataset {self.name}: {path} must hold a JSON object")
         return value

@@ -25,8 +25,6 @@ default of every function here that takes one.
 
 from __future__ import annotations
 
-import gzip
-import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -127,15 +125,12 @@ def load_score_file(path: str | Path) -> dict[str, float]:
         DatasetError: missing file, invalid JSON, not an object, or a non-numeric value
             (the message names the file and the key).
     """
+    from ..fileio import read_json
+
     path = Path(path)
-    opener = gzip.open if path.name.endswith(".gz") else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as fh:
-            data = json.load(fh)
-    except FileNotFoundError as e:
-        raise DatasetError(f"ratings file not found: {path}") from e
-    except (json.JSONDecodeError, gzip.BadGzipFile, EOFError, UnicodeDecodeError) as e:
-        raise DatasetError(f"ratings file {path} is not valid JSON: {e}") from e
+    if not path.exists():
+        raise DatasetError(f"ratings file not found: {path}")
+    data = read_json(path, "ratings file")  # a .gz name is decompressed (the bundled files)
     if not isinstance(data, dict):
         raise DatasetError(f"ratings file {path} must hold a JSON object {{key: score}}, got {type(data).__name__}")
     scores: dict[str, float] = {}

@@ -16,6 +16,7 @@ Missing cells are empty. ``id``, ``sim_01``, ``cross_00`` and ``cross_11`` must 
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import DatasetError, InvalidInputError
+from ..fileio import parse_number, read_text
 from .ssr import MARGIN_SLOTS, margins_from_similarities, sample_outcomes
 
 __all__ = [
@@ -205,7 +207,7 @@ def _parse_number(cell: str, path: Path, line: int, column: str) -> float:
     if text == "" or text.lower() == "nan":
         return math.nan
     try:
-        value = float(text)
+        value = parse_number(text)
     except ValueError as e:
         raise DatasetError(
             f"{path}: line {line}, column {column!r}: {cell!r} is not a number (allowed: a number or an empty cell)"
@@ -248,18 +250,19 @@ def read_similarity_csv(path: str | Path, default_source: str = DEFAULT_SOURCE) 
             disagree with the similarities, or no rows; each message names line and column.
     """
     path = Path(path)
+    reader = csv.reader(io.StringIO(read_text(path, "similarity CSV"), newline=""))
     try:
-        fh = path.open("r", newline="", encoding="utf-8")
-    except OSError as e:
-        raise DatasetError(f"cannot open similarity CSV {path}: {e}") from e
-    with fh:
-        reader = csv.reader(fh)
         try:
             header = next(reader)
         except StopIteration as e:
             raise DatasetError(f"{path}: empty file (expected a header line with {list(REQUIRED_COLUMNS)})") from e
         columns = _check_header(header, path)
         records = [(reader.line_num, cells) for cells in reader if any(c.strip() for c in cells)]
+    except csv.Error as e:  # e.g. a cell over the csv module's field size limit (128 KiB)
+        raise DatasetError(
+            f"{path}: line {reader.line_num}: not a readable CSV line ({e}); a similarity CSV holds short "
+            "ids and numbers"
+        ) from e
     if not records:
         raise DatasetError(f"{path}: no data rows after the header")
     table_arrays = SimilarityTable.empty_arrays(len(records))

@@ -38,10 +38,11 @@ from .plan import (
     read_mapping,
 )
 from .rows import OUTPUT_FORMATS, ROW_FIELDS, ScoreRow, read_rows
-from .run import ProcessShard, ScoringOptions, prefetch, score_plan
+from .run import DEFAULT_BATCH_SIZE, ProcessShard, ScoringOptions, default_batch_size, prefetch, score_plan
 
 __all__ = [
     "AGGREGATES",
+    "DEFAULT_BATCH_SIZE",
     "OUTPUT_FORMATS",
     "ROW_FIELDS",
     "OutputPaths",
@@ -55,6 +56,7 @@ __all__ = [
     "REFERENCE_COMBINATIONS",
     "aggregate_cosines",
     "combine_references",
+    "default_batch_size",
     "dreambench_key",
     "list_images",
     "natural_sort_key",

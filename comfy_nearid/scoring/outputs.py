@@ -50,6 +50,22 @@ class OutputPaths:
             dreambench=Path(dreambench) if dreambench else None,
         )
 
+    def check_writable(self, resume: bool) -> None:
+        """Refuse, before any work, an output this process cannot write: the rows file (appended
+        to on ``resume``, so it must be writable itself) and the summary, config and DreamBench
+        JSON (replaced through a temporary file in their folder).
+
+        Raises:
+            InvalidInputError: names the path and what to do (see :func:`check_writable`).
+        """
+        from ..fileio import check_writable
+
+        check_writable(self.rows, "output", existing_ok=resume)
+        check_writable(self.summary, "summary output", existing_ok=False)
+        check_writable(self.config, "config output", existing_ok=False)
+        if self.dreambench is not None:
+            check_writable(self.dreambench, "DreamBench++ JSON output", existing_ok=False)
+
     def finals(self) -> list[Path]:
         return [p for p in (self.rows, self.summary, self.config, self.dreambench) if p is not None]
 
@@ -110,11 +126,11 @@ def finalize_run(model: Any, plan: ScoringPlan, outputs: OutputPaths, aggregate:
         first = plan.items[int(missing[0])]
         raise DatasetError(f"{missing.size} image(s) have no row after the run (first: {first.path}); run again with --resume")
     subject_ids = _subject_ids(plan)
-    ranks = _ranks_within_subjects(subject_ids, scores)
+    ranks = _ranks_within_subjects(subject_ids, scores, [str(it.path) for it in plan.items])
     _write_final_rows(outputs, sources, source_of, offset_of, ranks)
     for path in outputs.shards():
         path.unlink()
-    summaries = _subject_summaries(plan, subject_ids, scores, calibrated)
+    summaries = _subject_summaries(plan, subject_ids, scores, calibrated, ranks)
     from ..embedding_cache import model_cache_identity
 
     atomic_write_json(outputs.summary, {
@@ -133,13 +149,24 @@ def _subject_ids(plan: ScoringPlan) -> np.ndarray:
     return np.array([number[it.subject] for it in plan.items], dtype=np.int32)
 
 
-def _ranks_within_subjects(subject_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """Rank 1 = highest score within each subject; ties keep plan order; errors get 0."""
+# Scores closer than this count as tied when ranking: batching (cache on/off, batch size,
+# another process) moves a cosine by a few float32 steps (~3e-7), and ranks must not follow that noise.
+RANK_TIE_TOLERANCE = 1e-6
+
+
+def _ranks_within_subjects(subject_ids: np.ndarray, scores: np.ndarray, paths: list[str]) -> np.ndarray:
+    """Rank 1 = highest score within each subject; errors get 0. Scores equal after rounding
+    to :data:`RANK_TIE_TOLERANCE` are ties, broken by path (so the ranks do not depend on
+    float noise, the plan's folder order or the cache)."""
     ranks = np.zeros(len(scores), dtype=np.int64)
     valid = np.isfinite(scores)
+    decimals = int(round(-np.log10(RANK_TIE_TOLERANCE)))
+    rounded = np.round(np.where(valid, scores, 0.0), decimals)
+    path_order = np.empty(len(paths), dtype=np.int64)
+    path_order[sorted(range(len(paths)), key=lambda i: paths[i])] = np.arange(len(paths))
     for sid in np.unique(subject_ids):
         members = np.flatnonzero((subject_ids == sid) & valid)
-        order = members[np.lexsort((members, -scores[members]))]
+        order = members[np.lexsort((path_order[members], -rounded[members]))]
         ranks[order] = np.arange(1, len(order) + 1)
     return ranks
 
@@ -166,7 +193,7 @@ def _write_final_rows(outputs: OutputPaths, sources: list[tuple[Path, str]], sou
 
 
 def _subject_summaries(plan: ScoringPlan, subject_ids: np.ndarray, scores: np.ndarray,
-                       calibrated: np.ndarray) -> dict[str, dict[str, Any]]:
+                       calibrated: np.ndarray, ranks: np.ndarray) -> dict[str, dict[str, Any]]:
     out = {}
     for sid, subject in enumerate(plan.subjects):
         members = np.flatnonzero(subject_ids == sid)
@@ -177,7 +204,7 @@ def _subject_summaries(plan: ScoringPlan, subject_ids: np.ndarray, scores: np.nd
             "num_errors": int(members.size - valid.size),
         }
         if valid.size:
-            best = valid[np.lexsort((valid, -scores[valid]))[0]]
+            best = valid[np.argmin(ranks[valid])]  # rank 1
             entry.update(
                 mean=float(scores[valid].mean()), median=float(np.median(scores[valid])),
                 best=float(scores[best]), best_path=str(plan.items[int(best)].path),

@@ -7,7 +7,7 @@ here, before any work.
 from __future__ import annotations
 
 import csv
-import json
+import io
 import logging
 import os
 import re
@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 
 from ..errors import DatasetError, InvalidInputError
+from ..fileio import read_json, read_text, regular_file_problem
 from ..images import IMAGE_EXTENSIONS
 
 if TYPE_CHECKING:
@@ -41,29 +42,66 @@ def list_images(root: str | Path, exclude: Iterable[Path] = ()) -> list[Path]:
     """Image files under ``root`` (recursive), in natural order of their relative paths.
 
     Hidden files and folders (``.name``) are skipped, as are files without an image extension
-    (metadata, captions); folders in ``exclude`` (resolved paths) are not entered. A file
-    with an image extension but no image inside is kept: it becomes an error row.
+    (metadata, captions); folders in ``exclude`` are not entered. Symbolic links to files and
+    folders are followed (a link back to a folder being walked is a loop: reported, not
+    entered); the paths returned are the paths as found under ``root``, not the link targets.
+    An entry with an image extension that cannot be read (no image inside, a dangling link, a
+    link loop, a FIFO) is kept: it becomes an error row, never a stopped run.
     """
     root = Path(root)
-    if root.is_file():
+    if not root.is_dir():
         return [root]
-    skip = {Path(p).resolve() for p in exclude}
+    skip = {os.path.realpath(p) for p in exclude}
     found: list[tuple[tuple, Path]] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        here = Path(dirpath)
-        dirnames[:] = [d for d in dirnames if not d.startswith(".") and (here / d).resolve() not in skip]
-        for name in filenames:
-            path = here / name
-            if is_image_file(path):
+
+    def walk(folder: Path, relative: str, ancestors: frozenset[tuple[int, int]]) -> None:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:
+            logger.warning("cannot list folder %s (%s); its images are not scored", folder, e.strerror or e)
+            return
+        for entry in entries:
+            name = entry.name
+            if name.startswith("."):
+                continue
+            path = folder / name
+            rel = f"{relative}{name}"
+            if _is_folder(entry):
+                real = os.path.realpath(path)
+                if real in skip:
+                    continue
+                st = os.stat(path)
+                ident = (st.st_dev, st.st_ino)
+                if ident in ancestors:
+                    logger.warning("%s is a symbolic link to a folder that contains it (a loop); not entered", path)
+                    continue
+                walk(path, rel + "/", ancestors | {ident})
+            elif is_image_file(path):
                 if "\n" in name or "\r" in name:
                     raise DatasetError(f"{path!r}: file names with line breaks are not supported; rename the file")
                 try:
                     name.encode("utf-8")
                 except UnicodeEncodeError as e:  # undecodable bytes in the name cannot go into the rows
                     raise DatasetError(f"{path!r}: the file name is not valid UTF-8; rename the file") from e
-                found.append((natural_sort_key(path.relative_to(root).as_posix()), path))
+                found.append((natural_sort_key(rel), path))
+
+    st = root.stat()
+    walk(root, "", frozenset({(st.st_dev, st.st_ino)}))
     found.sort(key=lambda pair: pair[0])
     return [path for _, path in found]
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    """A folder or a link to one (a dangling or looping link is not a folder)."""
+    try:
+        return entry.is_dir(follow_symlinks=True)
+    except OSError:
+        return False
+
+
+def _real(path: Path) -> Path:
+    """The link-free absolute path (never raises for loops or dangling links)."""
+    return Path(os.path.realpath(path))
 
 
 def expand_references(entries: Sequence[str | Path], subject: str) -> tuple[Path, ...]:
@@ -186,8 +224,9 @@ def build_plan(subjects: Sequence[Subject]) -> ScoringPlan:
         raise DatasetError(f"subject names must be unique; repeated: {duplicates}")
     for s in subjects:
         for ref in s.references:
-            if not ref.is_file():
-                raise DatasetError(f"subject {s.name!r}: reference image {ref} does not exist")
+            problem = regular_file_problem(ref)
+            if problem is not None:
+                raise DatasetError(f"subject {s.name!r}: reference image {ref}: {problem}")
     items: list[ScoreItem] = []
     roots: list[Path] = []
     per_subject: list[tuple[Subject, list[Path]]] = []
@@ -205,13 +244,16 @@ def build_plan(subjects: Sequence[Subject]) -> ScoringPlan:
                     f"{', '.join(IMAGE_EXTENSIONS)})"
                 )
             paths.extend(images)
-            roots.append(gen.resolve() if gen.is_dir() else gen.resolve().parent)
-        unique = list({p.resolve(): p for p in paths}.values())  # a file listed twice is scored once
+            absolute = Path(os.path.abspath(gen))  # links kept: keys are paths as found
+            roots.append(absolute if gen.is_dir() else absolute.parent)
+        # a path listed twice (overlapping folders) is scored once; two links to one file are two rows
+        unique = list({os.path.abspath(p): p for p in paths}.values())
         per_subject.append((s, unique))
     key_root = Path(os.path.commonpath([str(r) for r in roots]))
     for s, paths in per_subject:
         for path in paths:
-            items.append(ScoreItem(len(items), s.name, path, path.resolve().relative_to(key_root).as_posix()))
+            key_path = Path(os.path.abspath(path)).relative_to(key_root).as_posix()
+            items.append(ScoreItem(len(items), s.name, path, key_path))
     return ScoringPlan(tuple(subjects), tuple(items), key_root)
 
 
@@ -253,7 +295,7 @@ def read_mapping(path: str | Path) -> list[Subject]:
         DatasetError: unreadable file, unknown format, missing or unknown fields.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DatasetError(f"mapping file {path} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".json":
@@ -282,10 +324,7 @@ _MAPPING_FIELDS = {"subject", "references", "generated"}
 
 
 def _read_mapping_json(path: Path) -> list[tuple[str, list[str], list[str]]]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DatasetError(f"mapping file {path}: cannot read JSON ({e})") from e
+    data = read_json(path, "mapping file")
     if isinstance(data, dict):
         records = [dict(v, subject=k) if isinstance(v, dict) else v for k, v in data.items()]
     elif isinstance(data, list):
@@ -312,17 +351,15 @@ def _read_mapping_json(path: Path) -> list[tuple[str, list[str], list[str]]]:
 
 
 def _read_mapping_csv(path: Path) -> list[tuple[str, list[str], list[str]]]:
+    reader = csv.DictReader(io.StringIO(read_text(path, "mapping file"), newline=""))
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            header = set(reader.fieldnames or [])
-            if header != _MAPPING_FIELDS:
-                raise DatasetError(
-                    f"mapping file {path}: header must be {sorted(_MAPPING_FIELDS)}, got {reader.fieldnames}"
-                )
-            rows = list(reader)
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DatasetError(f"mapping file {path}: cannot read CSV ({e})") from e
+        header = [h.strip() for h in reader.fieldnames or []]
+        if set(header) != _MAPPING_FIELDS or len(header) != len(_MAPPING_FIELDS):
+            raise DatasetError(f"mapping file {path}: header must be {sorted(_MAPPING_FIELDS)}, got {reader.fieldnames}")
+        reader.fieldnames = header
+        rows = list(reader)
+    except csv.Error as e:
+        raise DatasetError(f"mapping file {path}, line {reader.line_num}: cannot read CSV ({e})") from e
     out = []
     for line, row in enumerate(rows, start=2):
         where = f"mapping file {path}, line {line}"
@@ -381,10 +418,10 @@ def plan_from_subject_folders(references_root: str | Path, generated_roots: Sequ
         for name, folder in found_here.items():
             matched.setdefault(name, []).append(folder)
         _check_all_images_covered(gen_root, list(found_here.values()))
-    all_folders = [f.resolve() for folders in matched.values() for f in folders]
+    all_folders = [_real(f) for folders in matched.values() for f in folders]
     subjects = []
     for name in sorted(matched, key=natural_sort_key):
-        own = {f.resolve() for f in matched[name]}
+        own = {_real(f) for f in matched[name]}
         nested = tuple(f for f in all_folders if f not in own and any(o in f.parents for o in own))
         subjects.append(Subject(name, subject_refs[name], tuple(matched[name]), exclude=nested))
     skipped = sorted(set(subject_refs) - set(matched), key=natural_sort_key)
@@ -405,8 +442,9 @@ def _match_subject_folders(gen_root: Path, subject_refs: dict[str, tuple[Path, .
 
 
 def _check_all_images_covered(gen_root: Path, folders: list[Path]) -> None:
-    covered = [f.resolve() for f in folders]
-    stray = [p for p in list_images(gen_root) if not any(c in p.resolve().parents for c in covered)]
+    covered = [Path(os.path.abspath(f)) for f in folders]
+    stray = [p for p in list_images(gen_root)
+             if not any(c in Path(os.path.abspath(p)).parents for c in covered)]
     if stray:
         raise DatasetError(
             f"{len(stray)} image(s) in {gen_root} are not in a folder named after a reference subject: "

@@ -116,7 +116,7 @@ def scan_rows(path: Path, fmt: str) -> Iterator[tuple[int, ScoreRow]]:
         if fmt == "csv":
             header = f.readline()
             line_no = 1
-            if header and header.endswith(b"\n") and header.decode("utf-8") != CSV_HEADER:
+            if header and header.endswith(b"\n") and header != CSV_HEADER.encode("utf-8"):
                 raise DatasetError(
                     f"{path}: header is {header.decode('utf-8', 'replace').strip()!r}, expected "
                     f"{CSV_HEADER.strip()!r}; it was not written by `nearid score`"
@@ -127,7 +127,14 @@ def scan_rows(path: Path, fmt: str) -> Iterator[tuple[int, ScoreRow]]:
             if not raw.endswith(b"\n"):
                 break
             if raw.strip():
-                yield offset, decode_row(raw.decode("utf-8"), fmt, f"{path}, line {line_no}")
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DatasetError(
+                        f"{path}, line {line_no}: not UTF-8 text; it was not written by `nearid score` "
+                        "(use --overwrite or another output)"
+                    ) from e
+                yield offset, decode_row(text, fmt, f"{path}, line {line_no}")
             offset += len(raw)
 
 

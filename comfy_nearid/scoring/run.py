@@ -58,8 +58,12 @@ class _ItemPreparer:
 
     def __call__(self, item: ScoreItem) -> _Prepared:
         from ..embedding_cache import file_stat_key, pixels_content_hash
+        from ..fileio import regular_file_problem
         from ..images import load_image_bytes
 
+        problem = regular_file_problem(item.path)  # before opening: a FIFO would block forever
+        if problem is not None:
+            return _Prepared(error=problem)
         try:
             stat = file_stat_key(item.path)
         except OSError as e:
@@ -142,6 +146,20 @@ class ProcessShard:
         return self.index == 0
 
 
+# Images per forward pass when the user gives none. Measured, not guessed: model-only
+# throughput by batch size (`python benchmarks/bench_scoring.py --only throughput`, which
+# prints the sweep and this default). On the 2-core CPU, small-siglip gave ~55 img/s at
+# batch 8-16, ~48 at 32 and ~43 at 64 (two runs), so the CPU default is 16; larger batches
+# only add cache misses there. The CUDA value awaits the GPU suite's sweep (benchmarks/gpu.sh).
+DEFAULT_BATCH_SIZE = {"cpu": 16, "cuda": 64}
+
+
+def default_batch_size(device: "torch.device | str") -> int:
+    """Images per forward pass when none is given, for ``device`` (see DEFAULT_BATCH_SIZE)."""
+    kind = device.type if hasattr(device, "type") else str(device).split(":")[0]
+    return DEFAULT_BATCH_SIZE.get(kind, DEFAULT_BATCH_SIZE["cuda"])
+
+
 @dataclass(frozen=True)
 class ScoringOptions:
     """How to score. ``num_workers`` decode threads prepare ``prefetch_batches`` batches ahead."""
@@ -211,7 +229,7 @@ def score_plan(
                 path.unlink(missing_ok=True)
         atomic_write_json(outputs.config, config)
     shard.barrier()
-    done = _finished_indices(plan, outputs)
+    done = _finished_indices(plan, outputs, strict=options.strict)
     shard.barrier()  # nobody appends before every process has read what is done
     todo = _chunks_for(plan, done, options.batch_size, shard)
     journal = outputs.rows if shard.count == 1 else outputs.shard(shard.index, shard.count)
@@ -255,6 +273,7 @@ def _check_outputs(outputs: OutputPaths, resume: bool, overwrite: bool, config: 
     for path in outputs.finals():
         if path.is_dir():
             raise InvalidInputError(f"output {path} is a directory; give a file path")
+    outputs.check_writable(resume)
     existing = [p for p in [*outputs.finals(), *outputs.shards()] if p.exists()]
     if existing and not (resume or overwrite):
         raise InvalidInputError(
@@ -287,8 +306,13 @@ def _embed_references(
     return out
 
 
-def _finished_indices(plan: ScoringPlan, outputs: OutputPaths) -> set[int]:
-    """Plan indices that already have a row in the outputs (rows file and per-process parts)."""
+def _finished_indices(plan: ScoringPlan, outputs: OutputPaths, strict: bool = False) -> set[int]:
+    """Plan indices that already have a row in the outputs (rows file and per-process parts).
+
+    Raises:
+        ImageLoadError: ``strict`` and a previous row of this plan is an error row (a resumed
+            strict run stays strict: it does not finish with the error rows of the last one).
+    """
     index_of = {(it.subject, str(it.path)): it.index for it in plan.items}
     done: set[int] = set()
     sources = ([(outputs.rows, outputs.fmt)] if outputs.rows.exists() else []) + [(p, "jsonl") for p in outputs.shards()]
@@ -296,6 +320,11 @@ def _finished_indices(plan: ScoringPlan, outputs: OutputPaths) -> set[int]:
         for _, row in scan_rows(path, fmt):
             idx = index_of.get((row.subject, row.path))
             if idx is not None:
+                if strict and row.error:
+                    raise ImageLoadError(
+                        row.path, f"{row.error} (--strict: the previous run already wrote an error row for it in "
+                        f"{path}; fix or remove the file and run with --overwrite, or resume without --strict)"
+                    )
                 done.add(idx)
     return done
 
