@@ -290,8 +290,8 @@ def _clear_previous_run(out: Path) -> None:
 
 
 def _write_json(path: Path, data: Any) -> Path:
-    """Write JSON atomically (:func:`comfy_nearid.fileutil.atomic_write_json`)."""
-    from .fileutil import atomic_write_json
+    """Write JSON atomically (:func:`comfy_nearid.fileio.atomic_write_json`)."""
+    from .fileio import atomic_write_json
 
     return atomic_write_json(path, data, default=str)
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import CheckpointError, WeightsNotFoundError
-from .fileutil import file_sha256  # re-exported: convert.py hashes releases with it
+from .fileio import file_sha256  # re-exported: convert.py hashes releases with it
 
 if TYPE_CHECKING:
     from .backbones import BackboneSpec
@@ -106,7 +106,7 @@ def _download(spec: "BackboneSpec") -> Path:
 
 def weights_fingerprint(path: str | Path) -> str:
     """Content identity of a weights file: ``sha256:<hex>`` of its bytes, hashed once per file
-    version (remembered by path, size and mtime; see :func:`comfy_nearid.fileutil.file_sha256`).
+    version (remembered by path, size and mtime; see :func:`comfy_nearid.fileio.file_sha256`).
     The same weights under two names share it; other weights under the same name never do."""
     return "sha256:" + file_sha256(path)
 

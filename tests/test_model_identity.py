@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from comfy_nearid import load_model
-from comfy_nearid import fileutil
+from comfy_nearid import fileio
 from comfy_nearid.weights import resolve_backbone_weights
 from comfy_nearid.backbones import get_backbone_spec
 
@@ -65,10 +65,10 @@ def test_auto_located_weights_are_identified_by_their_content(tmp_path):
 
 def test_weights_are_hashed_once_per_file_version(tmp_path, monkeypatch):
     monkeypatch.setenv("NEARID_HASH_MEMO", str(tmp_path / "cache" / "file_hashes.json"))
-    monkeypatch.setattr(fileutil, "_memo", {})
+    monkeypatch.setattr(fileio, "_memo", {})
     path = tmp_path / "w.bin"
     path.write_bytes(b"first version")
-    assert fileutil.file_sha256(path) == hashlib.sha256(b"first version").hexdigest()
+    assert fileio.file_sha256(path) == hashlib.sha256(b"first version").hexdigest()
     memo_file = tmp_path / "cache" / "file_hashes.json"
     memo = json.loads(memo_file.read_text())
     st = path.stat()
@@ -77,10 +77,10 @@ def test_weights_are_hashed_once_per_file_version(tmp_path, monkeypatch):
     # a new process (empty in-memory memo) trusts the remembered digest for the same
     # (path, size, mtime): proven by a planted digest coming back without the file being read
     memo_file.write_text(json.dumps({key: "ab" * 32}))
-    monkeypatch.setattr(fileutil, "_memo", {})
-    assert fileutil.file_sha256(path) == "ab" * 32
+    monkeypatch.setattr(fileio, "_memo", {})
+    assert fileio.file_sha256(path) == "ab" * 32
     # a changed file (other size and mtime) is hashed again and replaces the old entry
     path.write_bytes(b"second, longer version")
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    assert fileutil.file_sha256(path) == hashlib.sha256(b"second, longer version").hexdigest()
+    assert fileio.file_sha256(path) == hashlib.sha256(b"second, longer version").hexdigest()
     assert len(json.loads(memo_file.read_text())) == 1

@@ -446,6 +446,6 @@ def load_config(
 
 def write_config(config: TrainConfig, path: str | Path) -> Path:
     """Write the resolved config as YAML (written to a temporary file, then renamed)."""
-    from comfy_nearid.fileutil import atomic_write_text
+    from comfy_nearid.fileio import atomic_write_text
 
     return atomic_write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidInputError
-from ..fileutil import atomic_write_json
+from ..fileio import atomic_write_json
 from ..masking import MASK_KEEPS, MASK_MODES
 
 logger = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import DatasetError, InvalidInputError
-from ..fileutil import atomic_write_json
+from ..fileio import atomic_write_json
 from .plan import ScoringPlan, natural_sort_key
 from .rows import CSV_HEADER, OUTPUT_FORMATS, format_from_suffix, scan_rows, short_float, decode_row, encode_row
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import ConfigError, ImageLoadError, InvalidInputError
 from .combine import REFERENCE_COMBINATIONS, calibrated_matches, calibration_description, combine_references
-from ..fileutil import atomic_write_json
+from ..fileio import atomic_write_json
 from .outputs import OutputPaths, ScoringResult, finalize_run
 from .plan import ScoreItem, ScoringPlan
 from .rows import ScoreRow, open_for_append, scan_rows, short_float, encode_row
