@@ -59,8 +59,9 @@ def mask_token_grid(mask: MaskLike, spec: BackboneSpec, threshold: float = 0.5) 
     """One subject mask -> bool token mask ``[N]`` over the backbone's token grid.
 
     ``mask``: a float ``[H, W]`` array in 0..1 (1 = subject), a PIL image (grey levels /255)
-    or None. The mask is resized to the model input as the image is (bilinear), cropped to the
-    area the token grid covers and averaged per patch; a token is kept when at least
+    or None. The mask gets the image's own geometry (squash, or shorter side + centre crop;
+    bilinear), is cropped to the area the token grid covers and averaged per patch; a token is
+    kept when at least
     ``threshold`` of it is subject. The policy for the edge cases, the same for every caller
     (model, trainer, evaluator, nodes):
 
@@ -79,8 +80,9 @@ def mask_token_grid(mask: MaskLike, spec: BackboneSpec, threshold: float = 0.5) 
             arr = arr.mean(axis=-1)
     if arr.ndim != 2:
         raise InvalidInputError(f"a mask must be [H, W], got shape {tuple(arr.shape)}")
-    s, p = spec.image_size, spec.patch_size
-    img = Image.fromarray(np.ascontiguousarray(arr), mode="F").resize((s, s), Image.Resampling.BILINEAR)
+    p = spec.patch_size
+    # the image's own geometry (squash, or shorter side + centre crop), bilinear for a mask
+    img = spec.preprocess.geometry(Image.fromarray(np.ascontiguousarray(arr), mode="F"), "bilinear")
     resized = np.asarray(img, dtype=np.float32)[: gh * p, : gw * p]
     coverage = resized.reshape(gh, p, gw, p).mean(axis=(1, 3)).reshape(-1)
     keep = coverage >= threshold
@@ -150,8 +152,8 @@ class IdentityModel(nn.Module):
 
     @property
     def embed_dim(self) -> int:
-        if self.readout == "pooled" and self.spec.family == "mobilenet_v2":
-            return 1280
+        if self.readout == "pooled" and self.spec.pooled_dim:
+            return self.spec.pooled_dim
         return self.spec.embed_dim
 
     @property

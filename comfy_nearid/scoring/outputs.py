@@ -14,7 +14,9 @@ import numpy as np
 from ..errors import DatasetError, InvalidInputError
 from ..fileio import atomic_write_json
 from .plan import ScoringPlan, natural_sort_key
-from .rows import CSV_HEADER, OUTPUT_FORMATS, format_from_suffix, scan_rows, short_float, decode_row, encode_row
+from .rows import (
+    CSV_HEADER, OUTPUT_FORMATS, decode_row, encode_row, file_fields, format_from_suffix, scan_rows, short_float,
+)
 
 if TYPE_CHECKING:
     pass
@@ -90,6 +92,7 @@ class ScoringResult:
     num_errors: int
     num_resumed: int
     subjects: dict[str, dict[str, Any]] = field(default_factory=dict)
+    scorers: dict[str, dict[str, Any]] = field(default_factory=dict)  # further scorers (see columns.py)
 
 
 
@@ -117,7 +120,7 @@ def finalize_run(model: Any, plan: ScoringPlan, outputs: OutputPaths, aggregate:
             source_of[idx], offset_of[idx] = s, offset
             if row.score is not None:
                 scores[idx] = row.score
-                calibrated[idx] = np.nan if row.calibrated is None else row.calibrated
+                calibrated[idx] = np.nan if row.match is None else row.match
     if dropped:
         logger.warning("%d row(s) in the outputs are not part of this plan (files gone or renamed) and were dropped",
                        dropped)
@@ -133,8 +136,13 @@ def finalize_run(model: Any, plan: ScoringPlan, outputs: OutputPaths, aggregate:
     summaries = _subject_summaries(plan, subject_ids, scores, calibrated, ranks)
     from ..embedding_cache import model_cache_identity
 
+    from ..calibration import calibration_for
+
+    curve = calibration_for(model)
     atomic_write_json(outputs.summary, {
         "model_identity": model_cache_identity(model), "aggregate": aggregate, "num_images": n,
+        # the matches come from a curve fitted for this head (True) or the uncalibrated default
+        "calibrated": curve.fitted, "calibration": curve.to_dict(),
         "num_scored": int(np.isfinite(scores).sum()), "num_errors": int((~np.isfinite(scores)).sum()),
         "subjects": summaries,
     })
@@ -175,6 +183,7 @@ def _write_final_rows(outputs: OutputPaths, sources: list[tuple[Path, str]], sou
                       offset_of: np.ndarray, ranks: np.ndarray) -> None:
     tmp = outputs.rows.with_name(outputs.rows.name + ".tmp")
     handles = [open(path, "rb") for path, _ in sources]
+    fields = [file_fields(path, fmt) for path, fmt in sources]  # a joined rows file has score:<name> columns
     try:
         with open(tmp, "w", encoding="utf-8", newline="") as out:
             if outputs.fmt == "csv":
@@ -183,7 +192,8 @@ def _write_final_rows(outputs: OutputPaths, sources: list[tuple[Path, str]], sou
                 s = int(source_of[idx])
                 handles[s].seek(int(offset_of[idx]))
                 path, fmt = sources[s]
-                row = decode_row(handles[s].readline().decode("utf-8"), fmt, f"{path} at byte {offset_of[idx]}")
+                row = decode_row(handles[s].readline().decode("utf-8"), fmt, f"{path} at byte {offset_of[idx]}",
+                                 fields[s])
                 row.rank = int(ranks[idx]) or None
                 out.write(encode_row(row, outputs.fmt))
     finally:
@@ -208,13 +218,13 @@ def _subject_summaries(plan: ScoringPlan, subject_ids: np.ndarray, scores: np.nd
             entry.update(
                 mean=float(scores[valid].mean()), median=float(np.median(scores[valid])),
                 best=float(scores[best]), best_path=str(plan.items[int(best)].path),
-                calibrated_mean=float(calibrated[valid].mean()),
-                calibrated_median=float(np.median(calibrated[valid])),
-                calibrated_best=float(calibrated[best]),
+                match_mean=float(calibrated[valid].mean()),
+                match_median=float(np.median(calibrated[valid])),
+                match_best=float(calibrated[best]),
             )
         else:
             entry.update(mean=None, median=None, best=None, best_path=None,
-                         calibrated_mean=None, calibrated_median=None, calibrated_best=None)
+                         match_mean=None, match_median=None, match_best=None)
         out[subject.name] = entry
     return out
 

@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: Called in the decode threads with ``(path, decoded PIL image or None on a cache hit, file bytes)``.
+ImageHook = Callable[[Path, Any, bytes], None]
+
 # ============================================================================ streaming
 @dataclass
 class _Prepared:
@@ -51,10 +54,12 @@ class _ItemPreparer:
     the nodes' key too); an unchanged file (same path, size, mtime) is looked up by the key
     remembered for it, without being read or decoded."""
 
-    def __init__(self, preprocess: Callable[[Any], "torch.Tensor"], cache: "EmbeddingCache | None", identity: str):
+    def __init__(self, preprocess: Callable[[Any], "torch.Tensor"], cache: "EmbeddingCache | None", identity: str,
+                 on_decoded: "ImageHook | None" = None):
         self.preprocess = preprocess
         self.cache = cache
         self.identity = identity
+        self.on_decoded = on_decoded
 
     def __call__(self, item: ScoreItem) -> _Prepared:
         from ..embedding_cache import file_stat_key, pixels_content_hash
@@ -72,6 +77,11 @@ class _ItemPreparer:
             key = self.cache.remembered_file_keys([stat]).get(stat[0])
             hit = None if key is None else self.cache.get_many(self.identity, [key]).get(key)
             if hit is not None:
+                if self.on_decoded is not None:  # a hook (the report's thumbnails) still gets the bytes
+                    try:
+                        self.on_decoded(item.path, None, item.path.read_bytes())
+                    except OSError as e:
+                        return _Prepared(error=f"cannot read file ({e.strerror or e})")
                 return _Prepared(key=key, embedding=hit)
         try:
             data = item.path.read_bytes()
@@ -83,6 +93,8 @@ class _ItemPreparer:
             image = load_image_bytes(data, str(item.path))
         except ImageLoadError as e:
             return _Prepared(error=e.reason)
+        if self.on_decoded is not None:
+            self.on_decoded(item.path, image, data)  # e.g. the report's thumbnail, from this one decode
         if self.cache is None:
             return _Prepared(pixels=self.preprocess(image))
         key = pixels_content_hash(np.asarray(image, dtype=np.uint8))
@@ -122,8 +134,10 @@ def prefetch(
         while pending:
             batch, futures = pending.popleft()
             prepared = [f.result() for f in futures]
-            submit_next()
             yield batch, prepared
+            # Only once the consumer is done with this batch: the batch in hand plus `depth`
+            # batches ahead, never `depth + 2`.
+            submit_next()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -193,6 +207,7 @@ def score_plan(
     overwrite: bool = False,
     shard: ProcessShard = ProcessShard(),
     run_config: dict[str, Any] | None = None,
+    on_decoded: ImageHook | None = None,
 ) -> ScoringResult | None:
     """Score every item of ``plan`` and write the outputs.
 
@@ -206,6 +221,7 @@ def score_plan(
         overwrite: replace existing outputs.
         shard: this process's place in a multi-process run.
         run_config: extra resolved settings recorded in the config file.
+        on_decoded: called in the decode threads with each image read (the report's thumbnails).
 
     Returns:
         The :class:`ScoringResult` on the main process, ``None`` on the others.
@@ -236,7 +252,7 @@ def score_plan(
     fmt = outputs.fmt if shard.count == 1 else "jsonl"
     logger.info("scoring %d image(s) of %d subject(s); %d already done%s", len(plan), len(plan.subjects),
                 len(done), "" if shard.count == 1 else f"; process {shard.index}/{shard.count}")
-    _run_chunks(model, todo, done, references, journal, fmt, options, cache, shard)
+    _run_chunks(model, todo, done, references, journal, fmt, options, cache, shard, on_decoded)
     shard.barrier()
     if not shard.is_main:
         return None
@@ -346,6 +362,7 @@ def _chunks_for(plan: ScoringPlan, done: set[int], batch_size: int, shard: Proce
 def _run_chunks(
     model: Any, chunks: list[list[ScoreItem]], done: set[int], references: dict[str, np.ndarray],
     journal: Path, fmt: str, options: ScoringOptions, cache: "EmbeddingCache | None", shard: ProcessShard,
+    on_decoded: ImageHook | None = None,
 ) -> None:
     """The streaming loop: prefetched batches -> model -> rows appended and flushed per batch
     (rows of items in ``done`` are not written again)."""
@@ -357,7 +374,7 @@ def _run_chunks(
     if total == 0:
         return
     identity = model_cache_identity(model)
-    preparer = _ItemPreparer(model.preprocess, cache, identity)
+    preparer = _ItemPreparer(model.preprocess, cache, identity, on_decoded)
     bar = tqdm(total=total, unit="img", desc="scoring" if shard.count == 1 else f"scoring [{shard.index}]",
                disable=not options.progress, dynamic_ncols=True, smoothing=0.1)
     with open_for_append(journal, fmt) as out:
@@ -407,10 +424,13 @@ def _make_row(item: ScoreItem, prepared: _Prepared, embedding: np.ndarray | None
 
 
 def _fill_calibration(model: Any, rows: list[ScoreRow]) -> None:
+    from ..calibration import calibration_for
+
     scored = [r for r in rows if r.score is not None]
     if scored:
+        fitted = calibration_for(model).fitted
         values = calibrated_matches(model, np.array([r.score for r in scored], dtype=np.float64))
         for r, v in zip(scored, values):
-            r.calibrated = short_float(v)
+            r.match, r.calibrated = short_float(v), fitted
 
 
