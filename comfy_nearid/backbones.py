@@ -157,6 +157,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.spec = spec
         self.trunk = trunk
+        self.weights_path: Path | None = None  # the weights file loaded (set by build_backbone)
         self.requires_grad_(False)
         self.eval()
 
@@ -354,4 +355,6 @@ def build_backbone(
         logger.info("loaded %s weights from %s", spec.name, path)
     if spec.family == "mobilenet_v2":
         trunk = trunk.to(memory_format=torch.channels_last)
-    return Backbone(spec, trunk)
+    backbone = Backbone(spec, trunk)
+    backbone.weights_path = path  # the file actually loaded (None: random weights)
+    return backbone

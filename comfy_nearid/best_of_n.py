@@ -214,7 +214,8 @@ def _call_generator(generate: Any, prompt: str | None, seed: int, device: Any, k
 
 
 class _Scorer:
-    """Aggregate cosine of images to the reference embeddings."""
+    """Identity score of images against the reference embeddings, by the library's one
+    identity-score function (:func:`comfy_nearid.scoring.combine_references`)."""
 
     def __init__(self, model: Any, references: Any, aggregate: str, cache: "EmbeddingCache | None") -> None:
         import torch
@@ -231,7 +232,7 @@ class _Scorer:
         self.calibration = calibration_for(model)
 
     def __call__(self, image: Any) -> tuple[tuple[float, ...], float]:
-        from .scoring import aggregate_cosines
+        from .scoring import combine_references
 
         emb = self.model.embed(image).numpy()[:1]
         if emb.shape[1] != self.references.shape[1]:
@@ -239,7 +240,7 @@ class _Scorer:
                 f"reference embeddings are {self.references.shape[1]}-d but the model gives {emb.shape[1]}-d"
             )
         cosines = emb.astype(np.float64) @ self.references.astype(np.float64).T
-        return tuple(float(c) for c in cosines[0]), float(aggregate_cosines(cosines, self.aggregate)[0])
+        return tuple(float(c) for c in cosines[0]), float(combine_references(emb, self.references, self.aggregate)[0])
 
 
 def best_of_n(
@@ -270,7 +271,9 @@ def best_of_n(
         prompt: one prompt, a list of prompts (one result each), or ``None``.
         n: candidates per prompt (ignored when ``seeds`` is given).
         seeds: explicit seeds, one per candidate; default ``base_seed + 0 .. n-1``.
-        aggregate: ``mean`` or ``max`` over the references.
+        aggregate: how the references combine: ``mean`` or ``max`` of the cosines, or
+            ``prototype`` (cosine to the re-normalised mean reference embedding); see
+            :func:`comfy_nearid.scoring.combine_references`.
         early_rejection: stop weak candidates part-way (see :class:`EarlyRejection`).
         generator_device: device of the ``torch.Generator`` (``cpu`` is reproducible everywhere).
         cache: embedding cache for the references.
@@ -281,10 +284,10 @@ def best_of_n(
         A :class:`BestOfNResult` (a list of them for a list of prompts). ``best`` is the
         finished candidate with the highest score; ties go to the earlier seed.
     """
-    from .scoring import AGGREGATES
+    from .scoring import REFERENCE_COMBINATIONS
 
-    if aggregate not in AGGREGATES:
-        raise InvalidInputError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
+    if aggregate not in REFERENCE_COMBINATIONS:
+        raise InvalidInputError(f"aggregate must be one of {REFERENCE_COMBINATIONS}, got {aggregate!r}")
     seed_list = [int(s) for s in seeds] if seeds is not None else [base_seed + i for i in range(n)]
     if not seed_list:
         raise InvalidInputError(f"best_of_n needs at least one candidate (n={n}, seeds={seeds!r})")

@@ -28,7 +28,7 @@ import numpy as np
 
 from .consistency import DEFAULT_OUTLIER_Z, SetConsistency, describe_groups, head_calibration, set_consistency
 from .errors import ConfigError, DatasetError, ImageLoadError, InvalidInputError
-from .scoring.outputs import write_json_atomic
+from .fileio import atomic_write_json
 from .scoring.plan import list_images
 from .scoring.rows import OUTPUT_FORMATS, format_from_suffix, short_float
 
@@ -368,7 +368,7 @@ def consistency_run(
         raise DatasetError(f"set names must be distinct, got {names}")
     config = _resolved_config(model, sets, outputs, options, run_config)
     done = _prepare_outputs(outputs, config, resume, overwrite)
-    write_json_atomic(outputs.config, config)
+    atomic_write_json(outputs.config, config)
     calibration = head_calibration(model)
     new_rows_file = not outputs.rows.exists()
     outputs.rows.parent.mkdir(parents=True, exist_ok=True)
@@ -387,7 +387,7 @@ def consistency_run(
             journal_out.flush()
             logger.info("set %s: %s", image_set.name, "no readable image" if result is None else result.describe())
     summary = _summary(outputs, config)
-    write_json_atomic(outputs.summary, summary)
+    atomic_write_json(outputs.summary, summary)
     if outputs.html is not None:
         from .consistency_report import write_consistency_html
 

@@ -7,8 +7,8 @@
    MTG-style part-edit split;
 2. scores the test split with the frozen backbone's baselines: its own pooling
    (``pooled:BACKBONE``) and its mean-pooled patch tokens (``mean:BACKBONE``);
-3. trains the identity head with the trainer (:func:`trainer.train`) from the frozen-feature
-   cache, on the object-level distractors: a fixed number of epochs, or as many steps as a
+3. trains the identity head with the trainer (passed in as ``train_head``; see
+   :mod:`trainer.demo`) from the frozen-feature cache, on the object-level distractors: a fixed number of epochs, or as many steps as a
    time budget (``minutes``) allows;
 4. scores the test split with the trained head and builds a Table-1-style comparison with
    95% bootstrap intervals, pooled and per difficulty level (object, part, colour) and MTG;
@@ -25,8 +25,8 @@ Output folder layout::
     summary.json             metrics with intervals, targets, timings (written last)
     table.md                 the printed tables
 
-Each distinct test image goes through the frozen backbone once: its patch tokens (kept at the
-training cache's precision) and its pooled vector serve both baselines and the trained head.
+Each distinct test image goes through the frozen backbone once: its patch tokens (kept in
+float32) and its pooled vector serve both baselines and the trained head.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -53,6 +53,11 @@ if TYPE_CHECKING:
 
     from .evaluate import EvalResult, Scorer
     from .model import IdentityModel
+
+# Trains ``model.head`` in place for the demo: (model, settings, out folder, progress) ->
+# (the trainer's result: head_path, global_step, epochs_completed, best_step, seconds,
+# best_validation, run_dir; and the estimated seconds per step, None for the fixed plan).
+TrainHead = Callable[["IdentityModel", "DemoSettings", Path, bool], "tuple[Any, float | None]"]
 
 __all__ = [
     "DemoResult",
@@ -207,7 +212,7 @@ def resolve_settings(
         minutes=None if minutes is None else float(minutes),
         epochs=preset.epochs if minutes is None else MAX_EPOCHS,
         # global batch; at least two optimizer steps per epoch on small runs
-        batch_size=max(2, min(64, _kept_for_training(n_train) // 2)),
+        batch_size=max(2, min(64, kept_for_training(n_train) // 2)),
         bootstrap=preset.bootstrap,
         workers=workers,
         device=device,
@@ -216,7 +221,7 @@ def resolve_settings(
     )
 
 
-def _kept_for_training(n_train: int) -> int:
+def kept_for_training(n_train: int) -> int:
     """Training identities left after the trainer's validation hold-out (its own rounding)."""
     return n_train - int(round(n_train * VAL_FRACTION))
 
@@ -285,15 +290,10 @@ def _clear_previous_run(out: Path) -> None:
 
 
 def _write_json(path: Path, data: Any) -> Path:
-    """Write JSON atomically (a temporary file renamed over the target)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=False, default=str) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():  # interrupted before the rename: leave no partial file behind
-            tmp.unlink()
-    return path
+    """Write JSON atomically (:func:`comfy_nearid.fileio.atomic_write_json`)."""
+    from .fileio import atomic_write_json
+
+    return atomic_write_json(path, data, default=str)
 
 
 # --------------------------------------------------------------------------- model and features
@@ -302,8 +302,6 @@ def _write_json(path: Path, data: Any) -> Path:
 def _build_model(settings: DemoSettings) -> "IdentityModel":
     """The frozen backbone (weights found on disk, or an immediate WeightsNotFoundError) with
     the head to train: the backbone's own pooling head where it has one, else a fresh one."""
-    import torch
-
     from .backbones import get_backbone_spec
     from .model import load_model
     from .weights import resolve_backbone_weights
@@ -346,13 +344,12 @@ class FrozenFeatures:
 
     Images are recognised by their pixels (a digest of mode, size and bytes), so the
     evaluator's passes over a split (one per scorer) and the later trained-head pass share
-    one backbone pass. Tokens are kept at ``token_dtype`` (the training cache's precision,
-    which the head was trained on); pooled vectors in float32.
+    one backbone pass. Tokens and pooled vectors are kept in float32, the precision
+    ``nearid eval`` reads them at, so the demo's numbers are the exported head's.
     """
 
-    def __init__(self, model: "IdentityModel", token_dtype: "torch.dtype") -> None:
+    def __init__(self, model: "IdentityModel") -> None:
         self.model = model
-        self.token_dtype = token_dtype
         self._features: dict[bytes, tuple["torch.Tensor", "torch.Tensor"]] = {}
 
     @staticmethod
@@ -370,7 +367,7 @@ class FrozenFeatures:
         missing = {k: im for k, im in zip(keys, images) if k not in self._features}
         if missing:
             tokens, pooled = frozen_pass(self.model, self.model.preprocess_batch(list(missing.values())))
-            tokens, pooled = tokens.to("cpu", self.token_dtype), pooled.cpu()
+            tokens, pooled = tokens.cpu(), pooled.cpu()
             self._features.update((k, (t, p)) for k, t, p in zip(missing, tokens, pooled))
         return [self._features[k] for k in keys]
 
@@ -406,7 +403,8 @@ def _baseline_scorers(model: "IdentityModel", features: FrozenFeatures, batch_si
         return F.normalize(features.pooled(images), dim=-1)
 
     def mean(images: list, masks: Any) -> "torch.Tensor":
-        return F.normalize(features.tokens(images).mean(dim=1), dim=-1).cpu()
+        with torch.inference_mode():  # the model's readout is "mean"
+            return model.embed_tokens(features.tokens(images)).cpu()
 
     return [
         Scorer(names["pooled"], pooled, batch_size=batch_size, identity=base + "|readout=pooled"),
@@ -421,7 +419,7 @@ def _head_scorer(model: "IdentityModel", features: FrozenFeatures, batch_size: i
 
     def head(images: list, masks: Any) -> "torch.Tensor":
         with torch.inference_mode():
-            return model.head(features.tokens(images)).cpu()
+            return model.embed_tokens(features.tokens(images), head=model.head).cpu()
 
     return Scorer(_scorer_names(model.spec.name)["head"], head, batch_size=batch_size, identity=model.identity)
 
@@ -470,62 +468,6 @@ def measure_step_seconds(model: "IdentityModel", batch_size: int, slots: int, re
 # loss, and validation runs every few steps: a margin over the bare head step, so that the
 # budget errs on the short side.
 STEP_OVERHEAD = 1.3
-
-
-def _train_config(settings: DemoSettings, out: Path, epochs: int, steps: int, device_type: str):
-    from trainer.cli import CONFIGS_DIR
-    from trainer.config import config_from_dict, load_config
-
-    base = load_config(CONFIGS_DIR / "synth.yaml")  # the trainer's tuned synthetic recipe
-    values = {
-        "output_dir": str(out / "train"),
-        "seed": settings.seed,
-        "model": {"backbone": settings.backbone, "pretrained": settings.pretrained,
-                  "backbone_weights": settings.backbone_weights, "backbone_seed": settings.seed,
-                  "init_head": "own", "head_seed": settings.seed},
-        "data": {"format": "folder", "train": str(out / "data"), "train_split": "train",
-                 "sources": [TRAIN_LEVEL], "val_fraction": VAL_FRACTION, "test": None},
-        "features": {"cache": True, "cache_dir": str(out / "train" / "feature_cache")},
-        # the demo trains at batch <= 64, where lr 1e-3 is the recipe its recorded run used
-        # (synth.yaml's 2e-3 is tuned for batch 128)
-        "optim": {"lr": DEMO_LR, "warmup_steps": min(base.optim.warmup_steps, max(1, steps // 10))},
-        "train": {"epochs": epochs, "max_steps": steps, "batch_size": settings.batch_size,
-                  "cpu": device_type == "cpu", "mixed_precision": "no"},
-        "checkpoint": {"every_steps": 0},  # the demo never resumes; the head files are what counts
-        "eval": {"every_steps": max(5, steps // 8), "baseline": False},
-        "logging": {"every_steps": max(1, min(10, steps // 10))},
-    }
-    config = config_from_dict(values, base)
-    config.check()
-    return config
-
-
-def _train(model: "IdentityModel", settings: DemoSettings, out: Path, progress: bool) -> tuple[Any, float | None]:
-    """Train the head in place (the best validation head loaded back); returns the
-    :class:`trainer.TrainResult` and the estimated seconds per step (None for the fixed plan)."""
-    from trainer.loop import train
-
-    from .checkpoint import load_head_file
-
-    kept = _kept_for_training(settings.n_train)
-    per_epoch = kept // settings.batch_size
-    if settings.minutes is None:  # the fixed plan: the same steps, and so the same head, anywhere
-        epochs, steps, step_s = settings.epochs, settings.epochs * per_epoch, None
-        logger.info("training %d steps (%d epochs of %d samples, batch %d)", steps, epochs, kept, settings.batch_size)
-    else:
-        slots = 1 + 2 + 3  # anchor, P=2 positives, K=3 distractors (synth.yaml)
-        step_s = measure_step_seconds(model, settings.batch_size, slots) * STEP_OVERHEAD
-        epochs, steps = plan_training(kept, settings.batch_size, step_s, settings.minutes, settings.epochs)
-        logger.info("training budget %.1f min at ~%.2f s/step: %d steps (%d epochs of %d samples, batch %d)",
-                    settings.minutes, step_s, steps, epochs, kept, settings.batch_size)
-    config = _train_config(settings, out, epochs, steps, model.device.type)
-    config.logging.progress = progress
-    result = train(config, model=model)
-    state, _ = load_head_file(result.head_path)  # the best head on validation
-    model.head.load_state_dict(state)
-    model.head.requires_grad_(False).eval()
-    model.invalidate_identity()
-    return result, step_s
 
 
 def _save_final_head(model: "IdentityModel", train_result: Any, out: Path, demo_metrics: dict[str, Any]) -> Path:
@@ -742,8 +684,8 @@ def _heatmap_section(
 
 
 def _head_file_check(viewer: "IdentityModel", model: "IdentityModel", features: FrozenFeatures, refs: list[Any]) -> dict[str, Any]:
-    """The saved head loaded the ordinary way (``load_model(head=...)``, fp32 tokens) against
-    the demo's scoring path (kept tokens): largest difference of the embeddings."""
+    """The saved head loaded the ordinary way (``load_model(head=...)``) against the demo's
+    scoring path (kept fp32 tokens): largest difference of the embeddings."""
     import torch
 
     if not refs:
@@ -751,7 +693,7 @@ def _head_file_check(viewer: "IdentityModel", model: "IdentityModel", features: 
     images = [r.load() for r in refs]
     loaded = viewer.embed(images)
     with torch.inference_mode():
-        scored = model.head(features.tokens(images)).cpu()
+        scored = model.embed_tokens(features.tokens(images), head=model.head).cpu()
     return {"images": len(images), "max_abs_diff": float((loaded - scored).abs().max())}
 
 
@@ -789,8 +731,13 @@ def run_demo(
     device: str = "auto",
     pretrained: bool = True,
     workers: int | None = None,
+    train_head: "TrainHead",
 ) -> DemoResult:
     """Run the whole method end to end (see the module docstring) and return what it made.
+
+    The library holds no training code: step 3 calls ``train_head(model, settings, out,
+    progress) -> (train result, seconds per step or None)``, which trains ``model.head`` in
+    place; :func:`trainer.demo.run_demo` passes the trainer's (:func:`trainer.demo.train_demo_head`).
 
     Args:
         out_dir: output folder: new, empty, or (with ``overwrite``) a previous demo run.
@@ -809,8 +756,6 @@ def run_demo(
             ``overwrite``) or unrelated files.
         WeightsNotFoundError: the backbone's weights are not on disk.
     """
-    import torch
-
     from .data import generate_benchmark
 
     started = time.perf_counter()
@@ -840,7 +785,7 @@ def run_demo(
                        seed=settings.seed, n_mtg=settings.n_mtg, workers=settings.workers, progress=progress)
     phase("generate", t)
 
-    features = FrozenFeatures(model, torch.float16)  # synth.yaml trains from float16 cached tokens
+    features = FrozenFeatures(model)
     batch = 64 if model.device.type == "cpu" else 256
     t = time.perf_counter()
     logger.info("[2/5] scoring the held-out test identities with the frozen %s baselines", settings.backbone)
@@ -849,7 +794,7 @@ def run_demo(
 
     t = time.perf_counter()
     logger.info("[3/5] training the identity head (frozen-feature cache, %s-level distractors)", TRAIN_LEVEL)
-    train_result, step_estimate = _train(model, settings, out, progress)
+    train_result, step_estimate = train_head(model, settings, out, progress)
     phase("train", t)
 
     t = time.perf_counter()

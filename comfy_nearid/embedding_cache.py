@@ -6,10 +6,13 @@ An entry is keyed by two strings:
   preprocessing; plus the dtype when it is not fp32, see :func:`model_cache_identity`). Each
   identity is a separate namespace; a lookup never returns a vector
   that another model produced, so changing the head or the preprocessing simply misses.
-- the **content key** of the input: ``sha256:<hex>`` of a file's bytes
-  (:func:`file_content_hash`), or ``rgb8-sha256:<hex>`` of decoded 8-bit RGB pixels
-  (:func:`pixels_content_hash`) for images that arrive as PIL images or tensors (ComfyUI).
-  A mask, when one is used, is appended as ``|mask-sha256:<hex>``.
+- the **content key** of the input, one kind for every door (``nearid score``, ``nearid
+  eval``, the nodes): ``rgb8-sha256:<hex>`` of the decoded 8-bit RGB pixels
+  (:func:`pixels_content_hash`), whether the image arrives as a file, a PIL image or a tensor
+  (ComfyUI), so a folder scored by the CLI is free for the nodes and the other way round.
+  A mask, when one is used, is appended as ``|mask-sha256:<hex>``. So that an unchanged file
+  is not decoded again just to find its key, the cache remembers each file's pixel key under
+  (path, size, mtime) (:meth:`EmbeddingCache.remembered_file_keys`).
 
 Vectors are stored as little-endian float32 bytes with their dimension. The database runs in
 WAL mode: any number of processes may read while one writes, and concurrent writers wait for
@@ -40,7 +43,9 @@ __all__ = [
     "EmbeddingCache",
     "bytes_content_hash",
     "cached_embed",
+    "decoded_file_key",
     "default_cache_path",
+    "file_stat_key",
     "file_content_hash",
     "image_cache_keys",
     "mask_content_hash",
@@ -203,6 +208,11 @@ class EmbeddingCache:
                     " PRIMARY KEY (model_id, content)) WITHOUT ROWID"
                 )
                 conn.execute(
+                    "CREATE TABLE IF NOT EXISTS file_keys ("
+                    " path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,"
+                    " content TEXT NOT NULL) WITHOUT ROWID"
+                )
+                conn.execute(
                     "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,)
                 )
         except sqlite3.DatabaseError as e:
@@ -315,6 +325,41 @@ class EmbeddingCache:
         """Store one vector; ``True`` if it was new."""
         return self.put_many(model_identity, [(key, vector)]) == 1
 
+    # ----------------------------------------------------------------- file -> pixel key memo
+    def remembered_file_keys(self, files: Sequence[tuple[str, int, int]]) -> dict[str, str]:
+        """The pixel content keys remembered for ``(path, size, mtime_ns)`` files: ``{path: key}``
+        for the files whose path, size and mtime all match what was recorded."""
+        if not files or (self.readonly and not self.path.exists()):
+            return {}
+        conn = self._connection()
+        wanted = {path: (size, mtime) for path, size, mtime in files}
+        found: dict[str, str] = {}
+        paths = list(wanted)
+        for start in range(0, len(paths), _QUERY_CHUNK):
+            chunk = paths[start : start + _QUERY_CHUNK]
+            try:
+                rows = conn.execute(
+                    f"SELECT path, size, mtime_ns, content FROM file_keys WHERE path IN ({','.join('?' * len(chunk))})",
+                    chunk,
+                ).fetchall()
+            except sqlite3.OperationalError:  # a read-only cache made before the memo existed
+                return {}
+            for path, size, mtime, content in rows:
+                if wanted[path] == (size, mtime):
+                    found[path] = content
+        return found
+
+    def remember_file_keys(self, entries: Iterable[tuple[str, int, int, str]]) -> None:
+        """Record ``(path, size, mtime_ns, pixel key)`` of decoded files (a no-op when read-only)."""
+        entries = list(entries)
+        if self.readonly or not entries:
+            return
+        conn = self._connection()
+        with conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO file_keys (path, size, mtime_ns, content) VALUES (?, ?, ?, ?)", entries
+            )
+
     # ----------------------------------------------------------------- housekeeping
     def count(self, model_identity: str | None = None) -> int:
         """Number of entries, for one model identity or in total."""
@@ -385,13 +430,53 @@ def _as_float32_vector(vector: Any, key: str) -> np.ndarray:
     return arr
 
 
-def image_cache_keys(images: Any, masks: Any = None) -> tuple[list[Any], list[str], list[np.ndarray] | None]:
+def file_stat_key(path: str | Path) -> tuple[str, int, int]:
+    """``(absolute path, size, mtime_ns)``: what the file -> pixel key memo is keyed by.
+
+    Raises:
+        OSError: the file cannot be reached.
+    """
+    st = os.stat(path)
+    return os.path.abspath(str(path)), int(st.st_size), int(st.st_mtime_ns)
+
+
+def decoded_file_key(path: str | Path, cache: "EmbeddingCache | None" = None) -> tuple[str, np.ndarray | None]:
+    """The content key of an image file, its decoded 8-bit RGB pixels' hash: ``(key, pixels)``.
+
+    With a ``cache`` that remembers the file unchanged (same path, size and mtime) the file
+    is not decoded (``pixels`` is None); otherwise it is decoded once, the key remembered.
+
+    Raises:
+        ImageLoadError: the file cannot be read or decoded.
+    """
+    from .errors import ImageLoadError
+    from .images import load_image
+
+    try:
+        stat = file_stat_key(path)
+    except OSError as e:
+        raise ImageLoadError(path, f"cannot read file ({e.strerror or e})") from e
+    if cache is not None:
+        known = cache.remembered_file_keys([stat]).get(stat[0])
+        if known is not None:
+            return known, None
+    pixels = np.array(load_image(path), dtype=np.uint8)  # writable: torch warns on read-only arrays
+    key = pixels_content_hash(pixels)
+    if cache is not None:
+        cache.remember_file_keys([(*stat, key)])
+    return key, pixels
+
+
+def image_cache_keys(
+    images: Any, masks: Any = None, cache: "EmbeddingCache | None" = None
+) -> tuple[list[Any], list[str], list[np.ndarray] | None]:
     """Split an image input into single images and their content keys.
 
     ``images`` is anything :meth:`IdentityModel.embed` takes (a path, PIL image, list of those,
-    ``[B,3,H,W]`` / ``[B,H,W,C]`` tensor or array). Paths are keyed by file bytes; everything
-    else by its 8-bit RGB pixels, which is exactly what the model sees, so a float and a uint8
-    copy of one picture share an entry. Returns ``(items, keys, mask_arrays or None)``.
+    ``[B,3,H,W]`` / ``[B,H,W,C]`` tensor or array). Every image is keyed by its 8-bit RGB
+    pixels, which is exactly what the model sees, so a file, its ComfyUI tensor and a float
+    or uint8 copy share an entry (files through :func:`decoded_file_key`, with ``cache`` as
+    its memo). Returns ``(items, keys, mask_arrays or None)``.
     """
     from PIL import Image
 
@@ -408,13 +493,9 @@ def image_cache_keys(images: Any, masks: Any = None) -> tuple[list[Any], list[st
     else:
         for i, item in enumerate(images):
             if isinstance(item, (str, Path)):
-                try:
-                    keys.append(file_content_hash(item))
-                except OSError as e:
-                    from .errors import ImageLoadError
-
-                    raise ImageLoadError(item, f"cannot read file ({e})") from e
-                items.append(item)
+                key, pixels = decoded_file_key(item, cache)
+                keys.append(key)
+                items.append(item if pixels is None else pixels)  # decoded once at most
             elif isinstance(item, Image.Image):
                 arr = np.array(item.convert("RGB"), dtype=np.uint8)  # writable: torch warns on read-only arrays
                 items.append(arr)
@@ -460,7 +541,7 @@ def cached_embed(
 
     if cache is None:
         return model.embed(images, masks=masks, batch_size=batch_size)
-    items, keys, mask_arrays = image_cache_keys(images, masks)
+    items, keys, mask_arrays = image_cache_keys(images, masks, cache)
     identity = model_cache_identity(model)
     hits = cache.get_many(identity, keys)
     missing = [i for i, k in enumerate(keys) if k not in hits]

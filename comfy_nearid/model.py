@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from .checkpoint import HeadMetadata, head_hash, load_head_file, read_head_metad
 from .errors import HeadMismatchError, InvalidInputError
 from .head import NearIDHead
 from .images import Preprocess, as_mask_arrays, as_pil_images
+from .weights import weights_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -51,28 +52,53 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         raise InvalidInputError(f"dtype must be auto, fp32, fp16 or bf16; got {dtype!r}") from None
 
 
-def masks_to_token_mask(masks: Sequence[np.ndarray], spec: BackboneSpec, threshold: float = 0.5) -> torch.Tensor:
-    """Subject masks (float ``[H, W]`` in 0..1, any size) -> bool token mask ``[B, N]``.
+MaskLike = Union[np.ndarray, Image.Image, None]
 
-    Each mask is resized (and centre-cropped) to the model input as the image is, cropped to the area the token
-    grid covers, and averaged per patch; a token is kept when at least ``threshold`` of it is
-    subject. A mask too thin for that keeps every token it touches; an empty mask is an error.
+
+def mask_token_grid(mask: MaskLike, spec: BackboneSpec, threshold: float = 0.5) -> torch.Tensor:
+    """One subject mask -> bool token mask ``[N]`` over the backbone's token grid.
+
+    ``mask``: a float ``[H, W]`` array in 0..1 (1 = subject), a PIL image (grey levels /255)
+    or None. The mask gets the image's own geometry (squash, or shorter side + centre crop;
+    bilinear), is cropped to the area the token grid covers and averaged per patch; a token is
+    kept when at least
+    ``threshold`` of it is subject. The policy for the edge cases, the same for every caller
+    (model, trainer, evaluator, nodes):
+
+    - a mask too thin for ``threshold`` keeps every token it touches;
+    - a missing mask (None) or an empty one (no subject pixel) keeps every token: the whole
+      image is used, as without masks (an empty mask is logged as a warning).
     """
-    s, p = spec.image_size, spec.patch_size
     gh, gw = spec.grid_size
-    out = []
-    for i, m in enumerate(masks):
-        # the image's own geometry (squash, or shorter side + centre crop), bilinear for a mask
-        img = spec.preprocess.geometry(Image.fromarray(np.asarray(m, dtype=np.float32), mode="F"), "bilinear")
-        arr = np.asarray(img, dtype=np.float32)[: gh * p, : gw * p]
-        coverage = arr.reshape(gh, p, gw, p).mean(axis=(1, 3)).reshape(-1)
-        keep = coverage >= threshold
-        if not keep.any():
-            keep = coverage > 1e-6
-        if not keep.any():
-            raise InvalidInputError(f"mask {i} is empty (no subject pixel); pass no mask to use the whole image")
-        out.append(torch.from_numpy(keep))
-    return torch.stack(out)
+    if mask is None:
+        return torch.ones(gh * gw, dtype=torch.bool)
+    if isinstance(mask, Image.Image):
+        arr = np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
+    else:
+        arr = np.asarray(mask, dtype=np.float32)
+        if arr.ndim == 3:  # [H, W, C] grey/RGB: channels averaged
+            arr = arr.mean(axis=-1)
+    if arr.ndim != 2:
+        raise InvalidInputError(f"a mask must be [H, W], got shape {tuple(arr.shape)}")
+    p = spec.patch_size
+    # the image's own geometry (squash, or shorter side + centre crop), bilinear for a mask
+    img = spec.preprocess.geometry(Image.fromarray(np.ascontiguousarray(arr), mode="F"), "bilinear")
+    resized = np.asarray(img, dtype=np.float32)[: gh * p, : gw * p]
+    coverage = resized.reshape(gh, p, gw, p).mean(axis=(1, 3)).reshape(-1)
+    keep = coverage >= threshold
+    if not keep.any():
+        keep = coverage > 1e-6
+    if not keep.any():
+        logger.warning("an object mask is empty (no subject pixel): its image keeps every token")
+        keep = np.ones_like(keep)
+    return torch.from_numpy(np.ascontiguousarray(keep))
+
+
+def masks_to_token_mask(masks: Sequence[MaskLike], spec: BackboneSpec, threshold: float = 0.5) -> torch.Tensor:
+    """Subject masks (see :func:`mask_token_grid`; None = no mask) -> bool token mask ``[B, N]``."""
+    if not len(masks):
+        return torch.ones(0, spec.num_tokens, dtype=torch.bool)
+    return torch.stack([mask_token_grid(m, spec, threshold) for m in masks])
 
 
 class IdentityModel(nn.Module):
@@ -132,7 +158,10 @@ class IdentityModel(nn.Module):
 
     @property
     def identity(self) -> str:
-        """Stable description of everything that determines an embedding (cache key)."""
+        """Stable description of everything that determines an embedding (cache key), from
+        content, not names: backbone architecture, ``weights=sha256:`` of the weights file
+        loaded (or the random seed), preprocessing, readout, the head's tensor hash and the
+        compute dtype when it is not fp32."""
         if self._identity is None:
             parts = [self.spec.name, self.backbone_id, self.preprocess.describe(), f"readout={self.readout}"]
             if self.readout == "head":
@@ -152,7 +181,13 @@ class IdentityModel(nn.Module):
         return self.preprocess.batch(as_pil_images(images))
 
     def token_mask(self, masks: Any, count: int) -> torch.Tensor:
-        """Masks (ComfyUI MASK, PIL, paths, arrays) -> bool ``[count, N]``."""
+        """Masks (ComfyUI MASK, PIL, paths, arrays; in a list, None = no mask for that image)
+        -> bool ``[count, N]`` (policy for missing/empty masks: :func:`mask_token_grid`)."""
+        if isinstance(masks, (list, tuple)) and any(m is None for m in masks):
+            if len(masks) != count:
+                raise InvalidInputError(f"masks: {len(masks)} entries for {count} images")
+            arrays = [None if m is None else as_mask_arrays(m, 1)[0] for m in masks]
+            return masks_to_token_mask(arrays, self.spec)
         return masks_to_token_mask(as_mask_arrays(masks, count), self.spec)
 
     @contextlib.contextmanager
@@ -171,6 +206,40 @@ class IdentityModel(nn.Module):
         with torch.inference_mode(), self._precision():
             return self.backbone(pixels).float()
 
+    def embed_tokens(
+        self,
+        tokens: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
+        *,
+        head: nn.Module | None = None,
+    ) -> torch.Tensor:
+        """Patch tokens ``[B, N, D]`` -> unit embeddings ``[B, D]`` (fp32): the one readout.
+
+        Every caller that holds tokens (this model, the trainer's loop and validation, the
+        demo) turns them into embeddings here, so they all compute the same numbers. Tokens
+        are read in fp32 whatever precision they were stored in. ``token_mask`` (bool
+        ``[B, N]``, from :func:`masks_to_token_mask`) restricts the readout to those tokens.
+        ``head``: a head to read with instead of ``self.head`` (the trainer's trainable,
+        possibly wrapped copy); given, it is used whatever ``readout`` says. Gradients flow
+        when enabled (the caller decides: ``embed_pixels`` runs under inference mode).
+        """
+        readout = "head" if head is not None else self.readout
+        if readout == "pooled":
+            raise InvalidInputError("the 'pooled' readout works on pixels, not tokens; use embed_pixels")
+        tokens = tokens.float()
+        if tokens.is_inference() and torch.is_grad_enabled():
+            tokens = tokens.clone()  # backbone tokens from inference mode, read by a trained head
+        if token_mask is not None:
+            token_mask = token_mask.to(device=tokens.device, dtype=torch.bool)
+        if readout == "mean":
+            if token_mask is None:
+                pooled = tokens.mean(dim=1)
+            else:
+                w = token_mask.to(tokens.dtype).unsqueeze(-1)
+                pooled = (tokens * w).sum(1) / w.sum(1).clamp_min(1.0)
+            return F.normalize(pooled, dim=-1)
+        return (self.head if head is None else head)(tokens, mask=token_mask).float()
+
     def embed_pixels(self, pixels: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Normalised pixels ``[B,3,S,S]`` -> unit embeddings ``[B, D]`` (fp32, on the model's device)."""
         if self.readout == "pooled":
@@ -182,17 +251,8 @@ class IdentityModel(nn.Module):
             with torch.inference_mode(), self._precision():
                 return F.normalize(self.backbone.pooled(pixels).float(), dim=-1)
         tokens = self.tokens(pixels)
-        if token_mask is not None:
-            token_mask = token_mask.to(self.device)
         with torch.inference_mode():
-            if self.readout == "mean":
-                if token_mask is None:
-                    pooled = tokens.mean(dim=1)
-                else:
-                    w = token_mask.to(tokens.dtype).unsqueeze(-1)
-                    pooled = (tokens * w).sum(1) / w.sum(1).clamp_min(1.0)
-                return F.normalize(pooled, dim=-1)
-            return self.head(tokens, mask=token_mask)
+            return self.embed_tokens(tokens, token_mask)
 
     # ----------------------------------------------------------------- public API
     def embed(
@@ -309,9 +369,8 @@ def load_model(
                             "backbone %s has no pooling head of its own: the head is freshly initialised "
                             "and untrained; load a trained head file for meaningful scores", spec.name,
                         )
-    backbone_id = f"pretrained:{Path(str(backbone_weights)).name}" if backbone_weights else (
-        "pretrained" if pretrained else f"random(seed={seed})"
-    )
+    # identity from content: the loaded weights file's hash (explicit or auto-located alike)
+    backbone_id = f"weights={weights_fingerprint(bb.weights_path)}" if bb.weights_path else f"random(seed={seed})"
     model = IdentityModel(
         bb, nh, readout=readout, device=device, dtype=dtype, backbone_id=backbone_id, head_source=head_source
     )

@@ -11,17 +11,16 @@ Search order for a backbone's weights file (names in the spec's ``weights_files`
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import CheckpointError, WeightsNotFoundError
+from .fileio import file_sha256  # re-exported: convert.py hashes releases with it
 
 if TYPE_CHECKING:
     from .backbones import BackboneSpec
@@ -107,19 +106,11 @@ def _download(spec: "BackboneSpec") -> Path:
     return target
 
 
-@lru_cache(maxsize=16)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes, remembered per (path, size, mtime) in this process."""
-    st = Path(path).stat()
-    return _sha256(str(path), st.st_size, st.st_mtime_ns)
+def weights_fingerprint(path: str | Path) -> str:
+    """Content identity of a weights file: ``sha256:<hex>`` of its bytes, hashed once per file
+    version (remembered by path, size and mtime; see :func:`comfy_nearid.fileio.file_sha256`).
+    The same weights under two names share it; other weights under the same name never do."""
+    return "sha256:" + file_sha256(path)
 
 
 def verify_sha256(path: Path, expected: str | None) -> None:

@@ -101,6 +101,8 @@ class ComfyServer:
         self.fixed_port = port is not None  # a port the caller chose is never swapped for another
         self.port = port or free_port()
         self.log_path = self.base / "comfyui.log"
+        # the nodes' shared embedding cache (use_cache): inside the base folder, never the user's
+        self.embedding_cache = self.base / "user" / "nearid-embeddings.sqlite"
         self.process: subprocess.Popen | None = None
 
     @property
@@ -140,6 +142,7 @@ class ComfyServer:
         env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
                     "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "2")})
         env.pop("NEARID_ALLOW_DOWNLOAD", None)
+        env["NEARID_EMBEDDING_CACHE"] = str(self.embedding_cache)
         for name, value in self.env.items():
             if value is None:
                 env.pop(name, None)

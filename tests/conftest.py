@@ -36,3 +36,10 @@ def rng():
 
 def random_rgb(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_user_cache_dir(tmp_path_factory):
+    """Keep the library's file-hash memo out of the real home folder."""
+    os.environ["NEARID_HASH_MEMO"] = str(tmp_path_factory.mktemp("nearid-user-cache") / "file_hashes.json")
+    yield

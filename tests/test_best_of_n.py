@@ -153,6 +153,18 @@ def _previews_by_hand(model, sd, references, prompt, seeds, at_step):
     return scores
 
 
+def test_prototype_scores_against_the_renormalised_mean_reference(tiny_model, ddpm, reference_images):
+    result = best_of_n(ddpm, reference_images, tiny_model, n=3, base_seed=4, aggregate="prototype",
+                       num_inference_steps=2)
+    refs = tiny_model.embed(reference_images).numpy().astype(np.float64)
+    prototype = refs.mean(axis=0) / np.linalg.norm(refs.mean(axis=0))  # written out by hand
+    for candidate in result.candidates:
+        image = ddpm(batch_size=1, generator=torch.Generator().manual_seed(candidate.seed), num_inference_steps=2).images[0]
+        emb = tiny_model.embed([image]).numpy().astype(np.float64)[0]
+        assert candidate.score == pytest.approx(float(emb @ prototype), abs=2e-6)
+    assert result.best.score == max(result.scores)
+
+
 def test_early_rejection_stops_exactly_the_candidates_its_rule_names(tiny_model, sd, reference_images):
     seeds = [0, 1, 2, 3, 4, 5]
     rule = EarlyRejection(at_step=1, margin=0.0, keep_top=1)

@@ -525,3 +525,88 @@ def test_long_batches_report_progress_and_stop_promptly_on_cancel(comfy):
     # 4096 images one at a time leave ~4000 chunks of margin after the 20th progress message.
     assert 20 <= reached < big
     _assert_still_serving(comfy, 8)
+
+
+# ----------------------------------------------------------------------------- shared cache
+def _plant_vectors(cache_path: Path, keys: list[str], seed: int) -> tuple[np.ndarray, str]:
+    """Overwrite the cached vectors of ``keys`` (one model identity) with planted unit vectors:
+    a reader that returns them has used the cache; a forward pass could never produce them."""
+    import sqlite3
+
+    from comfy_nearid.embedding_cache import EmbeddingCache
+
+    cache = EmbeddingCache(cache_path)
+    owners = [i for i in cache.model_identities() if set(cache.get_many(i, keys)) == set(keys)]
+    assert len(owners) == 1, owners
+    dim = len(next(iter(cache.get_many(owners[0], keys).values())))
+    cache.close()
+    planted = np.random.default_rng(seed).normal(size=(len(keys), dim)).astype(np.float32)
+    planted /= np.linalg.norm(planted, axis=1, keepdims=True)
+    with sqlite3.connect(cache_path) as conn:
+        for key, vector in zip(keys, planted):
+            updated = conn.execute("UPDATE embeddings SET vector = ? WHERE content = ?",
+                                   (vector.astype("<f4").tobytes(), key)).rowcount
+            assert updated == 1, key
+    return planted, owners[0]
+
+
+def _cache_prompt(reference: str, candidates: list[str]) -> dict:
+    prompt = _api("nearid_score_batch")
+    prompt["2"]["inputs"]["image"] = reference
+    for node, name in zip(("3", "4", "5"), candidates):
+        prompt[node]["inputs"]["image"] = name
+    prompt["10"]["inputs"]["use_cache"] = True
+    return prompt
+
+
+def _write_cache_case(comfy: Session, tag: str, seed: int, gen_dir: Path) -> tuple[str, list[str], list[str]]:
+    """A reference and 3 candidates in ComfyUI's input folder, and copies under other names in
+    ``gen_dir`` for `nearid score` (same pixels, other files). Returns (reference, candidate
+    names, pixel keys of reference + candidates)."""
+    from comfy_nearid.embedding_cache import pixels_content_hash
+
+    images = structured_images(seed, 4)
+    gen_dir.mkdir(parents=True)
+    names = [f"cache_{tag}_{i}.png" for i in range(4)]
+    for i, (name, arr) in enumerate(zip(names, images)):
+        Image.fromarray(arr).save(comfy.base / "input" / name)
+        if i:
+            Image.fromarray(arr).save(gen_dir / f"generated_{i}.png")
+    return names[0], names[1:], [pixels_content_hash(a) for a in images]
+
+
+def _score_cli(comfy: Session, reference: Path, gen_dir: Path, out: Path) -> list[list[float]]:
+    import csv
+
+    from comfy_nearid.cli import main
+
+    assert main(["score", str(gen_dir), "--reference", str(reference), "--head", str(comfy.head),
+                 "--random-weights", "--device", "cpu", "--dtype", "fp32", "--cache", str(comfy.server.embedding_cache),
+                 "--no-progress", "--workers", "0", "-o", str(out)]) == 0
+    with open(out, newline="") as f:
+        rows = sorted(csv.DictReader(f), key=lambda r: r["path"])
+    return [float(r["score"]) for r in rows]
+
+
+@pytest.mark.slow
+def test_nearid_score_then_the_node_with_use_cache_runs_no_forward_pass(comfy, tmp_path):
+    from comfy_nearid.embedding_cache import EmbeddingCache
+
+    ref, cands, keys = _write_cache_case(comfy, "cli_first", 31, tmp_path / "gen")
+    _score_cli(comfy, comfy.base / "input" / ref, tmp_path / "gen", tmp_path / "rows.csv")
+    planted, identity = _plant_vectors(comfy.server.embedding_cache, keys, seed=1)
+    before = EmbeddingCache(comfy.server.embedding_cache, readonly=True).count(identity)
+    outputs = _succeeded(comfy.server.run(_cache_prompt(ref, cands)))
+    # the node's scores are the planted vectors' cosines: every embedding came from the cache
+    np.testing.assert_allclose(outputs["10"]["nearid_scores"], expected_scores(planted[:1], planted[1:], "mean"),
+                               atol=1e-5)
+    assert EmbeddingCache(comfy.server.embedding_cache, readonly=True).count(identity) == before
+
+
+@pytest.mark.slow
+def test_the_node_with_use_cache_then_nearid_score_runs_no_forward_pass(comfy, tmp_path):
+    ref, cands, keys = _write_cache_case(comfy, "node_first", 32, tmp_path / "gen")
+    _succeeded(comfy.server.run(_cache_prompt(ref, cands)))
+    planted, _ = _plant_vectors(comfy.server.embedding_cache, keys, seed=2)
+    scores = _score_cli(comfy, comfy.base / "input" / ref, tmp_path / "gen", tmp_path / "rows.csv")
+    np.testing.assert_allclose(scores, expected_scores(planted[:1], planted[1:], "mean"), atol=1e-5)

@@ -92,7 +92,7 @@ def test_output_dir_rules(tmp_path):
 
 def test_missing_backbone_weights_stop_at_once_before_writing(tmp_path, monkeypatch):
     import comfy_nearid.backbones as backbones
-    from comfy_nearid.demo import run_demo
+    from trainer.demo import run_demo
 
     monkeypatch.setenv("NEARID_WEIGHTS_DIR", str(tmp_path / "weights"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
@@ -157,7 +157,7 @@ def _protocol_ssr_pa(view_sims: np.ndarray, cross: np.ndarray) -> tuple[float, f
 def tiny_demo(tmp_path_factory):
     import torch
 
-    from comfy_nearid.demo import run_demo
+    from trainer.demo import run_demo
 
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("demo") / "run"
@@ -259,7 +259,7 @@ def test_shortened_demo_numbers_follow_the_protocol(tiny_demo):
 @pytest.mark.slow
 def test_a_finished_run_is_not_overwritten_without_overwrite(tiny_demo):
     from comfy_nearid.cli import main
-    from comfy_nearid.demo import run_demo
+    from trainer.demo import run_demo
 
     out = tiny_demo.out_dir
     before = (out / "nearid-head.safetensors").stat().st_mtime_ns
@@ -272,7 +272,7 @@ def test_a_finished_run_is_not_overwritten_without_overwrite(tiny_demo):
 
 @pytest.mark.slow
 def test_overwrite_replaces_a_previous_run(tmp_path):
-    from comfy_nearid.demo import run_demo
+    from trainer.demo import run_demo
 
     out = tmp_path / "run"
     out.mkdir()

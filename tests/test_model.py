@@ -98,8 +98,23 @@ def test_image_mask_maps_to_the_token_grid(tiny_model):
     expected = torch.zeros(7, 7, dtype=torch.bool)
     expected[:4, :4] = True
     assert torch.equal(tm, expected)
-    with pytest.raises(InvalidInputError, match="mask 0 is empty"):
-        tiny_model.token_mask(torch.zeros(1, 8, 8), 1)
+
+
+def test_missing_and_empty_masks_keep_every_token_and_embed_as_without_mask(tiny_model, rng, caplog):
+    # The one policy (mask_token_grid): no mask, or a mask with no subject pixel, means the
+    # whole image; an empty mask is logged. A list may mix masks and None.
+    mask = np.zeros((30, 30), np.float32)
+    mask[:, :12] = 1.0
+    with caplog.at_level("WARNING", logger="comfy_nearid.model"):
+        tm = tiny_model.token_mask([None, np.zeros((8, 8), np.float32), mask], 3)
+    assert "empty" in caplog.text
+    assert tm[0].all() and tm[1].all()
+    assert torch.equal(tm[2], tiny_model.token_mask(mask, 1)[0]) and not tm[2].all()
+    images = [random_rgb(rng, 30, 30) for _ in range(3)]
+    plain = tiny_model.embed(images)
+    mixed = tiny_model.embed(images, masks=[None, np.zeros((8, 8), np.float32), mask])
+    torch.testing.assert_close(mixed[:2], plain[:2], atol=1e-6, rtol=0)
+    assert not torch.allclose(mixed[2], plain[2], atol=1e-4)
 
 
 def test_masked_embedding_pools_only_the_tokens_under_the_mask(tiny_model, rng):

@@ -446,9 +446,6 @@ def load_config(
 
 def write_config(config: TrainConfig, path: str | Path) -> Path:
     """Write the resolved config as YAML (written to a temporary file, then renamed)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False), encoding="utf-8")
-    tmp.replace(p)
-    return p
+    from comfy_nearid.fileio import atomic_write_text
+
+    return atomic_write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))

@@ -31,7 +31,7 @@ from torch.utils.data import Dataset, Sampler
 
 from comfy_nearid.data.base import NearIDDataset
 from comfy_nearid.data.sample import ImageRef, Sample
-from comfy_nearid.errors import ConfigError, DatasetError, InvalidInputError
+from comfy_nearid.errors import ConfigError, DatasetError
 
 from .config import AugmentConfig, DataConfig
 
@@ -236,10 +236,14 @@ class ImageSlot:
         return sample.views[self.view] if self.source is None else sample.distractor(self.source, self.view)
 
     def mask_ref(self, sample: Sample) -> ImageRef | None:
+        """The slot's object mask. A distractor without a mask of its own takes its view's
+        mask (it was inpainted at the same place): the evaluator's rule, PROTOCOL section 8."""
+        view_mask = sample.masks[self.view] if self.view < len(sample.masks) else None
         if self.source is None:
-            return sample.masks[self.view] if self.view < len(sample.masks) else None
+            return view_mask
         masks = sample.distractor_masks.get(self.source)
-        return masks[self.view] if masks is not None and self.view < len(masks) else None
+        own = masks[self.view] if masks is not None and self.view < len(masks) else None
+        return own if own is not None else view_mask
 
 
 @dataclass(frozen=True)
@@ -453,7 +457,7 @@ class TrainingExamples(Dataset):
         return item
 
     def _load_pixels(self, draw: ExampleDraw, rng: np.random.Generator, sample_index: int) -> dict[str, torch.Tensor]:
-        from comfy_nearid.model import masks_to_token_mask
+        from comfy_nearid.model import mask_token_grid
 
         sample = self.dataset[sample_index]  # type: ignore[index]
         size = self.spec.image_size
@@ -473,12 +477,9 @@ class TrainingExamples(Dataset):
                 image, mask = apply_augment(image, mask, params[i])
             pixels[i] = self.preprocess(image)
             if mask is not None:
-                arr = np.asarray(mask, dtype=np.float32) / 255.0
-                try:
-                    token_mask[i] = masks_to_token_mask([arr], self.spec)[0]
-                except InvalidInputError:
-                    # An augmentation pushed the object out of the frame: keep every token.
-                    pass
+                # an augmentation may push the object out of the frame: an empty mask keeps
+                # every token (the one policy, see mask_token_grid)
+                token_mask[i] = mask_token_grid(mask, self.spec)
         out = {"pixels": pixels}
         if self.data.foreground_mask:
             out["token_mask"] = token_mask

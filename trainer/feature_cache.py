@@ -225,8 +225,7 @@ def _embed_into(
     batch_size: int,
     progress: bool,
 ) -> None:
-    from comfy_nearid.errors import InvalidInputError
-    from comfy_nearid.model import masks_to_token_mask
+    from comfy_nearid.model import mask_token_grid
 
     bar = tqdm(total=len(images), desc="feature cache", unit="img", disable=not progress)
     for start in range(0, len(images), batch_size):
@@ -237,11 +236,7 @@ def _embed_into(
         for i, im in enumerate(chunk):
             if im.mask is None:
                 continue
-            arr = np.asarray(im.mask.load(), dtype=np.float32) / 255.0
-            try:
-                masks_out[start + i] = masks_to_token_mask([arr], model.spec)[0].numpy()
-            except InvalidInputError:
-                logger.warning("empty object mask %s: its image keeps every token", im.mask.describe())
+            masks_out[start + i] = mask_token_grid(im.mask.load(), model.spec).numpy()
         bar.update(len(chunk))
     bar.close()
 

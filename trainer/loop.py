@@ -39,7 +39,6 @@ from .validation import (
     cached_head_embedder,
     evaluate_layout,
     format_result,
-    head_readout,
     is_better,
     live_embedder,
 )
@@ -171,7 +170,9 @@ class _Split:
     dataset: Any
     layout: DatasetLayout
     sources: list[str]
-    slot_rows: Any = None
+    slot_rows: Any = None  # cache rows of the training cache (features.dtype)
+    eval_cache: Any = None  # validation: a float32 feature cache, so that validation reads the
+    eval_rows: Any = None  # tokens `nearid eval` reads (None: validation embeds live)
 
 
 @dataclass
@@ -218,7 +219,9 @@ def _prepare_data(config: TrainConfig, model: Any, accelerator: Any) -> _Data:
     if config.features.cache:
         from .feature_cache import prepare_cache
 
-        splits = [s for s in (train, val, test) if s is not None]
+        # validation reads float32 tokens (below); the training split reads features.dtype
+        same_dtype_val = val if config.features.dtype == "float32" else None
+        splits = [s for s in (train, same_dtype_val, test) if s is not None]
         cache_dir = Path(config.features.cache_dir or Path(config.output_dir) / "feature_cache")
         # The main process embeds; the others then open the finished cache.
         with accelerator.main_process_first():
@@ -234,6 +237,22 @@ def _prepare_data(config: TrainConfig, model: Any, accelerator: Any) -> _Data:
         data.cache = cache
         for split, table in zip(splits, tables):
             split.slot_rows = table
+        if val is not None:
+            # Validation must report what `nearid eval ssr` reports for the exported head, which
+            # reads fp32 tokens: a float16 training cache gets a float32 sibling for validation.
+            if config.features.dtype == "float32":
+                val.eval_cache, val.eval_rows = cache, val.slot_rows
+            else:
+                with accelerator.main_process_first():
+                    val.eval_cache, (val.eval_rows,) = prepare_cache(
+                        cache_dir / "validation-float32",
+                        model,
+                        "float32",
+                        [(val.dataset, val.layout)],
+                        batch_size=config.features.batch_size,
+                        max_gb=config.features.max_cache_gb,
+                        progress=config.logging.progress and accelerator.is_main_process,
+                    )
     return data
 
 
@@ -274,7 +293,9 @@ def slot_embeddings(
 
     Tokens come from the batch (feature cache) or from the frozen backbone (live, in chunks
     of ``backbone_batch`` images to bound activation memory); either way they are rounded to
-    ``token_dtype``, so both paths feed the head the same numbers.
+    ``token_dtype``, so both training paths feed the head the same numbers (validation and
+    evaluation read fp32 tokens). The readout is :meth:`IdentityModel.embed_tokens` with the
+    trainable ``head``.
     """
     valid = batch["valid"]
     if "tokens" in batch:
@@ -284,10 +305,8 @@ def slot_embeddings(
         tokens = torch.cat(
             [model.tokens(pixels[i : i + backbone_batch]) for i in range(0, len(pixels), backbone_batch)]
         ).to(token_dtype).float()
-    if tokens.is_inference():  # the backbone ran in inference mode; the head needs a normal tensor
-        tokens = tokens.clone()
     mask = batch["token_mask"][valid] if "token_mask" in batch else None
-    flat = head(tokens, mask=mask)
+    flat = model.embed_tokens(tokens, mask, head=head)
     b, s = valid.shape
     return flat.new_zeros((b, s, flat.shape[-1])).index_put((valid,), flat)
 
@@ -501,9 +520,9 @@ class _Run:
     def _head_embedder(self, split: _Split, head: torch.nn.Module):
         fg = self.config.data.foreground_mask
         bs = self.config.eval.batch_size
-        if self.data.cache is not None and split.slot_rows is not None:
-            return cached_head_embedder(head, self.data.cache, split.slot_rows, self.accelerator.device, fg, bs)
-        return live_embedder(self.model, split.dataset, head_readout(self.model, head, self.token_dtype), fg, bs)
+        if split.eval_cache is not None:
+            return cached_head_embedder(self.model, head, split.eval_cache, split.eval_rows, fg, bs)
+        return live_embedder(self.model, head, split.dataset, fg, bs)
 
     def _validate(self) -> None:
         acc, p = self.accelerator, self.progress
@@ -581,14 +600,12 @@ class _Run:
         from comfy_nearid.evaluate import Scorer, evaluate_dataset
 
         cfg, model, split = self.config, self.model, self.data.test
-        token_dtype = self.token_dtype
 
         @torch.no_grad()
         def head_embed(images, masks):
-            pixels = model.preprocess_batch(images)
-            tokens = model.tokens(pixels).to(token_dtype).float().clone()
-            mask = model.token_mask(masks, len(images)).to(tokens.device) if masks is not None else None
-            return head(tokens, mask=mask).float().cpu()
+            tokens = model.tokens(model.preprocess_batch(images))
+            mask = model.token_mask(masks, len(images)) if masks is not None else None
+            return model.embed_tokens(tokens, mask, head=head).cpu()
 
         @torch.no_grad()
         def pooled_embed(images, masks):

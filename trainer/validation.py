@@ -107,14 +107,16 @@ def evaluate_layout(layout: DatasetLayout, sources: Sequence[str], embed: Embedd
 
 
 def cached_head_embedder(
+    model: Any,
     head: torch.nn.Module,
     cache: Any,
     slot_rows: Any,
-    device: torch.device,
     foreground_mask: bool,
     batch_size: int,
 ) -> Embedder:
-    """Embed slots with ``head`` over tokens read from the feature cache."""
+    """Embed slots with ``head`` over tokens read from the feature cache, through
+    :meth:`IdentityModel.embed_tokens` (the cache's tokens must be float32 for the numbers to be
+    the exported head's; the loop keeps a float32 cache for validation)."""
 
     @torch.no_grad()
     def embed(keys: Sequence[SlotKey]) -> torch.Tensor:
@@ -122,8 +124,8 @@ def cached_head_embedder(
         for start in range(0, len(keys), batch_size):
             chunk = keys[start : start + batch_size]
             tokens, masks = cache.read([slot_rows(i, slot) for i, slot in chunk])
-            mask = masks.to(device) if foreground_mask else None
-            out.append(head(tokens.to(device).float(), mask=mask).float().cpu())
+            mask = masks if foreground_mask else None
+            out.append(model.embed_tokens(tokens.to(model.device), mask, head=head).cpu())
         return torch.cat(out) if out else torch.zeros(0, 0)
 
     return embed
@@ -131,13 +133,14 @@ def cached_head_embedder(
 
 def live_embedder(
     model: Any,
+    head: torch.nn.Module,
     dataset: NearIDDataset,
-    readout: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
     foreground_mask: bool,
     batch_size: int,
 ) -> Embedder:
-    """Embed slots by loading their images: ``readout(pixels [n,3,S,S], token_mask [n,N] | None)``
-    gives the embeddings (see :func:`head_readout`)."""
+    """Embed slots by loading their images: pixels -> ``model.tokens`` (fp32) ->
+    :meth:`IdentityModel.embed_tokens` with ``head``; the numbers ``nearid eval ssr`` gives for
+    the exported head."""
     from comfy_nearid.model import masks_to_token_mask
 
     @torch.no_grad()
@@ -146,34 +149,16 @@ def live_embedder(
         for start in range(0, len(keys), batch_size):
             chunk = keys[start : start + batch_size]
             samples = {i: dataset[i] for i in {i for i, _ in chunk}}
-            images, token_masks = [], []
-            for i, slot in chunk:
-                images.append(slot.ref(samples[i]).load())  # type: ignore[union-attr]
-                keep = torch.ones(model.spec.num_tokens, dtype=torch.bool)
-                mask_ref = slot.mask_ref(samples[i]) if foreground_mask else None
-                if mask_ref is not None:
-                    arr = np.asarray(mask_ref.load(), dtype=np.float32) / 255.0
-                    try:
-                        keep = masks_to_token_mask([arr], model.spec)[0]
-                    except InvalidInputError:
-                        pass
-                token_masks.append(keep)
-            pixels = model.preprocess.batch(images)
-            mask = torch.stack(token_masks) if foreground_mask else None
-            out.append(readout(pixels, mask).float().cpu())
+            images = [slot.ref(samples[i]).load() for i, slot in chunk]  # type: ignore[union-attr]
+            mask = None
+            if foreground_mask:
+                refs = [slot.mask_ref(samples[i]) for i, slot in chunk]
+                mask = masks_to_token_mask([None if r is None else r.load() for r in refs], model.spec)
+            tokens = model.tokens(model.preprocess.batch(images))
+            out.append(model.embed_tokens(tokens, mask, head=head).cpu())
         return torch.cat(out) if out else torch.zeros(0, 0)
 
     return embed
-
-
-def head_readout(model: Any, head: torch.nn.Module, token_dtype: torch.dtype) -> Callable:
-    """Pixels -> backbone tokens (rounded to ``token_dtype``, as training sees them) -> head."""
-
-    def readout(pixels: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        tokens = model.tokens(pixels).to(token_dtype).float()
-        return head(tokens.clone(), mask=None if mask is None else mask.to(tokens.device))
-
-    return readout
 
 
 def format_result(name: str, result: EvalResult) -> str:

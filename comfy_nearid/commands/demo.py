@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..demo import run_demo
+    from trainer.demo import run_demo  # the CLI layer may reach the trainer; the library may not
 
     result = run_demo(
         args.out,

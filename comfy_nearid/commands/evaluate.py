@@ -16,14 +16,13 @@ Run on several processes with ``accelerate launch -m comfy_nearid eval ssr ...``
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidInputError
+from ..fileio import atomic_write_json
 from ..masking import MASK_KEEPS, MASK_MODES
 
 logger = logging.getLogger(__name__)
@@ -218,12 +217,10 @@ def _has_data(args: argparse.Namespace) -> bool:
 
 
 def _default_device(device: str | None) -> str | None:
-    """Under a multi-process launch each process takes its own GPU (``LOCAL_RANK``)."""
-    if device is not None or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return device
-    import torch
+    """Under a multi-process launch each process takes its own GPU (see :mod:`comfy_nearid.launch`)."""
+    from ..launch import process_device
 
-    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+    return process_device(device)
 
 
 def _open_cache(option: str | None) -> Any:
@@ -251,9 +248,11 @@ def _run_scoring(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.mask_keep != "foreground" and args.masks != "pixels":
         raise InvalidInputError(f"--mask-keep {args.mask_keep} applies to --masks pixels (got {'--masks ' + args.masks if args.masks else 'no --masks'})")
-    if int(os.environ.get("RANK", "0")) == 0:
+    from ..launch import launch_info
+
+    rank = launch_info().rank
+    if rank == 0:
         _check_outputs_writable(args)
-    rank = int(os.environ.get("RANK", "0"))
     progress = not args.no_progress
     results: list = []
     dataset_samples = None
@@ -320,8 +319,4 @@ def _safe(name: str) -> str:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_json(path, data, allow_nan=False)  # strict JSON

@@ -146,17 +146,10 @@ def _build_plan(args: argparse.Namespace):
     return "subject-folders", plan_from_subject_folders(args.references_root, args.generated)
 
 
-# Where launchers put the number of processes: torchrun / `accelerate launch --multi_gpu`
-# (WORLD_SIZE) and MPI, which `accelerate launch --cpu --mpirun_hostfile` uses.
-_WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
-
-
 def _launched_world_size() -> int:
-    for name in _WORLD_SIZE_VARS:
-        value = os.environ.get(name)
-        if value and value.isdigit():
-            return int(value)
-    return 1
+    from ..launch import launch_info
+
+    return launch_info().world_size
 
 
 def _process_shard(device: str):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
@@ -197,8 +196,11 @@ def embed_images(
 
 
 def _world() -> tuple[int, int]:
-    """(rank, world size) from the launcher's environment (``accelerate launch``/torchrun)."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    """(rank, world size) from the launcher's environment (:func:`comfy_nearid.launch.launch_info`)."""
+    from ..launch import launch_info
+
+    info = launch_info()
+    return info.rank, info.world_size
 
 
 def _embed_distributed(items: Sequence[tuple["ImageRef", "ImageRef | None"]], scorer: Scorer, progress: bool) -> np.ndarray:

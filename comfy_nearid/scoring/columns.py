@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ..errors import DatasetError, InvalidInputError
-from .outputs import OutputPaths, ScoringResult, write_json_atomic
+from ..fileio import atomic_write_json
+from .outputs import OutputPaths, ScoringResult
 from .plan import ScoringPlan
 from .rows import csv_header, encode_row, scan_rows
 from .run import ImageHook, ProcessShard, ScoringOptions, score_plan
@@ -183,5 +184,5 @@ def _join_summaries(summary: Path, passes: Sequence[OutputPaths], names: Sequenc
         }
     data["scorer"] = names[0]
     data["scorers"] = scorers
-    write_json_atomic(summary, data)
+    atomic_write_json(summary, data)
     return scorers

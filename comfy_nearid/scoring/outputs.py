@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -13,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from ..errors import DatasetError, InvalidInputError
+from ..fileio import atomic_write_json
 from .plan import ScoringPlan, natural_sort_key
 from .rows import (
     CSV_HEADER, OUTPUT_FORMATS, decode_row, encode_row, file_fields, format_from_suffix, scan_rows, short_float,
@@ -139,7 +139,7 @@ def finalize_run(model: Any, plan: ScoringPlan, outputs: OutputPaths, aggregate:
     from ..calibration import calibration_for
 
     curve = calibration_for(model)
-    write_json_atomic(outputs.summary, {
+    atomic_write_json(outputs.summary, {
         "model_identity": model_cache_identity(model), "aggregate": aggregate, "num_images": n,
         # the matches come from a curve fitted for this head (True) or the uncalibrated default
         "calibrated": curve.fitted, "calibration": curve.to_dict(),
@@ -253,12 +253,4 @@ def _write_dreambench(plan: ScoringPlan, scores: np.ndarray, path: Path) -> None
     skipped = len(keys) - len(data)
     if skipped:
         logger.warning("DreamBench++ JSON %s leaves out %d image(s) that could not be read", path, skipped)
-    write_json_atomic(path, data)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON through a temporary file and a rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_json(path, data)

@@ -19,7 +19,8 @@ import numpy as np
 
 from ..errors import ConfigError, ImageLoadError, InvalidInputError
 from .combine import REFERENCE_COMBINATIONS, calibrated_matches, calibration_description, combine_references
-from .outputs import OutputPaths, ScoringResult, finalize_run, write_json_atomic
+from ..fileio import atomic_write_json
+from .outputs import OutputPaths, ScoringResult, finalize_run
 from .plan import ScoreItem, ScoringPlan
 from .rows import ScoreRow, open_for_append, scan_rows, short_float, encode_row
 
@@ -45,10 +46,15 @@ class _Prepared:
     embedding: np.ndarray | None = None  # a cache hit
     pixels: "torch.Tensor | None" = None  # [3, S, S], to embed
     error: str | None = None
+    file_key: tuple[str, int, int, str] | None = None  # (path, size, mtime_ns, key) to remember
 
 
 class _ItemPreparer:
-    """Read, hash, look up and (on a miss) decode + preprocess one image. Runs in threads."""
+    """Key, look up and (on a miss) decode + preprocess one image. Runs in threads.
+
+    The cache key is the decoded pixels' (:func:`~comfy_nearid.embedding_cache.pixels_content_hash`,
+    the nodes' key too); an unchanged file (same path, size, mtime) is looked up by the key
+    remembered for it, without being read or decoded."""
 
     def __init__(self, preprocess: Callable[[Any], "torch.Tensor"], cache: "EmbeddingCache | None", identity: str,
                  on_decoded: "ImageHook | None" = None):
@@ -58,44 +64,62 @@ class _ItemPreparer:
         self.on_decoded = on_decoded
 
     def __call__(self, item: "ScoreItem | ImageRef") -> _Prepared:
-        """A :class:`ScoreItem` is read from its file; an :class:`ImageRef` may carry its bytes."""
+        """A :class:`ScoreItem` is read from its file; an :class:`ImageRef` may carry its bytes.
+
+        For files, an unchanged file's pixel key is remembered by (path, size, mtime), so a cache
+        hit needs neither a decode nor (without an ``on_decoded`` hook) a read."""
         data = getattr(item, "data", None)
-        if data is None:
-            from ..fileio import regular_file_problem
+        if data is not None:
+            return self.prepare_bytes(data, item.path)
+        from ..embedding_cache import file_stat_key
+        from ..fileio import regular_file_problem
 
-            problem = regular_file_problem(item.path)  # before opening: a FIFO would block forever
-            if problem is not None:
-                return _Prepared(error=problem)
-            try:
-                data = Path(item.path).read_bytes()
-            except OSError as e:
-                return _Prepared(error=f"cannot read file ({e.strerror or e})")
-        return self.prepare_bytes(data, item.path)
+        problem = regular_file_problem(item.path)  # before opening: a FIFO would block forever
+        if problem is not None:
+            return _Prepared(error=problem)
+        try:
+            stat = file_stat_key(item.path)
+            if self.cache is not None:
+                key = self.cache.remembered_file_keys([stat]).get(stat[0])
+                hit = None if key is None else self.cache.get_many(self.identity, [key]).get(key)
+                if hit is not None:
+                    if self.on_decoded is not None:  # a hook (the report's thumbnails) still gets the bytes
+                        self.on_decoded(item.path, None, Path(item.path).read_bytes())
+                    return _Prepared(key=key, embedding=hit)
+            data = Path(item.path).read_bytes()
+        except OSError as e:
+            return _Prepared(error=f"cannot read file ({e.strerror or e})")
+        return self.prepare_bytes(data, item.path, stat=stat)
 
-    def prepare_bytes(self, data: bytes, path: "Path | str") -> _Prepared:
-        """Hash, look up and (on a miss) decode + preprocess one encoded image (``path``: its
-        file path or sample key, for messages and the ``on_decoded`` hook)."""
-        from ..embedding_cache import bytes_content_hash
+    def prepare_bytes(self, data: bytes, path: "Path | str", stat: "tuple[str, int, int] | None" = None) -> _Prepared:
+        """Decode, key (decoded 8-bit pixels), look up and (on a miss) preprocess one encoded image
+        (``path``: its file path or sample key, for messages and the ``on_decoded`` hook;
+        ``stat``: the file's (path, size, mtime) when it came from a file, to remember its key)."""
+        from ..embedding_cache import file_stat_key, pixels_content_hash
         from ..images import load_image_bytes
 
         if not data:
             return _Prepared(error="file is empty (0 bytes)")
-        key = None
-        if self.cache is not None:
-            key = bytes_content_hash(data)
-            hit = self.cache.get_many(self.identity, [key]).get(key)
-            if hit is not None:
-                if self.on_decoded is not None:
-                    self.on_decoded(path, None, data)
-                return _Prepared(key=key, embedding=hit)
         try:
             image = load_image_bytes(data, str(path))
-            pixels = self.preprocess(image)
         except ImageLoadError as e:
-            return _Prepared(key=key, error=e.reason)
+            return _Prepared(error=e.reason)
         if self.on_decoded is not None:
             self.on_decoded(path, image, data)  # e.g. the report's thumbnail, from this one decode
-        return _Prepared(key=key, pixels=pixels)
+        if self.cache is None:
+            return _Prepared(pixels=self.preprocess(image))
+        key = pixels_content_hash(np.asarray(image, dtype=np.uint8))
+        file_key = None
+        if stat is not None and stat[1] == len(data):
+            try:  # remembered only when the file did not change while it was read
+                if file_stat_key(path) == stat:
+                    file_key = (*stat, key)
+            except OSError:
+                pass  # gone since: nothing to remember, the pixels are still good
+        hit = self.cache.get_many(self.identity, [key]).get(key)
+        if hit is not None:
+            return _Prepared(key=key, embedding=hit, file_key=file_key)
+        return _Prepared(key=key, pixels=self.preprocess(image), file_key=file_key)
 
 
 def prefetch(
@@ -235,7 +259,7 @@ def score_plan(
         if overwrite:
             for path in [*outputs.finals(), *outputs.shards()]:
                 path.unlink(missing_ok=True)
-        write_json_atomic(outputs.config, config)
+        atomic_write_json(outputs.config, config)
     shard.barrier()
     done = _finished_indices(plan, outputs, strict=options.strict)
     shard.barrier()  # nobody appends before every process has read what is done
@@ -392,6 +416,8 @@ def _embed_batch(model: Any, prepared: list[_Prepared], cache: "EmbeddingCache |
             out[i] = fresh[j]
         if cache is not None:
             cache.put_many(identity, [(prepared[i].key, fresh[j]) for j, i in enumerate(todo)])
+    if cache is not None:  # after the embeddings: a remembered key always has its vector
+        cache.remember_file_keys([p.file_key for p in prepared if p.file_key is not None])
     return out
 
 
