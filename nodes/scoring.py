@@ -142,6 +142,12 @@ class ScoreResult:
     match: list[float]
     combine: str
     n_references: int
+    calibration_source: str = "default"  # "default": the documented default, not fitted to this model
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the 0..100 match comes from a calibration stored with the model."""
+        return self.calibration_source != "default"
 
     @property
     def best_index(self) -> int:
@@ -190,18 +196,37 @@ def score_candidates(
     # float32, the embeddings' precision: the digits past it are batch-position noise (equal
     # images in one batch differ by ~1e-8), which should not reorder equal candidates in Rerank
     cosine = combine_references(cand, ref, combine).astype(np.float32)
-    match = calibration_for(model).match(cosine.astype(np.float64))
-    return ScoreResult([float(x) for x in cosine], [float(x) for x in match], combine, int(ref.shape[0]))
+    calibration = calibration_for(model)
+    match = calibration.match(cosine.astype(np.float64))
+    return ScoreResult([float(x) for x in cosine], [float(x) for x in match], combine, int(ref.shape[0]),
+                       calibration.source)
 
 
-def format_scores(result: ScoreResult, order: list[int] | None = None, marks: dict[int, str] | None = None) -> str:
-    """One line per candidate: index, cosine, 0..100 match (and a mark such as 'best')."""
+def calibration_note(result: ScoreResult) -> str:
+    """How far the 0..100 match can be trusted, in words."""
+    if result.calibrated:
+        return f"match calibrated ({result.calibration_source})"
+    return "match uncalibrated (documented default mapping; compare candidates, not absolute values)"
+
+
+def format_scores(result: ScoreResult, order: list[int] | None = None, marks: dict[int, str] | None = None,
+                  footer: str = "") -> str:
+    """A Markdown table, one row per candidate (numbered from 1, like the graph's inputs),
+    with its cosine, 0..100 match and a mark such as 'best'; it reads as plain text too.
+    ``order``: 0-based candidate indices in row order (default: input order)."""
     order = list(range(len(result.cosine))) if order is None else order
     marks = marks or {}
-    lines = [f"NearID identity ({result.combine} over {result.n_references} reference(s)):"]
+    lines = [
+        f"**NearID identity**: {result.combine} over {result.n_references} reference(s); "
+        f"{calibration_note(result)}",
+        "",
+        "| # | cosine | match /100 | |",
+        "|--:|--:|--:|:--|",
+    ]
     for i in order:
-        mark = f"  {marks[i]}" if i in marks else ""
-        lines.append(f"#{i}: cosine {result.cosine[i]:+.4f}  match {result.match[i]:5.1f}/100{mark}")
+        lines.append(f"| {i + 1} | {result.cosine[i]:+.4f} | {result.match[i]:5.1f} | {marks.get(i, '')} |")
+    if footer:
+        lines += ["", footer]
     return "\n".join(lines)
 
 
@@ -314,7 +339,7 @@ class NearIDIdentityScore:
         result = score_candidates(nearid_model, candidates, reference, reference_mask, candidate_mask,
                                   reference_embedding, combine, batch_size, use_cache)
         best = result.best_index
-        preview = format_scores(result, marks={best: "<- best"})
+        preview = format_scores(result, marks={best: "**best**"})
         return {
             "ui": _ui(result, preview, nearid_best=[best]),
             "result": (result.cosine, result.match, preview, result.cosine[best], result.match[best], best),
@@ -406,8 +431,10 @@ class NearIDRerank:
         order = sorted(range(n), key=lambda i: -result.cosine[i])
         keep = order[: (top_k or n)]
         idx = torch.tensor(keep, dtype=torch.long)
-        marks = {i: f"rank {r + 1}" + ("" if r < len(keep) else " (dropped)") for r, i in enumerate(order)}
-        preview = format_scores(result, order=order, marks=marks)
+        marks = {i: f"rank {r + 1}" + (" **best**" if r == 0 else "") + ("" if r < len(keep) else " (dropped)")
+                 for r, i in enumerate(order)}
+        preview = format_scores(result, order=order, marks=marks,
+                                footer=f"kept {len(keep)} of {n} (top_k {top_k or 'all'})")
         return {
             "ui": _ui(result, preview, nearid_order=keep),
             "result": (
@@ -492,7 +519,9 @@ class NearIDFilter:
         rejected = [i for i in range(len(values)) if i not in passed_set]
         marks = {i: ("passed (best, fallback)" if fallback else "passed") for i in passed}
         marks.update({i: "rejected" for i in rejected})
-        preview = format_scores(result, marks=marks) + f"\nthreshold {threshold:g} on {threshold_on}"
+        marks[result.best_index] += " **best**" if not fallback else ""
+        preview = format_scores(result, marks=marks, footer=(
+            f"**{len(passed)} of {len(values)} passed**: threshold {threshold:g} on {threshold_on}"))
         skip = empty_outputs == EMPTY_OUTPUTS[0]
         return {
             "ui": _ui(result, preview, nearid_passed=passed, nearid_rejected=rejected, nearid_fallback=[fallback]),
