@@ -58,7 +58,7 @@ TITLE, GAP = 30, 40
 IMAGE_SIZE = (340, 400)  # LoadImage / PreviewImage with their image preview
 LOADER_SIZE = (340, 170)
 NOTE_SIZE = (620, 190)
-VIEW = {"scale": 0.6, "offset": [40, 160]}
+VIEW = {"scale": 0.6, "offset": [40, 250]}
 TOP = 40 + NOTE_SIZE[1] + TITLE + GAP  # first row below the note
 
 
@@ -67,7 +67,7 @@ def _below(y: int, height: int) -> int:
 
 
 def _loader(nid: int, pos: tuple[int, int]) -> Node:
-    return Node(nid, "NearIDModelLoader", {"head": HEAD, "device": "auto", "dtype": "auto", "readout": "head"},
+    return Node(nid, "NearIDModelLoader", {"head": HEAD, "device": "auto", "dtype": "auto", "readout": "head", "download": False},
                 pos=pos, size=LOADER_SIZE)
 
 
@@ -110,7 +110,7 @@ def graphs() -> list[Graph]:
             "lists the raw cosine and the 0-100 identity match of every candidate (numbered like "
             "Candidate 1-3), marks the best, and says whether the match is calibrated.")),
         *score_nodes,
-        Node(10, "NearIDIdentityScore", {"combine": "mean", "batch_size": 16},
+        Node(10, "NearIDIdentityScore", {"combine": "mean", "batch_size": 16, "use_cache": False},
              {"nearid_model": (1, 0), "candidates": (batch, 0), "reference": (2, 0)}, pos=(SCORE_X, TOP), size=(380, 330)),
         Node(11, "PreviewAny", links={"source": (10, 2)}, pos=(OUT_X, TOP), title="Scores", size=(520, 360)),
     ])
@@ -135,7 +135,7 @@ def graphs() -> list[Graph]:
         Node(6, "VAEDecode", links={"samples": (5, 0), "vae": (1, 2)}, pos=(1220, TOP), size=(220, 50)),
         _loader(7, (860, _below(TOP, 270))),
         _image(8, REFERENCE, (860, _below(_below(TOP, 270), LOADER_SIZE[1])), "Reference"),
-        Node(9, "NearIDRerank", {"top_k": 1, "combine": "mean", "batch_size": 16},
+        Node(9, "NearIDRerank", {"top_k": 1, "combine": "mean", "batch_size": 16, "use_cache": False},
              {"nearid_model": (7, 0), "candidates": (6, 0), "reference": (8, 0), "latent": (5, 0)},
              pos=(1240, _below(TOP, 270)), size=(380, 360)),
         Node(10, "SaveImage", {"filename_prefix": "nearid_best"}, {"images": (9, 0)},
@@ -155,7 +155,7 @@ def graphs() -> list[Graph]:
         *filter_nodes,
         Node(10, "NearIDFilter", {"threshold": 50.0, "threshold_on": "identity match (0-100)",
                                   "when_none_pass": "keep best", "empty_outputs": "skip downstream nodes",
-                                  "combine": "mean", "batch_size": 16},
+                                  "combine": "mean", "batch_size": 16, "use_cache": False},
              {"nearid_model": (1, 0), "candidates": (batch, 0), "reference": (2, 0)}, pos=(SCORE_X, TOP), size=(380, 420)),
         Node(11, "PreviewImage", links={"images": (10, 0)}, pos=(OUT_X, TOP), title="Passed", size=IMAGE_SIZE),
         Node(12, "PreviewImage", links={"images": (10, 1)}, pos=(OUT_X, _below(TOP, IMAGE_SIZE[1])), title="Rejected", size=IMAGE_SIZE),
