@@ -256,8 +256,15 @@ def test_pack_in_the_front_end(browser, servers, artifacts):
     # no console error that the front end without the pack does not show as well
     bare = Page(browser, without_pack.url)
     baseline = {_normalise(e) for e in bare.errors}
-    caused = [e for e in page.errors if _normalise(e) not in baseline]
-    assert caused == [], caused
+    caused = [e for e in page.errors if _normalise(e) not in baseline and not _registry_lookup(e)]
+    assert caused == [], "\n".join(caused)
+
+
+def _registry_lookup(message: str) -> bool:
+    """The front end asks the Comfy registry which published pack each custom node type comes
+    from (``api.comfy.org/comfy-nodes/<type>/node``); the page's Content Security Policy
+    blocks that offline. It happens for every custom node of any pack, not because of ours."""
+    return re.search(r"'https://api\.comfy\.org/comfy-nodes/[^/']+/node' violates the following Content Security Policy", message) is not None
 
 
 def _normalise(message: str) -> str:
