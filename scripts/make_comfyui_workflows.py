@@ -58,7 +58,7 @@ TITLE, GAP = 30, 40
 IMAGE_SIZE = (340, 400)  # LoadImage / PreviewImage with their image preview
 LOADER_SIZE = (340, 170)
 NOTE_SIZE = (620, 190)
-VIEW = {"scale": 0.6, "offset": [40, 250]}
+VIEW = {"scale": 0.6, "offset": [140, 250]}  # clear of the sidebar (left) and the bars (top)
 TOP = 40 + NOTE_SIZE[1] + TITLE + GAP  # first row below the note
 
 
@@ -111,7 +111,7 @@ def graphs() -> list[Graph]:
             "Candidate 1-3), marks the best, and says whether the match is calibrated.")),
         *score_nodes,
         Node(10, "NearIDIdentityScore", {"combine": "mean", "batch_size": 16, "use_cache": False},
-             {"nearid_model": (1, 0), "candidates": (batch, 0), "reference": (2, 0)}, pos=(SCORE_X, TOP), size=(380, 330)),
+             {"nearid_model": (1, 0), "candidates": (batch, 0), "reference": (2, 0)}, pos=(SCORE_X, TOP), size=(380, 480)),
         Node(11, "PreviewAny", links={"source": (10, 2)}, pos=(OUT_X, TOP), title="Scores", size=(520, 360)),
     ])
 
@@ -137,11 +137,11 @@ def graphs() -> list[Graph]:
         _image(8, REFERENCE, (860, _below(_below(TOP, 270), LOADER_SIZE[1])), "Reference"),
         Node(9, "NearIDRerank", {"top_k": 1, "combine": "mean", "batch_size": 16, "use_cache": False},
              {"nearid_model": (7, 0), "candidates": (6, 0), "reference": (8, 0), "latent": (5, 0)},
-             pos=(1240, _below(TOP, 270)), size=(380, 360)),
+             pos=(1240, _below(TOP, 270)), size=(380, 480)),
         Node(10, "SaveImage", {"filename_prefix": "nearid_best"}, {"images": (9, 0)},
              pos=(1660, _below(TOP, 270)), title="Best by identity", size=IMAGE_SIZE),
         Node(11, "PreviewImage", links={"images": (6, 0)}, pos=(1480, TOP), title="All candidates", size=(400, 270)),
-        Node(12, "PreviewAny", links={"source": (9, 5)}, pos=(1240, _below(_below(TOP, 270), 360)),
+        Node(12, "PreviewAny", links={"source": (9, 5)}, pos=(1240, _below(_below(TOP, 270), 480)),
              title="Ranking", size=(520, 380)),
     ])
 
@@ -156,7 +156,7 @@ def graphs() -> list[Graph]:
         Node(10, "NearIDFilter", {"threshold": 50.0, "threshold_on": "identity match (0-100)",
                                   "when_none_pass": "keep best", "empty_outputs": "skip downstream nodes",
                                   "combine": "mean", "batch_size": 16, "use_cache": False},
-             {"nearid_model": (1, 0), "candidates": (batch, 0), "reference": (2, 0)}, pos=(SCORE_X, TOP), size=(380, 420)),
+             {"nearid_model": (1, 0), "candidates": (batch, 0), "reference": (2, 0)}, pos=(SCORE_X, TOP), size=(380, 580)),
         Node(11, "PreviewImage", links={"images": (10, 0)}, pos=(OUT_X, TOP), title="Passed", size=IMAGE_SIZE),
         Node(12, "PreviewImage", links={"images": (10, 1)}, pos=(OUT_X, _below(TOP, IMAGE_SIZE[1])), title="Rejected", size=IMAGE_SIZE),
         Node(13, "PreviewAny", links={"source": (10, 6)}, pos=(OUT_X + IMAGE_SIZE[0] + GAP, TOP), title="Decision", size=(520, 420)),
@@ -169,7 +169,7 @@ def graphs() -> list[Graph]:
             "each candidate; with the reference connected it also lists the scores.")),
         *heat_nodes,
         Node(10, "NearIDHeatmap", {"opacity": 0.55, "colormap": "inferno", "combine": "mean"},
-             {"nearid_model": (1, 0), "images": (batch, 0), "reference": (2, 0)}, pos=(SCORE_X, TOP), size=(380, 330)),
+             {"nearid_model": (1, 0), "images": (batch, 0), "reference": (2, 0)}, pos=(SCORE_X, TOP), size=(380, 480)),
         Node(11, "PreviewImage", links={"images": (10, 0)}, pos=(OUT_X, TOP), title="Attention overlay", size=(400, 440)),
         Node(12, "PreviewAny", links={"source": (10, 2)}, pos=(OUT_X, _below(TOP, 440)), title="Scores", size=(520, 360)),
     ])

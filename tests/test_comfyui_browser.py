@@ -159,7 +159,7 @@ def _visible(page: Page, box: list[float]) -> list[str]:
     """Points of ``box`` (screen px) where the canvas, not a bar or panel, is on top."""
     x0, y0, x1, y1 = box
     problems = []
-    for fx, fy in ((0.1, 0.1), (0.9, 0.1), (0.5, 0.5), (0.1, 0.9), (0.9, 0.9)):
+    for fx, fy in ((0.02, 0.02), (0.98, 0.02), (0.5, 0.5), (0.02, 0.98), (0.98, 0.98)):
         x, y = x0 + fx * (x1 - x0), y0 + fy * (y1 - y0)
         if not (0 <= x < WINDOW["width"] and 0 <= y < WINDOW["height"]):
             problems.append(f"({x:.0f}, {y:.0f}) is outside the window")
@@ -252,6 +252,18 @@ def test_pack_in_the_front_end(browser, servers, artifacts):
     assert outputs["11"]["text"] == [node_text]  # Preview as Text shows the same table
     page.js("() => window.app.canvas.draw(true, true)")
     page.page.screenshot(path=str(artifacts / "browser-nearid_score_batch-after-run.png"))
+
+    # the filter and heatmap graphs run from the page too; their node shows its table
+    for name in ("nearid_filter_threshold", "nearid_heatmap"):
+        page.js(LOAD_TEMPLATE, [PACK_NAME, name])
+        page.js("async () => { await window.app.queuePrompt(0, 1); }")
+        text = page.page.wait_for_function(
+            """() => { const n = window.app.graph.getNodeById(10);
+                       const w = n && n.widgets && n.widgets.find((w) => w.name === 'nearid_result');
+                       return w && w.value; }""", timeout=300_000).json_value()
+        assert _table_numbers(text) == ["1", "2", "3"], name
+        page.js("() => window.app.canvas.draw(true, true)")
+        page.page.screenshot(path=str(artifacts / f"browser-{name}-after-run.png"))
 
     # no console error that the front end without the pack does not show as well
     bare = Page(browser, without_pack.url)

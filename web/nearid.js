@@ -17,7 +17,7 @@ function showResult(node, text) {
   widget.value = text;
   if (widget.inputEl) widget.inputEl.value = text;
   const size = node.computeSize();
-  node.setSize([Math.max(node.size[0], size[0], 420), Math.max(node.size[1], size[1])]);
+  node.setSize([Math.max(node.size[0], size[0]), Math.max(node.size[1], size[1])]); // grow only
   node.setDirtyCanvas(true, true);
 }
 
