@@ -75,12 +75,12 @@ def _image(nid: int, name: str, pos: tuple[int, int], title: str) -> Node:
     return Node(nid, "LoadImage", {"image": name}, pos=pos, title=title, size=IMAGE_SIZE)
 
 
-def _inputs_column(first_id: int) -> tuple[list[Node], int]:
+def _inputs_column(first_id: int, reference_title: str = "Reference") -> tuple[list[Node], int]:
     """Loader (id 1) and Reference (id 2) in column 1; three candidates (LoadImage, titled
     "Candidate 1-3" like the node text numbers them) in column 2, joined into one batch by two
     ImageBatch nodes in column 3. Returns (nodes, id of the batch)."""
     x2, x3 = 40 + IMAGE_SIZE[0] + GAP, 40 + 2 * (IMAGE_SIZE[0] + GAP)
-    nodes = [_loader(1, (40, TOP)), _image(2, REFERENCE, (40, _below(TOP, LOADER_SIZE[1])), "Reference")]
+    nodes = [_loader(1, (40, TOP)), _image(2, REFERENCE, (40, _below(TOP, LOADER_SIZE[1])), reference_title)]
     y = TOP
     for i, name in enumerate(CANDIDATES):
         nodes.append(_image(first_id + i, name, (x2, y), f"Candidate {i + 1}"))
@@ -173,7 +173,57 @@ def graphs() -> list[Graph]:
         Node(11, "PreviewImage", links={"images": (10, 0)}, pos=(OUT_X, TOP), title="Attention overlay", size=(400, 440)),
         Node(12, "PreviewAny", links={"source": (10, 2)}, pos=(OUT_X, _below(TOP, 440)), title="Scores", size=(520, 360)),
     ])
-    return [score, generate, filtering, heatmap]
+    cons_nodes, cons_batch = _inputs_column(3, reference_title="Character image")
+    consistency = Graph("nearid_consistency", [
+        _note(100, (
+            "**Keep the consistent images of a character batch, without a reference.** NearID "
+            "Consistency compares every image with every other: the medoid is the most representative "
+            "one, images far from it are outliers, and the groups say how many identities the batch "
+            "holds. Feed it a generated batch (e.g. a VAE Decode output) in place of the loaded images. "
+            "*consistent* is the batch without its outliers; an empty *outliers* output skips the "
+            "nodes it feeds.")),
+        *cons_nodes,
+        Node(9, "ImageBatch", links={"image1": (2, 0), "image2": (cons_batch, 0)}, pos=(SCORE_X, TOP), size=(220, 70)),
+        Node(10, "NearIDConsistency", {"threshold_rule": "auto (head's calibrated 50, else robust z)", "threshold": 50.0,
+                                       "outlier_z": 3.5, "empty_outputs": "skip downstream nodes", "batch_size": 16},
+             {"nearid_model": (1, 0), "images": (9, 0)}, pos=(SCORE_X, _below(TOP, 70)), size=(380, 560)),
+        Node(11, "PreviewImage", links={"images": (10, 0)}, pos=(OUT_X, TOP), title="Consistent", size=IMAGE_SIZE),
+        Node(12, "PreviewImage", links={"images": (10, 1)}, pos=(OUT_X, _below(TOP, IMAGE_SIZE[1])), title="Outliers", size=IMAGE_SIZE),
+        Node(13, "PreviewImage", links={"images": (10, 3)}, pos=(OUT_X, _below(_below(TOP, IMAGE_SIZE[1]), IMAGE_SIZE[1])),
+             title="Similarity matrix", size=IMAGE_SIZE),
+        Node(14, "PreviewAny", links={"source": (10, 9)}, pos=(OUT_X + IMAGE_SIZE[0] + GAP, TOP), title="Groups and scores", size=(520, 420)),
+    ])
+    generate_consistent = Graph("nearid_generate_keep_consistent", [
+        _note(100, (
+            "**Generate a batch of one character and keep the consistent ones.** "
+            f"Pick a Stable Diffusion 1.5 checkpoint in *Load Checkpoint* (the graph names `{CHECKPOINT}`; "
+            "without it *Run* stops with `Value not in list`). Any character "
+            "graph (LoRA, IP-Adapter, PuLID, InstantID ...) can feed the batch; NearID Consistency "
+            "needs no reference: it keeps the images close to the batch's most representative one "
+            "(the medoid) and drops the outliers, which the second preview shows (skipped when none).")),
+        Node(1, "CheckpointLoaderSimple", {"ckpt_name": CHECKPOINT}, pos=(40, TOP), size=(340, 100)),
+        Node(2, "CLIPTextEncode", {"text": "a cartoon fox character with a blue scarf, full body, white background"},
+             {"clip": (1, 1)}, pos=(420, TOP), title="Positive", size=(400, 180)),
+        Node(3, "CLIPTextEncode", {"text": "blurry, low quality, deformed"}, {"clip": (1, 1)},
+             pos=(420, _below(TOP, 180)), title="Negative", size=(400, 180)),
+        Node(4, "EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 6},
+             pos=(420, _below(_below(TOP, 180), 180)), size=(400, 130)),
+        Node(5, "KSampler", {"seed": 7, "steps": 20, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0},
+             {"model": (1, 0), "positive": (2, 0), "negative": (3, 0), "latent_image": (4, 0)}, pos=(860, TOP), size=(320, 270)),
+        Node(6, "VAEDecode", links={"samples": (5, 0), "vae": (1, 2)}, pos=(1220, TOP), size=(220, 50)),
+        _loader(7, (860, _below(TOP, 270))),
+        Node(8, "NearIDConsistency", {"threshold_rule": "auto (head's calibrated 50, else robust z)", "threshold": 50.0,
+                                      "outlier_z": 3.5, "empty_outputs": "skip downstream nodes", "batch_size": 16},
+             {"nearid_model": (7, 0), "images": (6, 0)}, pos=(1240, _below(TOP, 270)), size=(380, 560)),
+        Node(9, "SaveImage", {"filename_prefix": "nearid_consistent"}, {"images": (8, 0)},
+             pos=(1660, _below(TOP, 270)), title="Consistent", size=IMAGE_SIZE),
+        Node(10, "PreviewImage", links={"images": (8, 1)}, pos=(1660, _below(_below(TOP, 270), IMAGE_SIZE[1])),
+             title="Outliers", size=IMAGE_SIZE),
+        Node(11, "PreviewImage", links={"images": (6, 0)}, pos=(1480, TOP), title="All candidates", size=(400, 270)),
+        Node(12, "PreviewAny", links={"source": (8, 9)}, pos=(860, _below(_below(TOP, 270), LOADER_SIZE[1])),
+             title="Groups and scores", size=(360, 400)),
+    ])
+    return [score, generate, filtering, heatmap, consistency, generate_consistent]
 
 
 def _is_widget(spec: list[Any]) -> bool:
