@@ -26,6 +26,8 @@ from .rows import ScoreRow, open_for_append, scan_rows, short_float, encode_row
 if TYPE_CHECKING:
     import torch
 
+    from .unit import ImageRef
+
     from ..embedding_cache import EmbeddingCache
     from ..model import IdentityModel
 
@@ -55,18 +57,27 @@ class _ItemPreparer:
         self.identity = identity
         self.on_decoded = on_decoded
 
-    def __call__(self, item: ScoreItem) -> _Prepared:
+    def __call__(self, item: "ScoreItem | ImageRef") -> _Prepared:
+        """A :class:`ScoreItem` is read from its file; an :class:`ImageRef` may carry its bytes."""
+        data = getattr(item, "data", None)
+        if data is None:
+            from ..fileio import regular_file_problem
+
+            problem = regular_file_problem(item.path)  # before opening: a FIFO would block forever
+            if problem is not None:
+                return _Prepared(error=problem)
+            try:
+                data = Path(item.path).read_bytes()
+            except OSError as e:
+                return _Prepared(error=f"cannot read file ({e.strerror or e})")
+        return self.prepare_bytes(data, item.path)
+
+    def prepare_bytes(self, data: bytes, path: "Path | str") -> _Prepared:
+        """Hash, look up and (on a miss) decode + preprocess one encoded image (``path``: its
+        file path or sample key, for messages and the ``on_decoded`` hook)."""
         from ..embedding_cache import bytes_content_hash
-        from ..fileio import regular_file_problem
         from ..images import load_image_bytes
 
-        problem = regular_file_problem(item.path)  # before opening: a FIFO would block forever
-        if problem is not None:
-            return _Prepared(error=problem)
-        try:
-            data = item.path.read_bytes()
-        except OSError as e:
-            return _Prepared(error=f"cannot read file ({e.strerror or e})")
         if not data:
             return _Prepared(error="file is empty (0 bytes)")
         key = None
@@ -75,15 +86,15 @@ class _ItemPreparer:
             hit = self.cache.get_many(self.identity, [key]).get(key)
             if hit is not None:
                 if self.on_decoded is not None:
-                    self.on_decoded(item.path, None, data)
+                    self.on_decoded(path, None, data)
                 return _Prepared(key=key, embedding=hit)
         try:
-            image = load_image_bytes(data, str(item.path))
+            image = load_image_bytes(data, str(path))
             pixels = self.preprocess(image)
         except ImageLoadError as e:
             return _Prepared(key=key, error=e.reason)
         if self.on_decoded is not None:
-            self.on_decoded(item.path, image, data)  # e.g. the report's thumbnail, from this one decode
+            self.on_decoded(path, image, data)  # e.g. the report's thumbnail, from this one decode
         return _Prepared(key=key, pixels=pixels)
 
 
@@ -294,13 +305,9 @@ def _embed_references(
     model: Any, plan: ScoringPlan, cache: "EmbeddingCache | None", batch_size: int
 ) -> dict[str, np.ndarray]:
     """Each subject's reference embeddings ``[R, D]``, embedded once (through the cache)."""
-    from ..embedding_cache import cached_embed
+    from .unit import embed_references
 
-    out = {}
-    for subject in plan.subjects:
-        emb = cached_embed(model, list(subject.references), cache, batch_size=batch_size)
-        out[subject.name] = emb.numpy().astype(np.float32)
-    return out
+    return embed_references(model, {s.name: s.references for s in plan.subjects}, cache, batch_size)
 
 
 def _finished_indices(plan: ScoringPlan, outputs: OutputPaths, strict: bool = False) -> set[int]:
@@ -349,21 +356,17 @@ def _run_chunks(
     (rows of items in ``done`` are not written again)."""
     from tqdm.auto import tqdm
 
-    from ..embedding_cache import model_cache_identity
+    from .unit import ScoringUnit
 
     total = sum(1 for c in chunks for it in c if it.index not in done)
     if total == 0:
         return
-    identity = model_cache_identity(model)
-    preparer = _ItemPreparer(model.preprocess, cache, identity, on_decoded)
+    unit = ScoringUnit(model, references, options.aggregate, cache, on_decoded=on_decoded)
     bar = tqdm(total=total, unit="img", desc="scoring" if shard.count == 1 else f"scoring [{shard.index}]",
                disable=not options.progress, dynamic_ncols=True, smoothing=0.1)
     with open_for_append(journal, fmt) as out:
-        for batch, prepared in prefetch(preparer, chunks, options.num_workers, options.prefetch_batches):
-            embeddings = _embed_batch(model, prepared, cache, identity)
-            rows = [_make_row(item, prep, emb, references, options.aggregate)
-                    for item, prep, emb in zip(batch, prepared, embeddings) if item.index not in done]
-            _fill_calibration(model, rows)
+        for batch, batch_rows in unit.score_batches(chunks, options.num_workers, options.prefetch_batches):
+            rows = [row for item, row in zip(batch, batch_rows) if item.index not in done]
             out.write("".join(encode_row(r, fmt) for r in rows))
             out.flush()  # rows survive a crash of this process from here on
             bar.update(len(rows))
@@ -392,7 +395,7 @@ def _embed_batch(model: Any, prepared: list[_Prepared], cache: "EmbeddingCache |
     return out
 
 
-def _make_row(item: ScoreItem, prepared: _Prepared, embedding: np.ndarray | None,
+def _make_row(item: "ScoreItem | ImageRef", prepared: _Prepared, embedding: np.ndarray | None,
               references: dict[str, np.ndarray], aggregate: str) -> ScoreRow:
     if prepared.error is not None or embedding is None:
         reason = (prepared.error or "no embedding").replace("\n", " ").replace("\r", " ")
