@@ -18,7 +18,9 @@ import sys
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+# front-end extension (web/nearid.js): shows each node's result text on the node after a run
+WEB_DIRECTORY = "./web"
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
 
 if __package__:  # loaded as a package (ComfyUI's custom-node loader): the nodes can be imported
     if importlib.util.find_spec("comfy_nearid") is None:

@@ -109,7 +109,7 @@ class NearIDHeatmap:
 
     def heatmap(self, nearid_model: Any, images: Any, opacity: float = 0.55, colormap: str = "inferno",
                 mask: Any = None, reference: Any = None, reference_embedding: Any = None,
-                combine: str = "mean") -> tuple[torch.Tensor, torch.Tensor, str]:
+                combine: str = "mean") -> dict[str, Any]:
         model = _check_model(nearid_model)
         if model.readout != "head":
             raise InvalidInputError(
@@ -131,8 +131,9 @@ class NearIDHeatmap:
         preview = ""
         if reference is not None or reference_embedding is not None:
             result = score_candidates(model, images, reference, None, mask, reference_embedding, combine, DEFAULT_BATCH)
-            preview = format_scores(result)
-        return (torch.stack(overlays), torch.stack(maps), preview)
+            preview = format_scores(result, marks={result.best_index: "**best**"})
+        ui = {"text": [preview]} if preview else {}
+        return {"ui": ui, "result": (torch.stack(overlays), torch.stack(maps), preview)}
 
 
 NODE_CLASS_MAPPINGS = {"NearIDHeatmap": NearIDHeatmap}

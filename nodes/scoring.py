@@ -207,15 +207,24 @@ def match_note(calibrated: bool) -> str:
             "probability; fit one with `nearid calibrate`)")
 
 
-def format_scores(result: ScoreResult, order: list[int] | None = None, marks: dict[int, str] | None = None) -> str:
-    """One line per candidate: index, cosine, 0..100 match (and a mark such as 'best')."""
+def format_scores(result: ScoreResult, order: list[int] | None = None, marks: dict[int, str] | None = None,
+                  footer: str = "") -> str:
+    """A Markdown table, one row per candidate (numbered from 1, like the graph's inputs),
+    with its cosine, 0..100 match and a mark such as 'best'; it reads as plain text too.
+    ``order``: 0-based candidate indices in row order (default: input order)."""
     order = list(range(len(result.cosine))) if order is None else order
     marks = marks or {}
-    lines = [f"NearID identity ({result.combine} over {result.n_references} reference(s)); "
-             + match_note(result.calibrated) + ":"]
+    lines = [
+        f"**NearID identity**: {result.combine} over {result.n_references} reference(s); "
+        + match_note(result.calibrated),
+        "",
+        "| # | cosine | match /100 | |",
+        "|--:|--:|--:|:--|",
+    ]
     for i in order:
-        mark = f"  {marks[i]}" if i in marks else ""
-        lines.append(f"#{i}: cosine {result.cosine[i]:+.4f}  match {result.match[i]:5.1f}/100{mark}")
+        lines.append(f"| {i + 1} | {result.cosine[i]:+.4f} | {result.match[i]:5.1f} | {marks.get(i, '')} |")
+    if footer:
+        lines += ["", footer]
     return "\n".join(lines)
 
 
@@ -330,7 +339,7 @@ class NearIDIdentityScore:
         result = score_candidates(nearid_model, candidates, reference, reference_mask, candidate_mask,
                                   reference_embedding, combine, batch_size, use_cache)
         best = result.best_index
-        preview = format_scores(result, marks={best: "<- best"})
+        preview = format_scores(result, marks={best: "**best**"})
         return {
             "ui": _ui(result, preview, nearid_best=[best]),
             "result": (result.cosine, result.match, preview, result.cosine[best], result.match[best], best),
@@ -422,8 +431,10 @@ class NearIDRerank:
         order = sorted(range(n), key=lambda i: -result.cosine[i])
         keep = order[: (top_k or n)]
         idx = torch.tensor(keep, dtype=torch.long)
-        marks = {i: f"rank {r + 1}" + ("" if r < len(keep) else " (dropped)") for r, i in enumerate(order)}
-        preview = format_scores(result, order=order, marks=marks)
+        marks = {i: f"rank {r + 1}" + (" **best**" if r == 0 else "") + ("" if r < len(keep) else " (dropped)")
+                 for r, i in enumerate(order)}
+        preview = format_scores(result, order=order, marks=marks,
+                                footer=f"kept {len(keep)} of {n} (top_k {top_k or 'all'})")
         return {
             "ui": _ui(result, preview, nearid_order=keep),
             "result": (
@@ -508,11 +519,13 @@ class NearIDFilter:
         rejected = [i for i in range(len(values)) if i not in passed_set]
         marks = {i: ("passed (best, fallback)" if fallback else "passed") for i in passed}
         marks.update({i: "rejected" for i in rejected})
-        preview = format_scores(result, marks=marks) + f"\nthreshold {threshold:g} on {threshold_on}"
+        marks[result.best_index] += " **best**" if not fallback else ""
+        preview = format_scores(result, marks=marks, footer=(
+            f"**{len(passed)} of {len(values)} passed**: threshold {threshold:g} on {threshold_on}"))
         skip = empty_outputs == EMPTY_OUTPUTS[0]
         empty = [name for name, items in (("passed", passed), ("rejected", rejected)) if not items]
         if not skip:
-            preview += ("\nempty outputs: empty batch" + (f" ({' and '.join(empty)} is an empty 0-image batch)" if empty else "")
+            preview += ("\n\nempty outputs: empty batch" + (f" ({' and '.join(empty)} is an empty 0-image batch)" if empty else "")
                         + "; Preview/Save Image nodes cannot take an empty batch (choose 'skip downstream nodes' for them)")
         return {
             "ui": _ui(result, preview, nearid_passed=passed, nearid_rejected=rejected, nearid_fallback=[fallback]),

@@ -42,6 +42,7 @@ class Node:
     pos: tuple[int, int] = (0, 0)
     title: str | None = None
     text: str | None = None  # for notes
+    size: tuple[int, int] | None = None  # width, height below the title bar (default: from the slots)
 
 
 @dataclass
@@ -50,140 +51,179 @@ class Graph:
     nodes: list[Node]
 
 
+# Layout (canvas units; a node's title bar, TITLE px, sits above its pos). Columns never share x
+# ranges and nodes in a column are GAP apart, so no two nodes overlap; the saved view (VIEW) shows
+# the "About this workflow" note at the top left below the front end's menu and tab bars.
+TITLE, GAP = 30, 40
+IMAGE_SIZE = (340, 400)  # LoadImage / PreviewImage with their image preview
+LOADER_SIZE = (340, 170)
+NOTE_SIZE = (620, 190)
+VIEW = {"scale": 0.6, "offset": [140, 250]}  # clear of the sidebar (left) and the bars (top)
+TOP = 40 + NOTE_SIZE[1] + TITLE + GAP  # first row below the note
+
+
+def _below(y: int, height: int) -> int:
+    return y + height + TITLE + GAP
+
+
 def _loader(nid: int, pos: tuple[int, int]) -> Node:
-    return Node(nid, "NearIDModelLoader", {"head": HEAD, "device": "auto", "dtype": "auto", "readout": "head"}, pos=pos)
+    return Node(nid, "NearIDModelLoader", {"head": HEAD, "device": "auto", "dtype": "auto", "readout": "head", "download": False},
+                pos=pos, size=LOADER_SIZE)
 
 
 def _image(nid: int, name: str, pos: tuple[int, int], title: str) -> Node:
-    return Node(nid, "LoadImage", {"image": name}, pos=pos, title=title)
+    return Node(nid, "LoadImage", {"image": name}, pos=pos, title=title, size=IMAGE_SIZE)
 
 
-def _candidates(first_id: int, x: int, y: int) -> tuple[list[Node], int]:
-    """Three LoadImage nodes joined into one batch by two ImageBatch nodes; returns (nodes, batch id)."""
-    nodes = [_image(first_id + i, name, (x, y + 330 * i), f"Candidate {i + 1}") for i, name in enumerate(CANDIDATES)]
+def _inputs_column(first_id: int, reference_title: str = "Reference") -> tuple[list[Node], int]:
+    """Loader (id 1) and Reference (id 2) in column 1; three candidates (LoadImage, titled
+    "Candidate 1-3" like the node text numbers them) in column 2, joined into one batch by two
+    ImageBatch nodes in column 3. Returns (nodes, id of the batch)."""
+    x2, x3 = 40 + IMAGE_SIZE[0] + GAP, 40 + 2 * (IMAGE_SIZE[0] + GAP)
+    nodes = [_loader(1, (40, TOP)), _image(2, REFERENCE, (40, _below(TOP, LOADER_SIZE[1])), reference_title)]
+    y = TOP
+    for i, name in enumerate(CANDIDATES):
+        nodes.append(_image(first_id + i, name, (x2, y), f"Candidate {i + 1}"))
+        y = _below(y, IMAGE_SIZE[1])
     b1, b2 = first_id + 3, first_id + 4
-    nodes.append(Node(b1, "ImageBatch", links={"image1": (first_id, 0), "image2": (first_id + 1, 0)}, pos=(x + 340, y + 150)))
-    nodes.append(Node(b2, "ImageBatch", links={"image1": (b1, 0), "image2": (first_id + 2, 0)}, pos=(x + 340, y + 480)))
+    nodes.append(Node(b1, "ImageBatch", links={"image1": (first_id, 0), "image2": (first_id + 1, 0)},
+                      pos=(x3, TOP + 300), size=(220, 70)))
+    nodes.append(Node(b2, "ImageBatch", links={"image1": (b1, 0), "image2": (first_id + 2, 0)},
+                      pos=(x3, TOP + 760), size=(220, 70)))
     return nodes, b2
 
 
-def _note(nid: int, pos: tuple[int, int], text: str) -> Node:
-    return Node(nid, "MarkdownNote", pos=pos, title="About this workflow", text=text)
+SCORE_X = 40 + 2 * (IMAGE_SIZE[0] + GAP) + 220 + GAP  # column 4, right of the ImageBatch nodes
+OUT_X = SCORE_X + 380 + GAP  # column 5: previews
+
+
+def _note(nid: int, text: str) -> Node:
+    return Node(nid, "MarkdownNote", pos=(40, 40), title="About this workflow", text=text, size=NOTE_SIZE)
 
 
 def graphs() -> list[Graph]:
-    score_nodes, batch = _candidates(3, 40, 420)
+    score_nodes, batch = _inputs_column(3)
     score = Graph("nearid_score_batch", [
-        _note(100, (40, -260), (
+        _note(100, (
             f"**Score a batch against a reference.** Put a NearID head in `models/nearid` (e.g. `{HEAD}` "
             "from `nearid convert`), load your reference and candidate images. The Identity Score node "
-            "lists the raw cosine and the calibrated 0-100 identity match of every candidate.")),
-        _loader(1, (40, 40)),
-        _image(2, REFERENCE, (40, 200), "Reference"),
+            "lists the raw cosine and the 0-100 identity match of every candidate (numbered like "
+            "Candidate 1-3), marks the best, and says whether the match is calibrated.")),
         *score_nodes,
-        Node(10, "NearIDIdentityScore", {"combine": "mean", "batch_size": 16},
-             {"nearid_model": (1, 0), "candidates": (batch, 0), "reference": (2, 0)}, pos=(800, 200)),
-        Node(11, "PreviewAny", links={"source": (10, 2)}, pos=(1200, 200), title="Scores"),
+        Node(10, "NearIDIdentityScore", {"combine": "mean", "batch_size": 16, "use_cache": False},
+             {"nearid_model": (1, 0), "candidates": (batch, 0), "reference": (2, 0)}, pos=(SCORE_X, TOP), size=(380, 480)),
+        Node(11, "PreviewAny", links={"source": (10, 2)}, pos=(OUT_X, TOP), title="Scores", size=(520, 360)),
     ])
 
     generate = Graph("nearid_generate_keep_best", [
-        _note(100, (40, -260), (
+        _note(100, (
             "**Generate N candidates and keep the one that best preserves the reference identity.** "
+            f"Pick a Stable Diffusion 1.5 checkpoint in *Load Checkpoint* (the graph names `{CHECKPOINT}`, "
+            "ComfyUI's SD1.5 example file; without it *Run* stops with `Value not in list`). "
             "Any text-to-image or personalisation graph (IP-Adapter, PuLID, InstantID, LoRA ...) can "
             "feed the batch; NearID Rerank sorts it by identity score and keeps the top k, with the "
             "latents in the same order (e.g. for an upscale pass).")),
-        Node(1, "CheckpointLoaderSimple", {"ckpt_name": CHECKPOINT}, pos=(40, 40)),
+        Node(1, "CheckpointLoaderSimple", {"ckpt_name": CHECKPOINT}, pos=(40, TOP), size=(340, 100)),
         Node(2, "CLIPTextEncode", {"text": "a photo of a red ceramic mug on a wooden table, soft light"},
-             {"clip": (1, 1)}, pos=(420, 20), title="Positive"),
-        Node(3, "CLIPTextEncode", {"text": "blurry, low quality, deformed"}, {"clip": (1, 1)}, pos=(420, 260), title="Negative"),
-        Node(4, "EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 4}, pos=(420, 500)),
+             {"clip": (1, 1)}, pos=(420, TOP), title="Positive", size=(400, 180)),
+        Node(3, "CLIPTextEncode", {"text": "blurry, low quality, deformed"}, {"clip": (1, 1)},
+             pos=(420, _below(TOP, 180)), title="Negative", size=(400, 180)),
+        Node(4, "EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 4},
+             pos=(420, _below(_below(TOP, 180), 180)), size=(400, 130)),
         Node(5, "KSampler", {"seed": 42, "steps": 20, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0},
-             {"model": (1, 0), "positive": (2, 0), "negative": (3, 0), "latent_image": (4, 0)}, pos=(860, 40)),
-        Node(6, "VAEDecode", links={"samples": (5, 0), "vae": (1, 2)}, pos=(1220, 40)),
-        _loader(7, (860, 560)),
-        _image(8, REFERENCE, (860, 720), "Reference"),
-        Node(9, "NearIDRerank", {"top_k": 1, "combine": "mean", "batch_size": 16},
-             {"nearid_model": (7, 0), "candidates": (6, 0), "reference": (8, 0), "latent": (5, 0)}, pos=(1260, 300)),
-        Node(10, "SaveImage", {"filename_prefix": "nearid_best"}, {"images": (9, 0)}, pos=(1660, 300), title="Best by identity"),
-        Node(11, "PreviewImage", links={"images": (6, 0)}, pos=(1560, 40), title="All candidates"),
-        Node(12, "PreviewAny", links={"source": (9, 5)}, pos=(1660, 680), title="Ranking"),
+             {"model": (1, 0), "positive": (2, 0), "negative": (3, 0), "latent_image": (4, 0)}, pos=(860, TOP), size=(320, 270)),
+        Node(6, "VAEDecode", links={"samples": (5, 0), "vae": (1, 2)}, pos=(1220, TOP), size=(220, 50)),
+        _loader(7, (860, _below(TOP, 270))),
+        _image(8, REFERENCE, (860, _below(_below(TOP, 270), LOADER_SIZE[1])), "Reference"),
+        Node(9, "NearIDRerank", {"top_k": 1, "combine": "mean", "batch_size": 16, "use_cache": False},
+             {"nearid_model": (7, 0), "candidates": (6, 0), "reference": (8, 0), "latent": (5, 0)},
+             pos=(1240, _below(TOP, 270)), size=(380, 480)),
+        Node(10, "SaveImage", {"filename_prefix": "nearid_best"}, {"images": (9, 0)},
+             pos=(1660, _below(TOP, 270)), title="Best by identity", size=IMAGE_SIZE),
+        Node(11, "PreviewImage", links={"images": (6, 0)}, pos=(1480, TOP), title="All candidates", size=(400, 270)),
+        Node(12, "PreviewAny", links={"source": (9, 5)}, pos=(1240, _below(_below(TOP, 270), 480)),
+             title="Ranking", size=(520, 380)),
     ])
 
-    filter_nodes, batch = _candidates(3, 40, 420)
+    filter_nodes, batch = _inputs_column(3)
     filtering = Graph("nearid_filter_threshold", [
-        _note(100, (40, -260), (
+        _note(100, (
             "**Filter a batch by an identity threshold.** Candidates whose identity match reaches the "
             "threshold go to *passed*, the others to *rejected*. When none passes, *when_none_pass* "
             "decides: pass nothing, or keep the single best candidate. An output left empty skips the "
             "nodes it feeds (*empty_outputs*), so the previews never fail on an empty batch.")),
-        _loader(1, (40, 40)),
-        _image(2, REFERENCE, (40, 200), "Reference"),
         *filter_nodes,
         Node(10, "NearIDFilter", {"threshold": 50.0, "threshold_on": "identity match (0-100)",
                                   "when_none_pass": "keep best", "empty_outputs": "skip downstream nodes",
-                                  "combine": "mean", "batch_size": 16},
-             {"nearid_model": (1, 0), "candidates": (batch, 0), "reference": (2, 0)}, pos=(800, 200)),
-        Node(11, "PreviewImage", links={"images": (10, 0)}, pos=(1200, 40), title="Passed"),
-        Node(12, "PreviewImage", links={"images": (10, 1)}, pos=(1200, 400), title="Rejected"),
-        Node(13, "PreviewAny", links={"source": (10, 6)}, pos=(1200, 760), title="Decision"),
+                                  "combine": "mean", "batch_size": 16, "use_cache": False},
+             {"nearid_model": (1, 0), "candidates": (batch, 0), "reference": (2, 0)}, pos=(SCORE_X, TOP), size=(380, 580)),
+        Node(11, "PreviewImage", links={"images": (10, 0)}, pos=(OUT_X, TOP), title="Passed", size=IMAGE_SIZE),
+        Node(12, "PreviewImage", links={"images": (10, 1)}, pos=(OUT_X, _below(TOP, IMAGE_SIZE[1])), title="Rejected", size=IMAGE_SIZE),
+        Node(13, "PreviewAny", links={"source": (10, 6)}, pos=(OUT_X + IMAGE_SIZE[0] + GAP, TOP), title="Decision", size=(520, 420)),
     ])
 
-    heat_nodes, batch = _candidates(3, 40, 420)
+    heat_nodes, batch = _inputs_column(3)
     heatmap = Graph("nearid_heatmap", [
-        _note(100, (40, -260), (
+        _note(100, (
             "**See what the identity score looked at.** NearID Heatmap draws the head's attention over "
             "each candidate; with the reference connected it also lists the scores.")),
-        _loader(1, (40, 40)),
-        _image(2, REFERENCE, (40, 200), "Reference"),
         *heat_nodes,
         Node(10, "NearIDHeatmap", {"opacity": 0.55, "colormap": "inferno", "combine": "mean"},
-             {"nearid_model": (1, 0), "images": (batch, 0), "reference": (2, 0)}, pos=(800, 200)),
-        Node(11, "PreviewImage", links={"images": (10, 0)}, pos=(1200, 40), title="Attention overlay"),
-        Node(12, "PreviewAny", links={"source": (10, 2)}, pos=(1200, 500), title="Scores"),
+             {"nearid_model": (1, 0), "images": (batch, 0), "reference": (2, 0)}, pos=(SCORE_X, TOP), size=(380, 480)),
+        Node(11, "PreviewImage", links={"images": (10, 0)}, pos=(OUT_X, TOP), title="Attention overlay", size=(400, 440)),
+        Node(12, "PreviewAny", links={"source": (10, 2)}, pos=(OUT_X, _below(TOP, 440)), title="Scores", size=(520, 360)),
     ])
-    cons_nodes, cons_batch = _candidates(3, 40, 420)
+    cons_nodes, cons_batch = _inputs_column(3, reference_title="Character image")
     consistency = Graph("nearid_consistency", [
-        _note(100, (40, -260), (
+        _note(100, (
             "**Keep the consistent images of a character batch, without a reference.** NearID "
             "Consistency compares every image with every other: the medoid is the most representative "
             "one, images far from it are outliers, and the groups say how many identities the batch "
             "holds. Feed it a generated batch (e.g. a VAE Decode output) in place of the loaded images. "
             "*consistent* is the batch without its outliers; an empty *outliers* output skips the "
             "nodes it feeds.")),
-        _loader(1, (40, 40)),
-        _image(2, REFERENCE, (40, 200), "Character image"),
         *cons_nodes,
-        Node(9, "ImageBatch", links={"image1": (2, 0), "image2": (cons_batch, 0)}, pos=(420, 200)),
+        Node(9, "ImageBatch", links={"image1": (2, 0), "image2": (cons_batch, 0)}, pos=(SCORE_X, TOP), size=(220, 70)),
         Node(10, "NearIDConsistency", {"threshold_rule": "auto (head's calibrated 50, else robust z)", "threshold": 50.0,
-                                       "outlier_z": 3.5, "empty_outputs": "skip downstream nodes", "batch_size": 16},
-             {"nearid_model": (1, 0), "images": (9, 0)}, pos=(800, 200)),
-        Node(11, "PreviewImage", links={"images": (10, 0)}, pos=(1250, 40), title="Consistent"),
-        Node(12, "PreviewImage", links={"images": (10, 1)}, pos=(1250, 360), title="Outliers"),
-        Node(13, "PreviewImage", links={"images": (10, 3)}, pos=(1250, 680), title="Similarity matrix"),
-        Node(14, "PreviewAny", links={"source": (10, 9)}, pos=(1600, 40), title="Groups and scores"),
+                                       "outlier_z": 3.5, "empty_outputs": "skip downstream nodes", "batch_size": 16,
+                                       "use_cache": False},
+             {"nearid_model": (1, 0), "images": (9, 0)}, pos=(SCORE_X, _below(TOP, 70)), size=(380, 560)),
+        Node(11, "PreviewImage", links={"images": (10, 0)}, pos=(OUT_X, TOP), title="Consistent", size=IMAGE_SIZE),
+        Node(12, "PreviewImage", links={"images": (10, 1)}, pos=(OUT_X, _below(TOP, IMAGE_SIZE[1])), title="Outliers", size=IMAGE_SIZE),
+        Node(13, "PreviewImage", links={"images": (10, 3)}, pos=(OUT_X, _below(_below(TOP, IMAGE_SIZE[1]), IMAGE_SIZE[1])),
+             title="Similarity matrix", size=IMAGE_SIZE),
+        Node(14, "PreviewAny", links={"source": (10, 9)}, pos=(OUT_X + IMAGE_SIZE[0] + GAP, TOP), title="Groups and scores", size=(520, 420)),
     ])
     generate_consistent = Graph("nearid_generate_keep_consistent", [
-        _note(100, (40, -260), (
-            "**Generate a batch of one character and keep the consistent ones.** Any character "
+        _note(100, (
+            "**Generate a batch of one character and keep the consistent ones.** "
+            f"Pick a Stable Diffusion 1.5 checkpoint in *Load Checkpoint* (the graph names `{CHECKPOINT}`; "
+            "without it *Run* stops with `Value not in list`). Any character "
             "graph (LoRA, IP-Adapter, PuLID, InstantID ...) can feed the batch; NearID Consistency "
             "needs no reference: it keeps the images close to the batch's most representative one "
             "(the medoid) and drops the outliers, which the second preview shows (skipped when none).")),
-        Node(1, "CheckpointLoaderSimple", {"ckpt_name": CHECKPOINT}, pos=(40, 40)),
+        Node(1, "CheckpointLoaderSimple", {"ckpt_name": CHECKPOINT}, pos=(40, TOP), size=(340, 100)),
         Node(2, "CLIPTextEncode", {"text": "a cartoon fox character with a blue scarf, full body, white background"},
-             {"clip": (1, 1)}, pos=(420, 20), title="Positive"),
-        Node(3, "CLIPTextEncode", {"text": "blurry, low quality, deformed"}, {"clip": (1, 1)}, pos=(420, 260), title="Negative"),
-        Node(4, "EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 6}, pos=(420, 500)),
+             {"clip": (1, 1)}, pos=(420, TOP), title="Positive", size=(400, 180)),
+        Node(3, "CLIPTextEncode", {"text": "blurry, low quality, deformed"}, {"clip": (1, 1)},
+             pos=(420, _below(TOP, 180)), title="Negative", size=(400, 180)),
+        Node(4, "EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 6},
+             pos=(420, _below(_below(TOP, 180), 180)), size=(400, 130)),
         Node(5, "KSampler", {"seed": 7, "steps": 20, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0},
-             {"model": (1, 0), "positive": (2, 0), "negative": (3, 0), "latent_image": (4, 0)}, pos=(860, 40)),
-        Node(6, "VAEDecode", links={"samples": (5, 0), "vae": (1, 2)}, pos=(1220, 40)),
-        _loader(7, (860, 560)),
+             {"model": (1, 0), "positive": (2, 0), "negative": (3, 0), "latent_image": (4, 0)}, pos=(860, TOP), size=(320, 270)),
+        Node(6, "VAEDecode", links={"samples": (5, 0), "vae": (1, 2)}, pos=(1220, TOP), size=(220, 50)),
+        _loader(7, (860, _below(TOP, 270))),
         Node(8, "NearIDConsistency", {"threshold_rule": "auto (head's calibrated 50, else robust z)", "threshold": 50.0,
-                                      "outlier_z": 3.5, "empty_outputs": "skip downstream nodes", "batch_size": 16},
-             {"nearid_model": (7, 0), "images": (6, 0)}, pos=(1260, 300)),
-        Node(9, "SaveImage", {"filename_prefix": "nearid_consistent"}, {"images": (8, 0)}, pos=(1660, 300), title="Consistent"),
-        Node(10, "PreviewImage", links={"images": (8, 1)}, pos=(1660, 640), title="Outliers"),
-        Node(11, "PreviewImage", links={"images": (6, 0)}, pos=(1560, 40), title="All candidates"),
-        Node(12, "PreviewAny", links={"source": (8, 9)}, pos=(1260, 760), title="Groups and scores"),
+                                      "outlier_z": 3.5, "empty_outputs": "skip downstream nodes", "batch_size": 16,
+                                       "use_cache": False},
+             {"nearid_model": (7, 0), "images": (6, 0)}, pos=(1240, _below(TOP, 270)), size=(380, 560)),
+        Node(9, "SaveImage", {"filename_prefix": "nearid_consistent"}, {"images": (8, 0)},
+             pos=(1660, _below(TOP, 270)), title="Consistent", size=IMAGE_SIZE),
+        Node(10, "PreviewImage", links={"images": (8, 1)}, pos=(1660, _below(_below(TOP, 270), IMAGE_SIZE[1])),
+             title="Outliers", size=IMAGE_SIZE),
+        Node(11, "PreviewImage", links={"images": (6, 0)}, pos=(1480, TOP), title="All candidates", size=(400, 270)),
+        Node(12, "PreviewAny", links={"source": (8, 9)}, pos=(860, _below(_below(TOP, 270), LOADER_SIZE[1])),
+             title="Groups and scores", size=(360, 400)),
     ])
     return [score, generate, filtering, heatmap, consistency, generate_consistent]
 
@@ -224,7 +264,7 @@ def build(graph: Graph, info: dict[str, Any]) -> tuple[dict[str, Any], dict[str,
     for node in graph.nodes:
         if node.type in VIRTUAL_NODES:
             ui_nodes.append({
-                "id": node.id, "type": node.type, "pos": list(node.pos), "size": [520, 160], "flags": {},
+                "id": node.id, "type": node.type, "pos": list(node.pos), "size": list(node.size or NOTE_SIZE), "flags": {},
                 "order": len(order) + node.id, "mode": 0, "inputs": [], "outputs": [],
                 "title": node.title, "properties": {}, "widgets_values": [node.text],
             })
@@ -266,7 +306,7 @@ def build(graph: Graph, info: dict[str, Any]) -> tuple[dict[str, Any], dict[str,
             outputs.append(entry)
         n_slots = max(len(inputs), len(outputs)) + len(widgets_values)
         ui_node = {
-            "id": node.id, "type": node.type, "pos": list(node.pos), "size": [320, 46 + 24 * n_slots],
+            "id": node.id, "type": node.type, "pos": list(node.pos), "size": list(node.size or (320, 46 + 24 * n_slots)),
             "flags": {}, "order": order[node.id], "mode": 0, "inputs": inputs, "outputs": outputs,
             "properties": {"Node name for S&R": node.type}, "widgets_values": widgets_values,
         }
@@ -281,7 +321,7 @@ def build(graph: Graph, info: dict[str, Any]) -> tuple[dict[str, Any], dict[str,
         "links": links,
         "groups": [],
         "config": {},
-        "extra": {"ds": {"scale": 0.8, "offset": [100, 320]}},
+        "extra": {"ds": dict(VIEW)},
         "version": 0.4,
     }
     return ui, api

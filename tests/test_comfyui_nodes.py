@@ -30,6 +30,13 @@ def _embed(model, arr: np.ndarray) -> np.ndarray:
     return model.embed(list(arr), batch_size=64).numpy()
 
 
+def table_rows(text: str) -> list[list[str]]:
+    """The body rows of the Markdown table in a node's text, as cell strings."""
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    assert len(lines) >= 2 and set(lines[1]) <= set("|-: "), text  # header + alignment row
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+
+
 @pytest.mark.parametrize("mode", ["mean", "max", "prototype"])
 def test_identity_score_equals_the_library_and_the_formulas(tiny_model, images, mode):
     ref, cand = images
@@ -41,7 +48,12 @@ def test_identity_score_equals_the_library_and_the_formulas(tiny_model, images, 
     assert best_index == int(np.argmax(want))
     assert best == pytest.approx(want.max(), abs=1e-5)
     assert best_match == pytest.approx(default_match(want.max()), abs=1e-3)
-    assert f"#{best_index}:" in preview and "best" in preview
+    rows = table_rows(preview)
+    assert [r[0] for r in rows] == [str(i + 1) for i in range(len(want))]  # numbered from 1, like the graph
+    assert [r[0] for r in rows if "best" in r[3]] == [str(best_index + 1)]
+    np.testing.assert_allclose([float(r[1]) for r in rows], want, atol=1e-4)
+    assert "uncalibrated" in preview  # the tiny model stores no calibration: the default mapping
+    assert out["ui"]["text"] == [preview]
     assert out["ui"]["nearid_scores"] == scores
 
 
@@ -69,7 +81,7 @@ def test_rerank_sorts_by_score_keeps_top_k_and_carries_latent_and_mask(tiny_mode
     masks = torch.zeros(n, cand.shape[1], cand.shape[2])
     for i in range(n):
         masks[i, : 4 + 4 * i, :] = 1.0  # a different (non-empty) mask per candidate
-    images_out, latent_out, mask_out, scores, indices, _ = scoring.NearIDRerank().rerank(
+    images_out, latent_out, mask_out, scores, indices, preview = scoring.NearIDRerank().rerank(
         tiny_model, to_comfy(cand), top_k=3, reference=to_comfy(ref), candidate_mask=masks, latent=latent
     )["result"]
     masked = tiny_model.embed(to_comfy(cand), masks=masks).numpy()
@@ -81,6 +93,10 @@ def test_rerank_sorts_by_score_keeps_top_k_and_carries_latent_and_mask(tiny_mode
     assert latent_out["samples"][:, 0, 0, 0].tolist() == [float(i) for i in order]
     assert latent_out["batch_index"] == [10 + i for i in order]
     assert torch.equal(mask_out, masks[order])
+    rows = table_rows(preview)  # every candidate, best first, numbered from 1 as in the graph
+    full_order = sorted(range(n), key=lambda i: -want[i])
+    assert [r[0] for r in rows] == [str(i + 1) for i in full_order]
+    assert [r[3] for r in rows[:4]] == ["rank 1 **best**", "rank 2", "rank 3", "rank 4 (dropped)"]
 
 
 def test_rerank_is_stable_for_equal_scores_and_top_k_zero_keeps_all(tiny_model, images):
@@ -114,7 +130,7 @@ def test_filter_split_matches_the_threshold(tiny_model, images, scale):
     tolerance = 1e-3 if scale.startswith("identity") else 1e-5  # float32 node vs float64 formula
     assert high - low > 2 * tolerance, f"the test images give nearly equal {scale} values {ordered}"
     threshold = float((low + high) / 2)
-    passed, rejected, p_idx, r_idx, scores, count, _ = scoring.NearIDFilter().filter(
+    passed, rejected, p_idx, r_idx, scores, count, preview = scoring.NearIDFilter().filter(
         tiny_model, to_comfy(cand), threshold=threshold, threshold_on=scale, reference=to_comfy(ref)
     )["result"]
     assert p_idx == [i for i, v in enumerate(values) if v >= threshold]
@@ -123,6 +139,9 @@ def test_filter_split_matches_the_threshold(tiny_model, images, scale):
     assert torch.equal(passed, to_comfy(cand)[p_idx])
     assert torch.equal(rejected, to_comfy(cand)[r_idx])
     np.testing.assert_allclose(scores, want, atol=1e-5)
+    decisions = [r[3].replace(" **best**", "") for r in table_rows(preview)]
+    assert decisions == ["passed" if i in p_idx else "rejected" for i in range(len(cand))]
+    assert f"**{count} of {len(cand)} passed**" in preview
 
 
 def test_filter_when_nothing_passes_gives_an_empty_batch_or_the_best(tiny_model, images):
@@ -278,7 +297,7 @@ def test_colormap_hits_its_stops_and_overlay_is_an_alpha_blend():
 
 def test_heatmap_node_uses_the_model_attention(tiny_model, images):
     _, cand = images
-    overlay, attention, preview = heatmap.NearIDHeatmap().heatmap(tiny_model, to_comfy(cand[:2]), opacity=1.0, colormap="gray")
+    overlay, attention, preview = heatmap.NearIDHeatmap().heatmap(tiny_model, to_comfy(cand[:2]), opacity=1.0, colormap="gray")["result"]
     assert overlay.shape == (2, 40, 48, 3) and attention.shape == (2, 40, 48)
     spec = tiny_model.spec
     grid = tiny_model.attention_map(to_comfy(cand[1:2]))

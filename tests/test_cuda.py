@@ -119,6 +119,6 @@ def test_node_pack_on_cuda(cpu_model, images, tmp_path):
     low, _ = loader.load_cached(str(head), device="cuda", dtype="bf16")
     got_low = scoring.NearIDIdentityScore().score(low, cand, reference=ref)["result"][0]
     np.testing.assert_allclose(got_low, got, atol=2e-3)
-    _, attention, _ = heatmap.NearIDHeatmap().heatmap(gpu, cand[:1], opacity=1.0, colormap="gray")
+    _, attention, _ = heatmap.NearIDHeatmap().heatmap(gpu, cand[:1], opacity=1.0, colormap="gray")["result"]
     assert attention.shape == (1, 96, 80) and attention.device.type == "cpu"
     loader.clear_cache()
