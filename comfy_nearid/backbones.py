@@ -10,6 +10,15 @@ families exist:
 - ``mobilenet_v2``: torchvision's ImageNet MobileNetV2; tokens are the stride-16 map joined
   with the upsampled stride-32 map, layer-normalised (no affine); its own pooling is the
   global average of the final 1280-channel map.
+- ``timm_vit``: a timm ViT with a class token (DINO, DINOv2); tokens are the final-norm patch
+  tokens (prefix tokens dropped), its own pooling is the final-norm CLS token (DINO-I, DINOv2).
+- ``open_clip``: an open_clip CLIP image tower; tokens are its ``ln_post`` patch tokens, its
+  own pooling is the projected image embedding (CLIP-I).
+
+The field's standard metrics are these backbones' own pooling with their conventional
+preprocessing (shorter side resized + centre crop, their own interpolation and
+normalisation), carried in the spec (``resize``, ``resize_size``) and read by the one
+:class:`~comfy_nearid.images.Preprocess`; ``metric_name`` is the scorer name they go by.
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ from .images import Preprocess
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = ("siglip", "mobilenet_v2")
+FAMILIES = ("siglip", "mobilenet_v2", "timm_vit", "open_clip")
 
 
 @dataclass(frozen=True)
@@ -48,10 +57,16 @@ class BackboneSpec:
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     interpolation: str = "bicubic"
+    resize: str = "squash"  # "squash" (no crop) or "shorter" (shorter side + centre crop)
+    resize_size: int | None = None  # with "shorter": the shorter side before the crop
+    pooled_dim: int | None = None  # width of the own pooling when it is not embed_dim
+    metric_name: str | None = None  # scorer name of the own pooling ("clip-i", "dino-i", ...)
     description: str = ""
     open_clip_model: str | None = None
     pretrained_tag: str | None = None
+    open_clip_kwargs: dict[str, Any] = field(default_factory=dict)
     hf_reference: str | None = None
+    hf_hub: str | None = None  # Hugging Face repo holding weights_files (when not open_clip's)
     timm_model: str | None = None
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
     weights_files: tuple[str, ...] = ()
@@ -70,7 +85,8 @@ class BackboneSpec:
 
     @property
     def preprocess(self) -> Preprocess:
-        return Preprocess(self.image_size, tuple(self.mean), tuple(self.std), self.interpolation)
+        return Preprocess(self.image_size, tuple(self.mean), tuple(self.std), self.interpolation,
+                          resize=self.resize, resize_size=self.resize_size)
 
     @property
     def has_pretrained(self) -> bool:
@@ -95,7 +111,12 @@ class BackboneSpec:
             if key in d:
                 d[key] = tuple(float(x) for x in d[key])
         d["weights_files"] = tuple(d.get("weights_files", ()))
-        return cls(**d)
+        spec = cls(**d)
+        try:
+            spec.preprocess
+        except InvalidInputError as e:
+            raise InvalidInputError(f"backbone config {source}: {e}") from e
+        return spec
 
 
 @lru_cache(maxsize=1)
@@ -112,6 +133,12 @@ def _registry() -> dict[str, BackboneSpec]:
 def list_backbones() -> list[str]:
     """Names of the registered backbones."""
     return sorted(_registry())
+
+
+def metric_backbones() -> dict[str, str]:
+    """``{metric name: backbone name}`` for the backbones whose own pooling is a standard
+    metric (``clip-i``, ``dino-i``, ...)."""
+    return {spec.metric_name: spec.name for spec in _registry().values() if spec.metric_name}
 
 
 def get_backbone_spec(name: str) -> BackboneSpec:
@@ -147,10 +174,7 @@ class Backbone(nn.Module):
     @torch.no_grad()
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """Normalised pixels ``[B, 3, S, S]`` -> patch tokens ``[B, N, D]``."""
-        self._check_pixels(pixels)
-        if self.spec.family == "siglip":
-            return self.trunk.forward_features(pixels)
-        return self._mobilenet_tokens(pixels)[0]
+        return self.tokens_and_pooled(pixels)[0]
 
     @torch.no_grad()
     def pooled(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -164,6 +188,12 @@ class Backbone(nn.Module):
         if self.spec.family == "siglip":
             tokens = self.trunk.forward_features(pixels)
             return tokens, self.trunk.forward_head(tokens, pre_logits=True)
+        if self.spec.family == "timm_vit":
+            features = self.trunk.forward_features(pixels)  # [B, prefix + N, D], final norm
+            return features[:, self.trunk.num_prefix_tokens:], self.trunk.forward_head(features, pre_logits=True)
+        if self.spec.family == "open_clip":
+            pooled, tokens = self.trunk(pixels)  # output_tokens: (projected embedding, patch tokens)
+            return tokens, pooled
         tokens, deep = self._mobilenet_tokens(pixels)
         return tokens, self.trunk.features[17:](deep).mean(dim=(2, 3))
 
@@ -206,9 +236,43 @@ def build_trunk(spec: BackboneSpec) -> nn.Module:
             act_layer="gelu_tanh",  # the reference uses tanh-GELU; timm's SigLIP default is exact
             **kwargs,
         )
+    if spec.family == "timm_vit":
+        import timm
+
+        kwargs = {"img_size": spec.image_size, **spec.timm_kwargs}
+        return timm.create_model(spec.timm_model, pretrained=False, num_classes=0, **kwargs)
+    if spec.family == "open_clip":
+        return _build_open_clip_visual(spec)
     from torchvision.models import mobilenet_v2
 
     return mobilenet_v2(weights=None)
+
+
+def _build_open_clip_visual(spec: BackboneSpec) -> nn.Module:
+    """open_clip's image tower alone (no text tower), from open_clip's own model config.
+
+    ``open_clip_kwargs``: ``quick_gelu`` (the OpenAI weights need it), ``embed_dim`` and
+    ``vision_cfg`` entries that override the config (tiny test variants)."""
+    import open_clip
+    from open_clip.model import CLIPVisionCfg, _build_vision_tower
+
+    cfg = open_clip.get_model_config(spec.open_clip_model)
+    if cfg is None:
+        raise InvalidInputError(
+            f"open_clip does not know model {spec.open_clip_model!r} (backbone {spec.name}); upgrade open_clip_torch"
+        )
+    options = dict(spec.open_clip_kwargs)
+    vision_cfg = {**cfg["vision_cfg"], **options.pop("vision_cfg", {})}
+    embed_dim = int(options.pop("embed_dim", cfg["embed_dim"]))
+    quick_gelu = bool(options.pop("quick_gelu", cfg.get("quick_gelu", False)))
+    if options:
+        raise InvalidInputError(
+            f"backbone {spec.name}: unknown open_clip_kwargs {sorted(options)}; "
+            "allowed: quick_gelu, embed_dim, vision_cfg"
+        )
+    visual = _build_vision_tower(embed_dim, CLIPVisionCfg(**vision_cfg), quick_gelu=quick_gelu)
+    visual.output_tokens = True
+    return visual
 
 
 def _timm_name_from_open_clip(spec: BackboneSpec) -> str:
@@ -232,9 +296,11 @@ def _timm_name_from_open_clip(spec: BackboneSpec) -> str:
 def load_backbone_state(
     trunk: nn.Module, spec: BackboneSpec, state: dict[str, torch.Tensor], source: str, assign: bool = False
 ) -> None:
-    """Load weights in open_clip (``visual.trunk.*``), timm or torchvision layout, strictly.
-    ``assign``: take the tensors themselves (for a trunk built on the meta device)."""
-    for prefix in ("visual.trunk.", "trunk.", "module."):
+    """Load weights in open_clip (``visual.trunk.*``, or ``visual.*`` for CLIP towers), timm or
+    torchvision layout, strictly. ``assign``: take the tensors themselves (for a trunk built on
+    the meta device)."""
+    prefixes = ("visual.", "module.") if spec.family == "open_clip" else ("visual.trunk.", "trunk.", "module.")
+    for prefix in prefixes:
         if any(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
             break

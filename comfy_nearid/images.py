@@ -265,24 +265,67 @@ def as_mask_arrays(masks: Any, count: int) -> list[np.ndarray]:
     return arrays
 
 
+RESIZE_MODES = ("squash", "shorter")
+
+
 @dataclass(frozen=True)
 class Preprocess:
-    """Resize (no crop, aspect not kept) + scale to 0..1 + normalise, as in SigLIP's processor.
+    """Resize + scale to 0..1 + normalise: a model's preprocessing as data (timm's
+    ``resolve_data_config`` idea), read by this one transform.
 
-    ``image_size`` is the square model input side in pixels.
+    ``resize="squash"`` (the NearID / SigLIP processor convention): resize to
+    ``image_size`` x ``image_size``, aspect not kept, no crop. ``resize="shorter"`` (the
+    torchvision / CLIP / DINO evaluation convention): resize the shorter side to
+    ``resize_size`` (default ``image_size``; the longer side to ``int(resize_size * long /
+    short)``, as torchvision's ``Resize(int)``), then take the centre ``image_size`` square
+    (torchvision's ``CenterCrop`` rounding). ``image_size`` is the model input side in pixels.
     """
 
     image_size: int
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     interpolation: str = "bicubic"
+    resize: str = "squash"
+    resize_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZE_MODES:
+            raise InvalidInputError(f"preprocess resize must be one of {RESIZE_MODES}, got {self.resize!r}")
+        if self.interpolation not in _RESAMPLE:
+            raise InvalidInputError(
+                f"preprocess interpolation must be one of {sorted(_RESAMPLE)}, got {self.interpolation!r}"
+            )
+        if self.resize_size is not None:
+            if self.resize != "shorter":
+                raise InvalidInputError("preprocess resize_size applies to resize='shorter' only")
+            if self.resize_size < self.image_size:
+                raise InvalidInputError(
+                    f"preprocess resize_size {self.resize_size} is smaller than the crop {self.image_size}"
+                )
+
+    def geometry(self, image: Image.Image, interpolation: str | None = None) -> Image.Image:
+        """The resize (and centre crop) alone: any PIL image (also a mode "F" mask) -> the
+        ``image_size`` square; ``interpolation`` overrides the filter (masks use bilinear)."""
+        s = self.image_size
+        resample = _RESAMPLE[interpolation or self.interpolation]
+        if self.resize == "squash":
+            return image if image.size == (s, s) else image.resize((s, s), resample=resample)
+        short_target = self.resize_size or s
+        w, h = image.size
+        short, long = (w, h) if w <= h else (h, w)
+        if short != short_target:
+            new_long = int(short_target * long / short)
+            size = (short_target, new_long) if w <= h else (new_long, short_target)
+            image = image.resize(size, resample=resample)
+        w, h = image.size
+        left, top = int(round((w - s) / 2.0)), int(round((h - s) / 2.0))
+        if (left, top, w, h) == (0, 0, s, s):
+            return image
+        return image.crop((left, top, left + s, top + s))
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """RGB PIL image -> float32 ``[3, S, S]`` normalised pixels."""
-        s = self.image_size
-        img = image if image.mode == "RGB" else _to_rgb(image)
-        if img.size != (s, s):
-            img = img.resize((s, s), resample=_RESAMPLE[self.interpolation])
+        img = self.geometry(image if image.mode == "RGB" else _to_rgb(image))
         arr = np.asarray(img, dtype=np.float32) / np.float32(255.0)
         mean = np.asarray(self.mean, dtype=np.float32)
         std = np.asarray(self.std, dtype=np.float32)
@@ -294,7 +337,12 @@ class Preprocess:
         return torch.stack([self(im) for im in images])
 
     def describe(self) -> str:
+        """A stable description (part of cache keys); the squash default's is unchanged."""
+        if self.resize == "squash":
+            geometry = f"resize{self.image_size}-{self.interpolation}-squash"
+        else:
+            geometry = f"shorter{self.resize_size or self.image_size}-{self.interpolation}-crop{self.image_size}"
         return (
-            f"resize{self.image_size}-{self.interpolation}-squash"
+            f"{geometry}"
             f"-mean{','.join(f'{m:g}' for m in self.mean)}-std{','.join(f'{s:g}' for s in self.std)}"
         )

@@ -54,7 +54,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 def masks_to_token_mask(masks: Sequence[np.ndarray], spec: BackboneSpec, threshold: float = 0.5) -> torch.Tensor:
     """Subject masks (float ``[H, W]`` in 0..1, any size) -> bool token mask ``[B, N]``.
 
-    Each mask is resized to the model input (as the image is), cropped to the area the token
+    Each mask is resized (and centre-cropped) to the model input as the image is, cropped to the area the token
     grid covers, and averaged per patch; a token is kept when at least ``threshold`` of it is
     subject. A mask too thin for that keeps every token it touches; an empty mask is an error.
     """
@@ -62,7 +62,8 @@ def masks_to_token_mask(masks: Sequence[np.ndarray], spec: BackboneSpec, thresho
     gh, gw = spec.grid_size
     out = []
     for i, m in enumerate(masks):
-        img = Image.fromarray(np.asarray(m, dtype=np.float32), mode="F").resize((s, s), Image.Resampling.BILINEAR)
+        # the image's own geometry (squash, or shorter side + centre crop), bilinear for a mask
+        img = spec.preprocess.geometry(Image.fromarray(np.asarray(m, dtype=np.float32), mode="F"), "bilinear")
         arr = np.asarray(img, dtype=np.float32)[: gh * p, : gw * p]
         coverage = arr.reshape(gh, p, gw, p).mean(axis=(1, 3)).reshape(-1)
         keep = coverage >= threshold
@@ -125,8 +126,8 @@ class IdentityModel(nn.Module):
 
     @property
     def embed_dim(self) -> int:
-        if self.readout == "pooled" and self.spec.family == "mobilenet_v2":
-            return 1280
+        if self.readout == "pooled" and self.spec.pooled_dim:
+            return self.spec.pooled_dim
         return self.spec.embed_dim
 
     @property

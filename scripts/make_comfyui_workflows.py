@@ -141,7 +141,51 @@ def graphs() -> list[Graph]:
         Node(11, "PreviewImage", links={"images": (10, 0)}, pos=(1200, 40), title="Attention overlay"),
         Node(12, "PreviewAny", links={"source": (10, 2)}, pos=(1200, 500), title="Scores"),
     ])
-    return [score, generate, filtering, heatmap]
+    cons_nodes, cons_batch = _candidates(3, 40, 420)
+    consistency = Graph("nearid_consistency", [
+        _note(100, (40, -260), (
+            "**Keep the consistent images of a character batch, without a reference.** NearID "
+            "Consistency compares every image with every other: the medoid is the most representative "
+            "one, images far from it are outliers, and the groups say how many identities the batch "
+            "holds. Feed it a generated batch (e.g. a VAE Decode output) in place of the loaded images. "
+            "*consistent* is the batch without its outliers; an empty *outliers* output skips the "
+            "nodes it feeds.")),
+        _loader(1, (40, 40)),
+        _image(2, REFERENCE, (40, 200), "Character image"),
+        *cons_nodes,
+        Node(9, "ImageBatch", links={"image1": (2, 0), "image2": (cons_batch, 0)}, pos=(420, 200)),
+        Node(10, "NearIDConsistency", {"threshold_rule": "auto (head's calibrated 50, else robust z)", "threshold": 50.0,
+                                       "outlier_z": 3.5, "empty_outputs": "skip downstream nodes", "batch_size": 16},
+             {"nearid_model": (1, 0), "images": (9, 0)}, pos=(800, 200)),
+        Node(11, "PreviewImage", links={"images": (10, 0)}, pos=(1250, 40), title="Consistent"),
+        Node(12, "PreviewImage", links={"images": (10, 1)}, pos=(1250, 360), title="Outliers"),
+        Node(13, "PreviewImage", links={"images": (10, 3)}, pos=(1250, 680), title="Similarity matrix"),
+        Node(14, "PreviewAny", links={"source": (10, 9)}, pos=(1600, 40), title="Groups and scores"),
+    ])
+    generate_consistent = Graph("nearid_generate_keep_consistent", [
+        _note(100, (40, -260), (
+            "**Generate a batch of one character and keep the consistent ones.** Any character "
+            "graph (LoRA, IP-Adapter, PuLID, InstantID ...) can feed the batch; NearID Consistency "
+            "needs no reference: it keeps the images close to the batch's most representative one "
+            "(the medoid) and drops the outliers, which the second preview shows (skipped when none).")),
+        Node(1, "CheckpointLoaderSimple", {"ckpt_name": CHECKPOINT}, pos=(40, 40)),
+        Node(2, "CLIPTextEncode", {"text": "a cartoon fox character with a blue scarf, full body, white background"},
+             {"clip": (1, 1)}, pos=(420, 20), title="Positive"),
+        Node(3, "CLIPTextEncode", {"text": "blurry, low quality, deformed"}, {"clip": (1, 1)}, pos=(420, 260), title="Negative"),
+        Node(4, "EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 6}, pos=(420, 500)),
+        Node(5, "KSampler", {"seed": 7, "steps": 20, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0},
+             {"model": (1, 0), "positive": (2, 0), "negative": (3, 0), "latent_image": (4, 0)}, pos=(860, 40)),
+        Node(6, "VAEDecode", links={"samples": (5, 0), "vae": (1, 2)}, pos=(1220, 40)),
+        _loader(7, (860, 560)),
+        Node(8, "NearIDConsistency", {"threshold_rule": "auto (head's calibrated 50, else robust z)", "threshold": 50.0,
+                                      "outlier_z": 3.5, "empty_outputs": "skip downstream nodes", "batch_size": 16},
+             {"nearid_model": (7, 0), "images": (6, 0)}, pos=(1260, 300)),
+        Node(9, "SaveImage", {"filename_prefix": "nearid_consistent"}, {"images": (8, 0)}, pos=(1660, 300), title="Consistent"),
+        Node(10, "PreviewImage", links={"images": (8, 1)}, pos=(1660, 640), title="Outliers"),
+        Node(11, "PreviewImage", links={"images": (6, 0)}, pos=(1560, 40), title="All candidates"),
+        Node(12, "PreviewAny", links={"source": (8, 9)}, pos=(1260, 760), title="Groups and scores"),
+    ])
+    return [score, generate, filtering, heatmap, consistency, generate_consistent]
 
 
 def _is_widget(spec: list[Any]) -> bool:

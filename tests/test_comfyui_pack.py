@@ -15,6 +15,7 @@ EXPECTED_NODES = {
     "NearIDIdentityScore": "NearID Identity Score",
     "NearIDRerank": "NearID Rerank",
     "NearIDFilter": "NearID Filter",
+    "NearIDConsistency": "NearID Consistency",
     "NearIDHeatmap": "NearID Heatmap",
 }
 

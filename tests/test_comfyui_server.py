@@ -23,6 +23,7 @@ from PIL import Image
 
 from _comfyui_helpers import default_match, expected_scores, structured_images
 from comfy_nearid import load_model
+from comfy_nearid.consistency import set_consistency
 from comfyui_env import (
     PACK_NAME,
     ComfyServer,
@@ -41,10 +42,11 @@ pytestmark = [pytest.mark.comfyui, pytest.mark.slow]  # a real server process: n
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOWS = REPO / "workflows"
 HEAD = "nearid-siglip2-head.safetensors"
-WORKFLOW_NAMES = ["nearid_filter_threshold", "nearid_generate_keep_best", "nearid_heatmap", "nearid_score_batch"]
+WORKFLOW_NAMES = ["nearid_consistency", "nearid_filter_threshold", "nearid_generate_keep_best", "nearid_generate_keep_consistent",
+                  "nearid_heatmap", "nearid_score_batch"]
 # How far the node's float32 match may lie from this file's float64 formula (0..100 scale).
 MATCH_TOLERANCE = 1e-3
-NEARID_NODES = ["NearIDModelLoader", "NearIDEmbed", "NearIDIdentityScore", "NearIDRerank", "NearIDFilter", "NearIDHeatmap"]
+NEARID_NODES = ["NearIDModelLoader", "NearIDEmbed", "NearIDIdentityScore", "NearIDRerank", "NearIDFilter", "NearIDConsistency", "NearIDHeatmap"]
 
 
 @dataclass
@@ -235,6 +237,37 @@ def test_filter_with_nothing_passing_skips_the_empty_branch_and_the_graph_stays_
     assert len(outputs["12"]["images"]) == 3
 
 
+def test_consistency_workflow_equals_the_library(comfy, direct_model):
+    outputs = _succeeded(comfy.server.run(_api("nearid_consistency")))
+    batch = np.concatenate([comfy.reference[:1], comfy.candidates])  # ImageBatch(reference, candidates)
+    want = set_consistency(_embed_files(direct_model, [_reference_path(comfy), *_candidate_paths(comfy)]))
+    got = outputs["10"]
+    assert got["nearid_set_score"][0] == pytest.approx(want.mean_pairwise, abs=1e-5)
+    np.testing.assert_allclose(got["nearid_scores"], want.mean_to_others, atol=1e-5)
+    np.testing.assert_allclose(got["nearid_to_medoid"], want.to_medoid, atol=1e-5)
+    assert got["nearid_threshold"][0] == pytest.approx(want.threshold, abs=1e-5)  # robust z: no fitted curve
+    assert got["nearid_medoid"] == [want.medoid]
+    assert got["nearid_outliers"] == want.outliers
+    assert got["nearid_groups"] == want.groups.tolist()
+    kept = outputs["11"]["images"]
+    assert len(kept) == len(want.inliers)
+    for record, index in zip(kept, want.inliers):
+        assert np.abs(_png(comfy.server, record) - batch[index]).max() <= 1
+    assert ("12" in outputs) == bool(want.outliers)  # an empty 'outliers' output skips its preview
+    assert len(outputs["13"]["images"]) == 1  # the matrix heat-map
+    assert outputs["14"]["text"][0] == got["text"][0]
+
+
+def test_consistency_with_every_image_an_outlier_keeps_the_medoid(comfy, direct_model):
+    prompt = _api("nearid_consistency")
+    prompt["10"]["inputs"].update({"threshold_rule": "cosine", "threshold": 1.0})
+    outputs = _succeeded(comfy.server.run(prompt))
+    want = set_consistency(_embed_files(direct_model, [_reference_path(comfy), *_candidate_paths(comfy)]), threshold=1.0)
+    assert outputs["10"]["nearid_outliers"] == [i for i in range(4) if i != want.medoid]
+    assert len(outputs["11"]["images"]) == 1 and len(outputs["12"]["images"]) == 3
+    assert outputs["10"]["nearid_groups"] == want.groups.tolist()
+
+
 def test_heatmap_workflow_draws_an_overlay_per_candidate(comfy):
     outputs = _succeeded(comfy.server.run(_api("nearid_heatmap")))
     images = outputs["11"]["images"]
@@ -276,6 +309,36 @@ def test_generation_workflow_keeps_the_best_by_identity(comfy):
         assert np.abs(from_latents[k] - kept[k]).max() <= 2
     # (Exact equality with comfy_nearid is checked on LoadImage inputs above: the saved PNGs
     # here are truncated to 8 bits by Save Image, while the nodes saw the float VAE output.)
+
+
+def test_generation_workflow_keeps_the_consistent_images(comfy, direct_model):
+    """Checkpoint -> KSampler -> VAE decode -> NearID Consistency on the random-weight SD1.5,
+    at 64x64 px and 2 steps (as above); scores compared with the library on the saved PNGs."""
+    try:
+        checkpoint = require_sd15_checkpoint()
+    except ComfyUINotReady as e:
+        pytest.fail(str(e), pytrace=False)
+    link = comfy.base / "models" / "checkpoints" / checkpoint.name
+    if not link.exists():
+        link.symlink_to(checkpoint)
+    prompt = _api("nearid_generate_keep_consistent")
+    prompt["1"]["inputs"]["ckpt_name"] = checkpoint.name
+    prompt["4"]["inputs"].update({"width": 64, "height": 64, "batch_size": 4})
+    prompt["5"]["inputs"].update({"steps": 2, "cfg": 1.0})
+    outputs = _succeeded(comfy.server.run(prompt, timeout=600))
+    server = comfy.server
+    candidates = [_png(server, r) for r in outputs["11"]["images"]]
+    kept = [_png(server, r) for r in outputs["9"]["images"]]
+    got = outputs["8"]
+    outliers = got["nearid_outliers"]
+    inliers = [i for i in range(4) if i not in outliers]
+    assert len(candidates) == 4 and len(kept) == len(inliers) >= 1 and got["nearid_medoid"][0] in inliers
+    for k, index in enumerate(inliers):
+        assert np.abs(kept[k] - candidates[index]).max() <= 1
+    assert ("10" in outputs) == bool(outliers)
+    # The node saw the float VAE output, the PNGs are its 8-bit copy: scores agree closely.
+    want = set_consistency(direct_model.embed([c.astype(np.uint8) for c in candidates]).numpy())
+    np.testing.assert_allclose(got["nearid_scores"], want.mean_to_others, atol=2e-2)
 
 
 # ----------------------------------------------------------------------------- errors

@@ -77,7 +77,8 @@ def _add_scoring_arguments(sp: argparse.ArgumentParser, mtg: bool) -> None:
     data.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
     sc = sp.add_argument_group("scorers (repeatable, one table row each)")
     sc.add_argument("--scorer", action="append", default=[], metavar="SPEC",
-                    help="head:PATH.safetensors | pooled:BACKBONE | mean:BACKBONE | feature:background|object; "
+                    help="clip-i | dino-i | dino-i-s8 | dinov2 | head:PATH.safetensors | pooled:BACKBONE | mean:BACKBONE | "
+                         "feature:background|object; "
                          "optionally NAME=SPEC")
     sc.add_argument("--csv", action="append", default=[], metavar="[NAME=]FILE",
                     help="per-sample similarity CSV in the reference format")

@@ -9,7 +9,9 @@ Layouts (one of):
   images is a subject; its generated images are in the folder of the same name in ``GEN_DIR``.
 
 Writes ``--output`` (``.csv`` or ``.jsonl``) row by row, then ``<output>.summary.json``, the
-resolved config ``<output>.config.json`` and optionally ``--dreambench-json``. Runs on several
+resolved config ``<output>.config.json`` and optionally ``--dreambench-json``. ``--scorer``
+(repeatable) adds the field's standard metrics (``clip-i``, ``dino-i``, ``dinov2``, ...) or any
+scorer spec as ``score:<name>`` columns next to the first scorer's ``score``. Runs on several
 processes (one machine or many) with ``accelerate launch -m comfy_nearid score ...``.
 """
 
@@ -47,7 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--summary", type=Path, default=None,
                      help="per-subject summary JSON (default: <output>.summary.json)")
     out.add_argument("--dreambench-json", type=Path, default=None, metavar="PATH",
-                     help="also write {relative path with '/' -> '-': 100 x cosine}, readable by `nearid eval human`")
+                     help="also write {relative path with '/' -> '-': 100 x cosine}, readable by `nearid eval human`; "
+                          "with several --scorer the path holds {scorer} (e.g. metrics/{scorer}/emu2.json): one "
+                          "file per scorer")
     out.add_argument("--aggregate", choices=("mean", "max", "prototype"), default="mean",
                      help="how several references combine: mean or max of the cosines, or prototype = "
                           "cosine to the re-normalised mean reference embedding (default: %(default)s)")
@@ -59,6 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="stop at the first unreadable image instead of writing an error row")
 
     model = parser.add_argument_group("model")
+    model.add_argument("--scorer", action="append", default=[], metavar="[NAME=]SPEC",
+                       help="repeatable; the first gives score/calibrated/rank, each further one a score:NAME "
+                            "column. SPEC: head (the model of --head/--backbone/--readout; the default), clip-i, "
+                            "dino-i, dino-i-s8, dinov2, head:PATH.safetensors, pooled:BACKBONE or mean:BACKBONE")
     model.add_argument("--head", type=Path, default=None, help="NearID head file (.safetensors)")
     model.add_argument("--backbone", default=None,
                        help="registry backbone (default: from the head file; needed without --head)")
@@ -157,6 +165,35 @@ def _load(args: argparse.Namespace, state: Any):
     )
 
 
+def _scorer_passes(args: argparse.Namespace, state: Any) -> list:
+    """``--scorer`` items -> :class:`ScorerPass` list (models load when their pass starts)."""
+    from ..evaluate.scorers import parse_scorer_spec, scorer_model
+    from ..scoring import ScorerPass
+    from .evaluate import _named
+
+    passes = []
+    for item in args.scorer or ["head"]:
+        name, spec = _named(item, "--scorer")
+        if spec == "head":
+            if args.head is None and args.backbone is None:
+                raise InvalidInputError("scorer 'head' needs --head (a NearID head file) or --backbone "
+                                        "(with --random-weights for tests); or choose --scorer clip-i, dino-i, ...")
+            passes.append(ScorerPass(name or "head", lambda: _load(args, state)))
+            continue
+        kind, arg = parse_scorer_spec(spec)
+        if kind == "feature":
+            raise InvalidInputError(f"--scorer {spec}: feature scorers need object masks; they serve `nearid eval` only")
+        default_name = f"head:{Path(arg).stem}" if kind == "head" else spec
+        device = state.device if (args.device == "auto" and state is not None) else args.device
+
+        def load(spec: str = spec, device: Any = device):
+            return scorer_model(spec, device=device, dtype=args.dtype, pretrained=not args.random_weights,
+                                seed=args.seed)
+
+        passes.append(ScorerPass(name or default_name, load))
+    return passes
+
+
 def _print_summary(result: Any) -> None:
     subjects = result.subjects
     width = max([7, *(len(s) for s in subjects)])
@@ -169,14 +206,22 @@ def _print_summary(result: Any) -> None:
           f"previous run; rows: {result.outputs.rows}; summary: {result.outputs.summary}")
     if result.outputs.dreambench is not None:
         print(f"DreamBench++ JSON: {result.outputs.dreambench}")
+    for scorer, info in result.scorers.items():
+        print(f"\nscore:{scorer} ({info['rows']})")
+        print(f"{'subject':{width}s}  {'mean':>7s}  {'median':>7s}  {'best':>7s}  best image")
+        for name, s in info["subjects"].items():
+            fmt = lambda v: f"{v:7.4f}" if v is not None else f"{'-':>7s}"  # noqa: E731
+            print(f"{name:{width}s}  {fmt(s['mean'])}  {fmt(s['median'])}  {fmt(s['best'])}  {s['best_path'] or '-'}")
+        if info["dreambench"]:
+            print(f"DreamBench++ JSON: {info['dreambench']}")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..embedding_cache import EmbeddingCache, default_cache_path
-    from ..scoring import OutputPaths, ScoringOptions, default_batch_size, score_plan
+    from ..scoring import OutputPaths, ScoringOptions, default_batch_size, score_plan_with_scorers
 
     layout, plan = _build_plan(args)  # every input problem stops here, before any model work
-    outputs = OutputPaths.for_rows(args.output, args.format, args.summary, args.dreambench_json)
+    outputs = OutputPaths.for_rows(args.output, args.format, args.summary)
     options = ScoringOptions(
         aggregate=args.aggregate, batch_size=1 if args.batch_size is None else args.batch_size,  # None: set per device below
         num_workers=min(8, os.cpu_count() or 1) if args.workers is None else args.workers,
@@ -195,23 +240,28 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(max(1, args.threads))
     shard, state = _process_shard(args.device)
     options = dataclasses.replace(options, progress=options.progress and shard.is_main)
-    model = _load(args, state)
+    scorers = _scorer_passes(args, state)
     if args.batch_size is None:
-        options = dataclasses.replace(options, batch_size=default_batch_size(model.device))
+        from ..model import resolve_device
+
+        device = state.device if (args.device == "auto" and state is not None) else args.device
+        options = dataclasses.replace(options, batch_size=default_batch_size(resolve_device(device)))
     cache = None if cache_path is None else EmbeddingCache(cache_path)
     run_config = {
         "layout": layout,
         "argv": sys.argv[1:],
         "model": {"head": None if args.head is None else str(args.head), "backbone": args.backbone,
                   "random_weights": args.random_weights, "seed": args.seed, "readout": args.readout,
-                  "device": str(model.device), "dtype": str(model.dtype)},
+                  "device": args.device, "dtype": args.dtype},
         "cache": None if cache is None else str(cache.path),
         "strict": args.strict,
         "num_processes": shard.count,
     }
     try:
-        result = score_plan(model, plan, outputs, options=options, cache=cache, resume=args.resume,
-                            overwrite=args.overwrite, shard=shard, run_config=run_config)
+        result = score_plan_with_scorers(
+            scorers, plan, outputs, dreambench_template=args.dreambench_json, options=options, cache=cache,
+            resume=args.resume, overwrite=args.overwrite, shard=shard, run_config=run_config,
+        )
     finally:
         if cache is not None:
             cache.close()

@@ -1,6 +1,8 @@
 """Scorers: a name plus a function from a batch of images (and masks) to embeddings; the spec parser.
 
-:func:`model_scorer` builds one from a ``head:PATH`` / ``pooled:BACKBONE`` / ``mean:BACKBONE`` spec,
+:func:`model_scorer` builds one from a ``head:PATH`` / ``pooled:BACKBONE`` / ``mean:BACKBONE`` spec
+or a standard metric's name (``clip-i``, ``dino-i``, ``dino-i-s8``, ``dinov2``: a backbone's own
+pooling with its conventional preprocessing, see :func:`~comfy_nearid.backbones.metric_backbones`),
 :func:`embedding_scorer` from a model with the shared embedding cache, :func:`feature_scorer` a
 hand-made one (``feature:background`` / ``feature:object``) that checks the protocol itself.
 """
@@ -78,14 +80,46 @@ def check_mask_options(mask_mode: str, mask_keep: str) -> None:
 
 
 def parse_scorer_spec(spec: str) -> tuple[str, str]:
-    """``"KIND:ARG"`` -> ``(kind, arg)``; kinds: head, pooled, mean, feature."""
+    """``"KIND:ARG"`` -> ``(kind, arg)``; kinds: head, pooled, mean, feature. A standard
+    metric's name (``clip-i``, ``dino-i``, ...) is ``("pooled", its backbone)``."""
     kind, sep, arg = spec.partition(":")
-    if not sep or not arg or kind not in ("head", "pooled", "mean", "feature"):
+    if not sep:
+        from ..backbones import metric_backbones  # lazy: specs with a kind need no torch
+
+        metrics = metric_backbones()
+        if spec in metrics:
+            return "pooled", metrics[spec]
         raise InvalidInputError(
-            f"scorer spec {spec!r}: expected head:PATH.safetensors, pooled:BACKBONE, mean:BACKBONE "
-            "or feature:background|object"
+            f"scorer spec {spec!r}: expected a metric name ({', '.join(sorted(metrics))}), head:PATH.safetensors, "
+            "pooled:BACKBONE, mean:BACKBONE or feature:background|object"
+        )
+    if not arg or kind not in ("head", "pooled", "mean", "feature"):
+        raise InvalidInputError(
+            f"scorer spec {spec!r}: expected a metric name (clip-i, dino-i, ...), head:PATH.safetensors, "
+            "pooled:BACKBONE, mean:BACKBONE or feature:background|object"
         )
     return kind, arg
+
+
+def scorer_model(
+    spec: str,
+    *,
+    device: str | None = None,
+    dtype: str = "auto",
+    pretrained: bool = True,
+    seed: int = 0,
+) -> "IdentityModel":
+    """The :class:`~comfy_nearid.model.IdentityModel` of a model scorer spec (not ``feature:``),
+    through :func:`comfy_nearid.load_model`; pretrained weights are looked up on disk, never
+    downloaded unless allowed (see :mod:`comfy_nearid.weights`)."""
+    kind, arg = parse_scorer_spec(spec)
+    if kind == "feature":
+        raise InvalidInputError(f"scorer spec {spec!r} is a feature scorer, not a model")
+    from .. import load_model  # lazy: the CSV path and `nearid eval human` need no torch
+
+    if kind == "head":
+        return load_model(head=arg, device=device, dtype=dtype, pretrained=pretrained, seed=seed)
+    return load_model(backbone=arg, readout=kind, device=device, dtype=dtype, pretrained=pretrained, seed=seed)
 
 
 def model_scorer(
@@ -103,7 +137,9 @@ def model_scorer(
     """Build a :class:`Scorer` from a spec through :func:`comfy_nearid.load_model`.
 
     ``head:PATH`` = a NearID head file (its backbone from the metadata); ``pooled:BACKBONE``
-    = the frozen backbone read out through its own pooling (SigLIP's MAP head);
+    = the frozen backbone read out through its own pooling (SigLIP's MAP head, CLIP's image
+    embedding, DINO's CLS token); a metric name (``clip-i``, ``dino-i``, ``dinov2``) = the
+    ``pooled`` readout of its backbone;
     ``mean:BACKBONE`` = the backbone's mean-pooled tokens; ``feature:...`` =
     :func:`feature_scorer` (cheap, never cached). ``pretrained=False`` builds random weights
     (tests, benchmarks). ``cache``: see :func:`embedding_scorer`; ``use_masks``,
@@ -114,12 +150,7 @@ def model_scorer(
     check_mask_options(mask_mode, mask_keep)
     if kind == "feature":
         return feature_scorer(arg, name=name or spec, batch_size=batch_size)
-    from .. import load_model  # lazy: the CSV path and `nearid eval human` need no torch
-
-    if kind == "head":
-        model = load_model(head=arg, device=device, pretrained=pretrained)
-    else:
-        model = load_model(backbone=arg, readout=kind, device=device, pretrained=pretrained)
+    model = scorer_model(spec, device=device, pretrained=pretrained)
     return embedding_scorer(model, name=name or spec, batch_size=batch_size, use_masks=use_masks, cache=cache,
                             mask_mode=mask_mode, mask_keep=mask_keep)
 

@@ -20,9 +20,11 @@ the same batches as one uninterrupted process: their rows are identical.
 
 Modules: :mod:`.plan` (discovery, plans), :mod:`.rows` (row I/O), :mod:`.combine` (reference
 combination, calibrated match), :mod:`.run` (the streaming scorer), :mod:`.outputs` (output
-paths, finalisation, summaries).
+paths, finalisation, summaries), :mod:`.columns` (several scorers in one run, one score column
+each).
 """
 
+from .columns import ScorerPass, score_plan_with_scorers
 from .combine import AGGREGATES, REFERENCE_COMBINATIONS, aggregate_cosines, combine_references
 from .outputs import OutputPaths, ScoringResult
 from .plan import (
@@ -49,6 +51,7 @@ __all__ = [
     "ProcessShard",
     "ScoreItem",
     "ScoreRow",
+    "ScorerPass",
     "ScoringOptions",
     "ScoringPlan",
     "ScoringResult",
@@ -67,5 +70,6 @@ __all__ = [
     "read_rows",
     "prefetch",
     "score_plan",
+    "score_plan_with_scorers",
 ]
 

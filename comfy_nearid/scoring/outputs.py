@@ -14,7 +14,9 @@ import numpy as np
 
 from ..errors import DatasetError, InvalidInputError
 from .plan import ScoringPlan, natural_sort_key
-from .rows import CSV_HEADER, OUTPUT_FORMATS, format_from_suffix, scan_rows, short_float, decode_row, encode_row
+from .rows import (
+    CSV_HEADER, OUTPUT_FORMATS, decode_row, encode_row, file_fields, format_from_suffix, scan_rows, short_float,
+)
 
 if TYPE_CHECKING:
     pass
@@ -90,6 +92,7 @@ class ScoringResult:
     num_errors: int
     num_resumed: int
     subjects: dict[str, dict[str, Any]] = field(default_factory=dict)
+    scorers: dict[str, dict[str, Any]] = field(default_factory=dict)  # further scorers (see columns.py)
 
 
 
@@ -175,6 +178,7 @@ def _write_final_rows(outputs: OutputPaths, sources: list[tuple[Path, str]], sou
                       offset_of: np.ndarray, ranks: np.ndarray) -> None:
     tmp = outputs.rows.with_name(outputs.rows.name + ".tmp")
     handles = [open(path, "rb") for path, _ in sources]
+    fields = [file_fields(path, fmt) for path, fmt in sources]  # a joined rows file has score:<name> columns
     try:
         with open(tmp, "w", encoding="utf-8", newline="") as out:
             if outputs.fmt == "csv":
@@ -183,7 +187,8 @@ def _write_final_rows(outputs: OutputPaths, sources: list[tuple[Path, str]], sou
                 s = int(source_of[idx])
                 handles[s].seek(int(offset_of[idx]))
                 path, fmt = sources[s]
-                row = decode_row(handles[s].readline().decode("utf-8"), fmt, f"{path} at byte {offset_of[idx]}")
+                row = decode_row(handles[s].readline().decode("utf-8"), fmt, f"{path} at byte {offset_of[idx]}",
+                                 fields[s])
                 row.rank = int(ranks[idx]) or None
                 out.write(encode_row(row, outputs.fmt))
     finally:

@@ -7,7 +7,7 @@ import io
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
@@ -23,6 +23,10 @@ logger = logging.getLogger(__name__)
 
 OUTPUT_FORMATS = ("csv", "jsonl")
 ROW_FIELDS = ("path", "subject", "cosines", "score", "calibrated", "rank", "error")
+# A run with several scorers (``nearid score --scorer A --scorer B``) adds one column per
+# further scorer after ROW_FIELDS: "score:<name>" (its reference-combined cosine); ``score``,
+# ``calibrated`` and ``rank`` stay the first scorer's, so single-scorer readers are unaffected.
+SCORE_COLUMN_PREFIX = "score:"
 _COSINE_SEPARATOR = ";"
 # ============================================================================ rows
 @dataclass
@@ -39,11 +43,13 @@ class ScoreRow:
     calibrated: float | None = None
     rank: int | None = None
     error: str | None = None
+    scorer_scores: dict[str, float | None] = field(default_factory=dict)  # further scorers, by name
 
     def to_record(self) -> dict[str, Any]:
         return {
             "path": self.path, "subject": self.subject, "cosines": list(self.cosines), "score": self.score,
             "calibrated": self.calibrated, "rank": self.rank, "error": self.error,
+            **{SCORE_COLUMN_PREFIX + name: value for name, value in self.scorer_scores.items()},
         }
 
     @classmethod
@@ -56,6 +62,10 @@ class ScoreRow:
                 calibrated=None if rec.get("calibrated") is None else float(rec["calibrated"]),
                 rank=None if rec.get("rank") is None else int(rec["rank"]),
                 error=rec.get("error") or None,
+                scorer_scores={
+                    key[len(SCORE_COLUMN_PREFIX):]: None if value in (None, "") else float(value)
+                    for key, value in rec.items() if key.startswith(SCORE_COLUMN_PREFIX)
+                },
             )
         except (KeyError, TypeError, ValueError) as e:
             raise DatasetError(f"{where}: not a score row ({e}); expected fields {list(ROW_FIELDS)}") from e
@@ -76,19 +86,34 @@ def _csv_line(values: Sequence[str]) -> str:
 CSV_HEADER = _csv_line(ROW_FIELDS)
 
 
-def encode_row(row: ScoreRow, fmt: str) -> str:
-    """One row as one line of CSV or JSONL (ending in a newline)."""
+def row_fields(scorer_names: Sequence[str] = ()) -> tuple[str, ...]:
+    """The columns of a rows file: ROW_FIELDS plus ``score:<name>`` per further scorer."""
+    return (*ROW_FIELDS, *(SCORE_COLUMN_PREFIX + name for name in scorer_names))
+
+
+def csv_header(scorer_names: Sequence[str] = ()) -> str:
+    return _csv_line(row_fields(scorer_names))
+
+
+def encode_row(row: ScoreRow, fmt: str, scorer_names: Sequence[str] = ()) -> str:
+    """One row as one line of CSV or JSONL (ending in a newline); ``scorer_names``: the
+    further scorers' columns, in the header's order (a row without a value writes it empty)."""
     if fmt == "jsonl":
-        return json.dumps(row.to_record(), ensure_ascii=False) + "\n"
+        rec = row.to_record()
+        for key in [k for k in rec if k.startswith(SCORE_COLUMN_PREFIX)]:
+            del rec[key]
+        rec.update({SCORE_COLUMN_PREFIX + n: row.scorer_scores.get(n) for n in scorer_names})
+        return json.dumps(rec, ensure_ascii=False) + "\n"
     num = lambda v: "" if v is None else repr(v)  # noqa: E731
     return _csv_line([
         row.path, row.subject, _COSINE_SEPARATOR.join(repr(c) for c in row.cosines), num(row.score),
         num(row.calibrated), "" if row.rank is None else str(row.rank), row.error or "",
+        *(num(row.scorer_scores.get(n)) for n in scorer_names),
     ])
 
 
-def decode_row(line: str, fmt: str, where: str) -> ScoreRow:
-    """Parse one line written by :func:`encode_row`."""
+def decode_row(line: str, fmt: str, where: str, fields: Sequence[str] = ROW_FIELDS) -> ScoreRow:
+    """Parse one line written by :func:`encode_row`; ``fields``: the CSV header's columns."""
     if fmt == "jsonl":
         try:
             rec = json.loads(line)
@@ -98,9 +123,9 @@ def decode_row(line: str, fmt: str, where: str) -> ScoreRow:
             raise DatasetError(f"{where}: expected a JSON object, got {rec!r}")
         return ScoreRow.from_record(rec, where)
     values = next(csv.reader([line]))
-    if len(values) != len(ROW_FIELDS):
-        raise DatasetError(f"{where}: expected {len(ROW_FIELDS)} CSV fields {list(ROW_FIELDS)}, got {len(values)}")
-    rec = dict(zip(ROW_FIELDS, values))
+    if len(values) != len(fields):
+        raise DatasetError(f"{where}: expected {len(fields)} CSV fields {list(fields)}, got {len(values)}")
+    rec = dict(zip(fields, values))
     rec["cosines"] = [c for c in rec["cosines"].split(_COSINE_SEPARATOR) if c]
     for name in ("score", "calibrated", "rank"):
         rec[name] = rec[name] or None
@@ -113,14 +138,12 @@ def scan_rows(path: Path, fmt: str) -> Iterator[tuple[int, ScoreRow]]:
     with open(path, "rb") as f:
         offset = 0
         line_no = 0
+        fields: Sequence[str] = ROW_FIELDS
         if fmt == "csv":
             header = f.readline()
             line_no = 1
-            if header and header.endswith(b"\n") and header != CSV_HEADER.encode("utf-8"):
-                raise DatasetError(
-                    f"{path}: header is {header.decode('utf-8', 'replace').strip()!r}, expected "
-                    f"{CSV_HEADER.strip()!r}; it was not written by `nearid score`"
-                )
+            if header and header.endswith(b"\n"):
+                fields = _header_fields(header.decode("utf-8", "replace"), path)
             offset = len(header)
         for raw in iter(f.readline, b""):
             line_no += 1
@@ -134,8 +157,31 @@ def scan_rows(path: Path, fmt: str) -> Iterator[tuple[int, ScoreRow]]:
                         f"{path}, line {line_no}: not UTF-8 text; it was not written by `nearid score` "
                         "(use --overwrite or another output)"
                     ) from e
-                yield offset, decode_row(text, fmt, f"{path}, line {line_no}")
+                yield offset, decode_row(text, fmt, f"{path}, line {line_no}", fields)
             offset += len(raw)
+
+
+def _header_fields(header: str, path: Path) -> tuple[str, ...]:
+    """The columns of a CSV rows header: ROW_FIELDS, then any ``score:<name>`` columns."""
+    fields = tuple(next(csv.reader([header])))
+    extra = fields[len(ROW_FIELDS):]
+    if fields[: len(ROW_FIELDS)] != ROW_FIELDS or not all(
+        f.startswith(SCORE_COLUMN_PREFIX) and len(f) > len(SCORE_COLUMN_PREFIX) for f in extra
+    ):
+        raise DatasetError(
+            f"{path}: header is {header.strip()!r}, expected {CSV_HEADER.strip()!r} (optionally followed by "
+            f"{SCORE_COLUMN_PREFIX}<name> columns); it was not written by `nearid score`"
+        )
+    return fields
+
+
+def file_fields(path: Path, fmt: str) -> tuple[str, ...]:
+    """The columns of a CSV rows file (from its header; ROW_FIELDS for JSONL or no header)."""
+    if fmt != "csv":
+        return ROW_FIELDS
+    with open(path, "rb") as f:
+        header = f.readline()
+    return _header_fields(header.decode("utf-8", "replace"), path) if header.endswith(b"\n") else ROW_FIELDS
 
 
 def read_rows(path: str | Path, fmt: str | None = None) -> list[ScoreRow]:
