@@ -19,6 +19,7 @@ from .errors import NearIDError
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("comfy_nearid.commands.score", "score generated images against subject reference images"),
+    "report": ("comfy_nearid.commands.report", "write the HTML report of an existing `nearid score` rows file"),
     "consistency": ("comfy_nearid.commands.consistency", "identity consistency within sets of images, without a reference"),
     "eval": ("comfy_nearid.commands.evaluate", "evaluate scorers: SSR/PA (NearID), MTG, DreamBench++ human alignment"),
     "synth": ("comfy_nearid.commands.synth", "generate the synthetic near-identity benchmark"),

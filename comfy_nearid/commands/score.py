@@ -59,6 +59,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mode.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     mode.add_argument("--resume", action="store_true",
                       help="continue an interrupted run: finished images are not redone")
+    out.add_argument("--report", type=Path, default=None, metavar="DIR",
+                     help="also write an HTML report (ranked contact sheets, sweep comparison) to DIR; "
+                          "thumbnails are made while scoring")
+    out.add_argument("--report-heatmaps", type=int, default=0, metavar="N",
+                     help="with --report: the head's attention over the top and bottom N images of each subject")
+    out.add_argument("--group-by", default=None, metavar="LEVEL",
+                     help="with --report: compare sweep groups: 'subject' or the folder level above each image "
+                          "(1 = the folder holding it, 2 = its parent, ...)")
     out.add_argument("--strict", action="store_true",
                      help="stop at the first unreadable image instead of writing an error row")
 
@@ -194,6 +202,18 @@ def _scorer_passes(args: argparse.Namespace, state: Any) -> list:
     return passes
 
 
+def _heatmap_model(scorer: Any, count: int) -> Any:
+    """The first scorer's model again (its pass released it) when heat-maps are asked for and
+    it has an attention-pooling head; ``None`` otherwise."""
+    if count <= 0:
+        return None
+    model = scorer.load()
+    if not callable(getattr(model, "attention_map", None)) or getattr(model, "readout", None) != "head":
+        logger.warning("--report-heatmaps: scorer %s has no attention head; the report has no heat-maps", scorer.name)
+        return None
+    return model
+
+
 def _print_summary(result: Any) -> None:
     subjects = result.subjects
     width = max([7, *(len(s) for s in subjects)])
@@ -220,7 +240,14 @@ def run(args: argparse.Namespace) -> int:
     from ..embedding_cache import EmbeddingCache, default_cache_path
     from ..scoring import OutputPaths, ScoringOptions, default_batch_size, score_plan_with_scorers
 
+    from ..score_report import ThumbnailSink, check_group_by, write_score_report
+
     layout, plan = _build_plan(args)  # every input problem stops here, before any model work
+    if args.report is None and (args.group_by is not None or args.report_heatmaps):
+        raise InvalidInputError("--group-by and --report-heatmaps shape the HTML report; add --report DIR")
+    if args.report_heatmaps < 0:
+        raise InvalidInputError(f"--report-heatmaps must be >= 0, got {args.report_heatmaps}")
+    check_group_by(args.group_by)
     outputs = OutputPaths.for_rows(args.output, args.format, args.summary)
     options = ScoringOptions(
         aggregate=args.aggregate, batch_size=1 if args.batch_size is None else args.batch_size,  # None: set per device below
@@ -257,10 +284,12 @@ def run(args: argparse.Namespace) -> int:
         "strict": args.strict,
         "num_processes": shard.count,
     }
+    thumbnails = ThumbnailSink(args.report) if args.report is not None else None
     try:
         result = score_plan_with_scorers(
             scorers, plan, outputs, dreambench_template=args.dreambench_json, options=options, cache=cache,
             resume=args.resume, overwrite=args.overwrite, shard=shard, run_config=run_config,
+            on_decoded=thumbnails,
         )
     finally:
         if cache is not None:
@@ -269,4 +298,9 @@ def run(args: argparse.Namespace) -> int:
             state.destroy_process_group()
     if result is not None:
         _print_summary(result)
+        if args.report is not None:
+            index = write_score_report(outputs.rows, args.report, group_by=args.group_by,
+                                       heatmap_model=_heatmap_model(scorers[0], args.report_heatmaps),
+                                       heatmaps=args.report_heatmaps)
+            print(f"report: {index}")
     return 0

@@ -22,7 +22,7 @@ from ..errors import DatasetError, InvalidInputError
 from .outputs import OutputPaths, ScoringResult, write_json_atomic
 from .plan import ScoringPlan
 from .rows import csv_header, encode_row, scan_rows
-from .run import ProcessShard, ScoringOptions, score_plan
+from .run import ImageHook, ProcessShard, ScoringOptions, score_plan
 
 if TYPE_CHECKING:
     from ..embedding_cache import EmbeddingCache
@@ -97,13 +97,14 @@ def score_plan_with_scorers(
     overwrite: bool = False,
     shard: ProcessShard = ProcessShard(),
     run_config: dict[str, Any] | None = None,
+    on_decoded: ImageHook | None = None,
 ) -> ScoringResult | None:
     """Score ``plan`` with every scorer; the rows file gets ``score:<name>`` per further scorer.
 
     ``outputs.dreambench`` is ignored: ``dreambench_template`` (see :func:`dreambench_path`)
     gives each scorer's DreamBench++ JSON. Returns the first scorer's
     :class:`ScoringResult` with ``scorers`` = the further scorers' per-subject summaries (main
-    process; ``None`` on the others).
+    process; ``None`` on the others). ``on_decoded`` sees the images the first pass decodes.
     """
     if not scorers:
         raise InvalidInputError("give at least one scorer")
@@ -125,13 +126,14 @@ def score_plan_with_scorers(
                 f"output {existing[0]} already exists; pass --overwrite to replace it or --resume to continue it"
             )
     results: list[ScoringResult | None] = []
-    for scorer, paths in zip(scorers, passes):
+    for i, (scorer, paths) in enumerate(zip(scorers, passes)):
         logger.info("scorer %s -> %s", scorer.name, paths.rows)
         model = scorer.load()
         config = {**(run_config or {}), "scorer": scorer.name, "scorers": names,
                   "device": str(model.device), "dtype": str(model.dtype)}
         results.append(score_plan(model, plan, paths, options=options, cache=cache, resume=resume,
-                                  overwrite=overwrite, shard=shard, run_config=config))
+                                  overwrite=overwrite, shard=shard, run_config=config,
+                                  on_decoded=on_decoded if i == 0 else None))
         del model
     if not shard.is_main:
         return None

@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: Called in the decode threads with ``(path, decoded PIL image or None on a cache hit, file bytes)``.
+ImageHook = Callable[[Path, Any, bytes], None]
+
 # ============================================================================ streaming
 @dataclass
 class _Prepared:
@@ -45,10 +48,12 @@ class _Prepared:
 class _ItemPreparer:
     """Read, hash, look up and (on a miss) decode + preprocess one image. Runs in threads."""
 
-    def __init__(self, preprocess: Callable[[Any], "torch.Tensor"], cache: "EmbeddingCache | None", identity: str):
+    def __init__(self, preprocess: Callable[[Any], "torch.Tensor"], cache: "EmbeddingCache | None", identity: str,
+                 on_decoded: "ImageHook | None" = None):
         self.preprocess = preprocess
         self.cache = cache
         self.identity = identity
+        self.on_decoded = on_decoded
 
     def __call__(self, item: ScoreItem) -> _Prepared:
         from ..embedding_cache import bytes_content_hash
@@ -69,11 +74,16 @@ class _ItemPreparer:
             key = bytes_content_hash(data)
             hit = self.cache.get_many(self.identity, [key]).get(key)
             if hit is not None:
+                if self.on_decoded is not None:
+                    self.on_decoded(item.path, None, data)
                 return _Prepared(key=key, embedding=hit)
         try:
-            pixels = self.preprocess(load_image_bytes(data, str(item.path)))
+            image = load_image_bytes(data, str(item.path))
+            pixels = self.preprocess(image)
         except ImageLoadError as e:
             return _Prepared(key=key, error=e.reason)
+        if self.on_decoded is not None:
+            self.on_decoded(item.path, image, data)  # e.g. the report's thumbnail, from this one decode
         return _Prepared(key=key, pixels=pixels)
 
 
@@ -178,6 +188,7 @@ def score_plan(
     overwrite: bool = False,
     shard: ProcessShard = ProcessShard(),
     run_config: dict[str, Any] | None = None,
+    on_decoded: ImageHook | None = None,
 ) -> ScoringResult | None:
     """Score every item of ``plan`` and write the outputs.
 
@@ -191,6 +202,7 @@ def score_plan(
         overwrite: replace existing outputs.
         shard: this process's place in a multi-process run.
         run_config: extra resolved settings recorded in the config file.
+        on_decoded: called in the decode threads with each image read (the report's thumbnails).
 
     Returns:
         The :class:`ScoringResult` on the main process, ``None`` on the others.
@@ -221,7 +233,7 @@ def score_plan(
     fmt = outputs.fmt if shard.count == 1 else "jsonl"
     logger.info("scoring %d image(s) of %d subject(s); %d already done%s", len(plan), len(plan.subjects),
                 len(done), "" if shard.count == 1 else f"; process {shard.index}/{shard.count}")
-    _run_chunks(model, todo, done, references, journal, fmt, options, cache, shard)
+    _run_chunks(model, todo, done, references, journal, fmt, options, cache, shard, on_decoded)
     shard.barrier()
     if not shard.is_main:
         return None
@@ -331,6 +343,7 @@ def _chunks_for(plan: ScoringPlan, done: set[int], batch_size: int, shard: Proce
 def _run_chunks(
     model: Any, chunks: list[list[ScoreItem]], done: set[int], references: dict[str, np.ndarray],
     journal: Path, fmt: str, options: ScoringOptions, cache: "EmbeddingCache | None", shard: ProcessShard,
+    on_decoded: ImageHook | None = None,
 ) -> None:
     """The streaming loop: prefetched batches -> model -> rows appended and flushed per batch
     (rows of items in ``done`` are not written again)."""
@@ -342,7 +355,7 @@ def _run_chunks(
     if total == 0:
         return
     identity = model_cache_identity(model)
-    preparer = _ItemPreparer(model.preprocess, cache, identity)
+    preparer = _ItemPreparer(model.preprocess, cache, identity, on_decoded)
     bar = tqdm(total=total, unit="img", desc="scoring" if shard.count == 1 else f"scoring [{shard.index}]",
                disable=not options.progress, dynamic_ncols=True, smoothing=0.1)
     with open_for_append(journal, fmt) as out:
