@@ -54,6 +54,12 @@ class _ItemPreparer:
         self.cache = cache
         self.identity = identity
         self.on_decoded = on_decoded
+        # item index -> its row [3, S, S] of the batch tensor the model will read, so that the
+        # decode thread writes the pixels in place (no stacking copy on the model's thread)
+        self.targets: dict[int, "torch.Tensor"] = {}
+        from ..images import Preprocess
+
+        self.writes_in_place = isinstance(preprocess, Preprocess)
 
     def __call__(self, item: ScoreItem) -> _Prepared:
         from ..embedding_cache import bytes_content_hash
@@ -79,7 +85,8 @@ class _ItemPreparer:
                 return _Prepared(key=key, embedding=hit)
         try:
             image = load_image_bytes(data, str(item.path))
-            pixels = self.preprocess(image)
+            target = self.targets.get(item.index) if self.writes_in_place else None
+            pixels = self.preprocess(image) if target is None else self.preprocess(image, out=target)
         except ImageLoadError as e:
             return _Prepared(key=key, error=e.reason)
         if self.on_decoded is not None:
@@ -358,9 +365,13 @@ def _run_chunks(
     preparer = _ItemPreparer(model.preprocess, cache, identity, on_decoded)
     bar = tqdm(total=total, unit="img", desc="scoring" if shard.count == 1 else f"scoring [{shard.index}]",
                disable=not options.progress, dynamic_ncols=True, smoothing=0.1)
+    buffers: dict[int, "torch.Tensor"] = {}
+    batches = _with_pixel_buffers(chunks, preparer.targets, buffers, model) if preparer.writes_in_place else chunks
     with open_for_append(journal, fmt) as out:
-        for batch, prepared in prefetch(preparer, chunks, options.num_workers, options.prefetch_batches):
-            embeddings = _embed_batch(model, prepared, cache, identity)
+        for batch, prepared in prefetch(preparer, batches, options.num_workers, options.prefetch_batches):
+            for item in batch:
+                preparer.targets.pop(item.index, None)
+            embeddings = _embed_batch(model, prepared, cache, identity, buffers.pop(batch[0].index, None))
             rows = [_make_row(item, prep, emb, references, options.aggregate)
                     for item, prep, emb in zip(batch, prepared, embeddings) if item.index not in done]
             _fill_calibration(model, rows)
@@ -375,15 +386,38 @@ def _run_chunks(
     bar.close()
 
 
-def _embed_batch(model: Any, prepared: list[_Prepared], cache: "EmbeddingCache | None", identity: str
-                 ) -> list[np.ndarray | None]:
-    """Embeddings for a batch: cache hits as they are, the rest in one forward pass."""
+def _with_pixel_buffers(
+    chunks: list[list[ScoreItem]], targets: dict[int, "torch.Tensor"],
+    buffers: dict[int, "torch.Tensor"], model: Any,
+) -> Iterator[list[ScoreItem]]:
+    """The chunks, each with its batch tensor ``[B, 3, S, S]`` allocated just before the chunk
+    goes to the decode threads (so at most ``prefetch_batches + 1`` exist): ``buffers`` maps
+    the chunk's first item index to it, ``targets`` each item index to its row."""
+    import torch
+
+    size = model.preprocess.image_size
+    for chunk in chunks:
+        buffer = torch.empty(len(chunk), 3, size, size, dtype=torch.float32)
+        buffers[chunk[0].index] = buffer
+        for row, item in enumerate(chunk):
+            targets[item.index] = buffer[row]
+        yield chunk
+
+
+def _embed_batch(model: Any, prepared: list[_Prepared], cache: "EmbeddingCache | None", identity: str,
+                 buffer: "torch.Tensor | None" = None) -> list[np.ndarray | None]:
+    """Embeddings for a batch: cache hits as they are, the rest in one forward pass. When every
+    item's pixels were written into its row of ``buffer`` ``[B, 3, S, S]``, that tensor is the
+    model's input as it is; otherwise the pixels of the items to embed are stacked."""
     import torch
 
     out: list[np.ndarray | None] = [p.embedding for p in prepared]
     todo = [i for i, p in enumerate(prepared) if p.pixels is not None]
     if todo:
-        pixels = torch.stack([prepared[i].pixels for i in todo])
+        whole = buffer is not None and len(todo) == len(buffer) and all(
+            prepared[i].pixels.data_ptr() == buffer[i].data_ptr() for i in todo  # type: ignore[union-attr]
+        )
+        pixels = buffer if whole else torch.stack([prepared[i].pixels for i in todo])
         fresh = model.embed_pixels(pixels).detach().float().cpu().numpy()
         for j, i in enumerate(todo):
             out[i] = fresh[j]
