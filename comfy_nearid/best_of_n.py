@@ -53,7 +53,9 @@ class Candidate:
         image: the final image (``None`` if it was stopped early).
         score: aggregate cosine of the final image to the references (``None`` if stopped).
         cosines: cosine to each reference, in reference order.
-        calibrated: ``score`` as a 0..100 identity match.
+        match: ``score`` as a 0..100 identity match.
+        calibrated: whether that match comes from a curve fitted for the head (False: the
+            uncalibrated default curve).
         preview_score: aggregate cosine of its preview (early rejection only).
         rejected_at_step: the step after which it was stopped, or ``None``.
         steps_run: denoising steps it ran (known when the pipeline reports steps).
@@ -63,7 +65,8 @@ class Candidate:
     image: "Image.Image | None" = None
     score: float | None = None
     cosines: tuple[float, ...] = ()
-    calibrated: float | None = None
+    match: float | None = None
+    calibrated: bool | None = None
     preview_score: float | None = None
     rejected_at_step: int | None = None
     steps_run: int | None = None
@@ -338,7 +341,8 @@ def _best_of_n_one(generate: Any, scorer: _Scorer, prompt: str | None, seeds: li
             candidates.append(candidate)
             continue
         candidate.cosines, candidate.score = scorer(image)
-        candidate.calibrated = float(scorer.calibration.match(candidate.score))
+        candidate.match = float(scorer.calibration.match(candidate.score))
+        candidate.calibrated = scorer.calibration.fitted
         candidate.image = _as_pil(image)
         if gate is not None:
             candidate.preview_score = gate.preview_score

@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("comfy_nearid.commands.evaluate", "evaluate scorers: SSR/PA (NearID), MTG, DreamBench++ human alignment"),
     "synth": ("comfy_nearid.commands.synth", "generate the synthetic near-identity benchmark"),
     "demo": ("comfy_nearid.commands.demo", "run the whole method end to end on the synthetic benchmark"),
+    "calibrate": ("comfy_nearid.commands.calibrate", "fit a head's 0-100 identity-match curve and report its calibration"),
     "convert": ("comfy_nearid.commands.convert", "convert the paper's released checkpoint to a NearID head file"),
     "backbones": ("comfy_nearid.commands.backbones", "list registered backbones and where their weights are looked for"),
 }

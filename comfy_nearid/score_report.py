@@ -233,7 +233,7 @@ class _Cut:
 
 
 def _cut_for(calibration: "Calibration") -> _Cut:
-    return _Cut(float(calibration.cosine_for(50.0)), calibration.source != "default", calibration.source)
+    return _Cut(float(calibration.cosine_for(50.0)), calibration.fitted, calibration.source)
 
 
 def _esc(value: Any) -> str:
@@ -257,13 +257,13 @@ def _card(row: "ScoreRow", cut: _Cut, thumbs: ThumbnailSink) -> str:
     thumb = thumbs.path_for(row.path)
     img = (f'<img src="{THUMB_DIR}/{thumb.name}" loading="lazy" width="128" height="128" alt="{_esc(Path(row.path).name)}">'
            if thumb.exists() else '<div class="noimg">no thumbnail</div>')
-    match = row.calibrated if row.calibrated is not None else 0.0
+    match = row.match if row.match is not None else 0.0
     below = "below" if row.score is not None and row.score < cut.threshold else "above"
     return (f'<div class="card {below}" data-path="{_esc(row.path)}" data-rank="{row.rank if row.rank is not None else ""}" '
-            f'data-score="{row.score!r}" data-calibrated="{row.calibrated!r}">{img}'
+            f'data-score="{row.score!r}" data-calibrated="{row.match!r}">{img}'
             f'<div>#<span class="rank">{row.rank if row.rank is not None else "-"}</span> '
             f'cos <span class="score">{_num(row.score)}</span></div>'
-            f'<div>match <span class="match">{_num(row.calibrated, 1)}</span>{"" if cut.calibrated else " (uncal.)"}</div>'
+            f'<div>match <span class="match">{_num(row.match, 1)}</span>{"" if cut.calibrated else " (uncal.)"}</div>'
             f'<div class="bar"><div style="width:{max(0.0, min(100.0, match)):.1f}%"></div></div>'
             f'<div class="path">{_esc(Path(row.path).name)}</div></div>')
 

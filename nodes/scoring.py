@@ -4,8 +4,9 @@ Every score is the cosine similarity of NearID embeddings (``IdentityModel.embed
 candidate and the reference(s); several references are combined by ``mean`` (mean of the
 similarities, default), ``max`` (the most similar reference) or ``prototype`` (similarity to
 the re-normalised mean reference embedding), all by :func:`comfy_nearid.scoring.combine_references`.
-The 0..100 identity match comes from :mod:`comfy_nearid.calibration` (the head's stored
-calibration, else the documented default). With ``use_cache`` on, embeddings go through the
+The 0..100 identity match comes from :mod:`comfy_nearid.calibration`: the head's fitted curve
+(the probability, at equal priors, of the same subject rather than a near-identity look-alike),
+else the default curve, which every preview then calls "uncalibrated". With ``use_cache`` on, embeddings go through the
 shared :mod:`comfy_nearid.embedding_cache` file (keyed by the model and the pixel content), so
 images already embedded, by a node or by ``nearid score``/``eval``, are not embedded again.
 """
@@ -142,6 +143,7 @@ class ScoreResult:
     match: list[float]
     combine: str
     n_references: int
+    calibrated: bool = False  # the match comes from a curve fitted for this head
 
     @property
     def best_index(self) -> int:
@@ -190,15 +192,27 @@ def score_candidates(
     # float32, the embeddings' precision: the digits past it are batch-position noise (equal
     # images in one batch differ by ~1e-8), which should not reorder equal candidates in Rerank
     cosine = combine_references(cand, ref, combine).astype(np.float32)
-    match = calibration_for(model).match(cosine.astype(np.float64))
-    return ScoreResult([float(x) for x in cosine], [float(x) for x in match], combine, int(ref.shape[0]))
+    curve = calibration_for(model)
+    match = curve.match(cosine.astype(np.float64))
+    return ScoreResult([float(x) for x in cosine], [float(x) for x in match], combine, int(ref.shape[0]),
+                       curve.fitted)
+
+
+def match_note(calibrated: bool) -> str:
+    """What the 0..100 match of a preview means, calibrated or not."""
+    if calibrated:
+        return ("match: calibrated (the head's fitted curve: the probability, at equal priors, of the same "
+                "subject rather than a near-identity look-alike)")
+    return ("match: uncalibrated (this head has no fitted curve; the default curve, cosine 0.5 -> 50, is not a "
+            "probability; fit one with `nearid calibrate`)")
 
 
 def format_scores(result: ScoreResult, order: list[int] | None = None, marks: dict[int, str] | None = None) -> str:
     """One line per candidate: index, cosine, 0..100 match (and a mark such as 'best')."""
     order = list(range(len(result.cosine))) if order is None else order
     marks = marks or {}
-    lines = [f"NearID identity ({result.combine} over {result.n_references} reference(s)):"]
+    lines = [f"NearID identity ({result.combine} over {result.n_references} reference(s)); "
+             + match_note(result.calibrated) + ":"]
     for i in order:
         mark = f"  {marks[i]}" if i in marks else ""
         lines.append(f"#{i}: cosine {result.cosine[i]:+.4f}  match {result.match[i]:5.1f}/100{mark}")
@@ -210,6 +224,7 @@ def _ui(result: ScoreResult, preview: str, **extra: list[Any]) -> dict[str, list
         "text": [preview],
         "nearid_scores": list(result.cosine),
         "nearid_match": list(result.match),
+        "nearid_calibrated": [result.calibrated],
     }
     ui.update(extra)
     return ui
@@ -284,7 +299,8 @@ class NearIDIdentityScore:
 
     DESCRIPTION = (
         "Scores how well each candidate preserves the reference subject's identity: the raw cosine "
-        "similarity of NearID embeddings and a calibrated 0-100 identity match."
+        "similarity of NearID embeddings and a 0-100 identity match (calibrated when the head carries a "
+        "fitted curve; the preview says which)."
     )
     CATEGORY = "NearID/score"
     FUNCTION = "score"
@@ -294,7 +310,7 @@ class NearIDIdentityScore:
     OUTPUT_IS_LIST = (True, True, False, False, False, False)
     OUTPUT_TOOLTIPS = (
         "Cosine similarity (-1..1) of each candidate, in input order (a list).",
-        "Calibrated identity match (0..100) of each candidate, in input order (a list).",
+        "Identity match (0..100) of each candidate, in input order (a list); calibrated only when the head carries a fitted curve (see the preview).",
         "Text table of the scores.",
         "Highest cosine similarity.",
         "Identity match of the best candidate (0..100).",
@@ -462,9 +478,9 @@ class NearIDFilter:
                 "nearid_model": _MODEL_INPUT,
                 "candidates": _CANDIDATES_INPUT,
                 "threshold": ("FLOAT", {"default": 50.0, "min": -1.0, "max": 100.0, "step": 0.01, "tooltip": "A candidate passes when its score is at least this (on the scale chosen in threshold_on)."}),
-                "threshold_on": (THRESHOLD_SCALES, {"default": THRESHOLD_SCALES[0], "tooltip": "Compare the threshold with the calibrated identity match (0..100) or the raw cosine (-1..1)."}),
+                "threshold_on": (THRESHOLD_SCALES, {"default": THRESHOLD_SCALES[0], "tooltip": "Compare the threshold with the identity match (0..100) or the raw cosine (-1..1). With a calibrated head the match is the probability in percent, at equal priors, of the same subject rather than a near-identity look-alike, so 50 means 'cannot tell'; with an uncalibrated head (the preview says so) it is not a probability."}),
                 "when_none_pass": (WHEN_NONE_PASS, {"default": WHEN_NONE_PASS[0], "tooltip": "If no candidate passes: pass nothing, or keep the single best candidate."}),
-                "empty_outputs": (EMPTY_OUTPUTS, {"default": EMPTY_OUTPUTS[0], "tooltip": "An output with no image (e.g. 'rejected' when all pass): skip the nodes connected to it, or send an empty 0-image batch / empty list (only for nodes that accept one; Preview/Save Image do not)."}),
+                "empty_outputs": (EMPTY_OUTPUTS, {"default": EMPTY_OUTPUTS[0], "tooltip": "An output with no image (e.g. 'rejected' when all pass): skip the nodes connected to it, or send an empty 0-image batch / empty list. 'empty batch' only suits nodes that accept one: Preview Image and Save Image cannot take an empty batch and fail on it."}),
                 "combine": _COMBINE_INPUT,
             },
             "optional": _reference_inputs(),
@@ -494,6 +510,10 @@ class NearIDFilter:
         marks.update({i: "rejected" for i in rejected})
         preview = format_scores(result, marks=marks) + f"\nthreshold {threshold:g} on {threshold_on}"
         skip = empty_outputs == EMPTY_OUTPUTS[0]
+        empty = [name for name, items in (("passed", passed), ("rejected", rejected)) if not items]
+        if not skip:
+            preview += ("\nempty outputs: empty batch" + (f" ({' and '.join(empty)} is an empty 0-image batch)" if empty else "")
+                        + "; Preview/Save Image nodes cannot take an empty batch (choose 'skip downstream nodes' for them)")
         return {
             "ui": _ui(result, preview, nearid_passed=passed, nearid_rejected=rejected, nearid_fallback=[fallback]),
             "result": (

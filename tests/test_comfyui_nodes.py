@@ -132,11 +132,30 @@ def test_filter_when_nothing_passes_gives_an_empty_batch_or_the_best(tiny_model,
                         empty_outputs="empty batch", reference=to_comfy(ref))["result"]
     assert empty[0].shape == (0, cand.shape[1], cand.shape[2], 3)
     assert empty[2] == [] and empty[3] == list(range(len(cand))) and empty[5] == 0
+    assert "passed is an empty 0-image batch" in empty[6] and "cannot take an empty batch" in empty[6]
+    assert "cannot take an empty batch" in scoring.NearIDFilter.INPUT_TYPES()["required"]["empty_outputs"][1]["tooltip"]
     best = node.filter(tiny_model, to_comfy(cand), threshold=100.0, when_none_pass="keep best", reference=to_comfy(ref))
     want = expected_scores(_embed(tiny_model, ref), _embed(tiny_model, cand), "mean")
     assert best["result"][2] == [int(np.argmax(want))]
     assert best["result"][0].shape[0] == 1
     assert best["ui"]["nearid_fallback"] == [True]
+    assert "empty batch" not in best["result"][6]  # skipping downstream nodes needs no warning
+
+
+def test_previews_say_whether_the_match_is_calibrated(tmp_path, tiny_model, images):
+    from comfy_nearid.calibration import Calibration, write_head_calibration
+
+    ref, cand = images
+    head = tmp_path / "head.safetensors"
+    tiny_model.save_head(head)
+    for calibration, word in ((None, "uncalibrated"), (Calibration(0.1, 8.0, "test", 4, 4), "calibrated (")):
+        write_head_calibration(head, calibration)
+        model = load_model(head=head, pretrained=False, device="cpu", dtype="fp32")
+        out = scoring.NearIDIdentityScore().score(model, to_comfy(cand), reference=to_comfy(ref))
+        assert f"match: {word}" in out["result"][2]
+        assert out["ui"]["nearid_calibrated"] == [calibration is not None]
+        filtered = scoring.NearIDFilter().filter(model, to_comfy(cand), reference=to_comfy(ref))["result"][6]
+        assert f"match: {word}" in filtered
 
 
 def test_bad_inputs_raise_errors_that_name_the_input(tiny_model, images):

@@ -114,9 +114,9 @@ def test_numbers_on_the_page_equal_the_rows_file(scored):
     assert sorted(c["path"] for c in cards) == sorted(scored_rows)
     for c in cards:
         row = scored_rows[c["path"]]
-        assert float(c["score"]) == row.score and float(c["calibrated"]) == row.calibrated
+        assert float(c["score"]) == row.score and float(c["calibrated"]) == row.match
         assert int(c["rank"]) == row.rank == int(c["text_rank"])
-        assert c["text_score"] == f"{row.score:.4f}" and c["text_match"] == f"{row.calibrated:.1f}"
+        assert c["text_score"] == f"{row.score:.4f}" and c["text_match"] == f"{row.match:.1f}"
     # the sheet is ranked best first
     assert [int(c["rank"]) for c in cards] == list(range(1, len(cards) + 1))
     # error rows: every unreadable file with its reason
@@ -175,7 +175,7 @@ def _write_rows(folder: Path, scores: list[float], calibration: dict | None) -> 
     with open(rows, "w") as f:
         for i, s in enumerate(scores):
             f.write(json.dumps({"path": f"g/{i}.png", "subject": "s", "cosines": [s], "score": s,
-                                "calibrated": 50.0, "rank": rank[i], "error": None}) + "\n")
+                                "match": 50.0, "calibrated": False, "rank": rank[i], "error": None}) + "\n")
     config = {"calibration": calibration} if calibration else {}
     (folder / "s.config.json").write_text(json.dumps(config))
     return rows

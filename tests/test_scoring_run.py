@@ -18,6 +18,7 @@ from comfy_nearid.embedding_cache import EmbeddingCache
 from comfy_nearid.errors import ConfigError, ImageLoadError, InvalidInputError
 from comfy_nearid.metrics.human import load_score_file
 from comfy_nearid.scoring import (
+    ROW_FIELDS,
     OutputPaths,
     ScoringOptions,
     plan_from_mapping,
@@ -63,7 +64,8 @@ def test_rows_equal_the_model_called_directly(tiny_model, tmp_path, one_subject,
     assert all(r.subject == "refs" and r.error is None for r in rows)
     np.testing.assert_allclose([r.cosines for r in rows], expected, atol=2e-6, rtol=0)
     np.testing.assert_allclose([r.score for r in rows], agg, atol=2e-6, rtol=0)
-    np.testing.assert_allclose([r.calibrated for r in rows], [default_identity_match(a) for a in agg], atol=2e-4)
+    np.testing.assert_allclose([r.match for r in rows], [default_identity_match(a) for a in agg], atol=2e-4)
+    assert all(r.calibrated is False for r in rows)  # no fitted curve in the head: the rows say so
     assert [r.rank for r in rows] == ranks_by_hand([r.score for r in rows])
     summary = json.loads(out.summary.read_text())["subjects"]["refs"]
     assert summary["num_images"] == 10 and summary["num_errors"] == 0
@@ -189,7 +191,7 @@ def _without_rank(line: str, fmt: str) -> str:
         rec["rank"] = None
         return json.dumps(rec) + "\n"
     fields = next(csv.reader([line]))
-    fields[5] = ""
+    fields[ROW_FIELDS.index("rank")] = ""
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerow(fields)
     return buf.getvalue()

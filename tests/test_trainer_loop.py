@@ -90,6 +90,11 @@ def test_run_exports_head_with_provenance_logs_and_checkpoints(tmp_path, data_ro
     assert 0 <= prov["metrics"]["test"]["ssr"] <= 100
     assert set(prov["metrics"]["test"]["by_source"]) == {"object", "part"}
     assert prov["metrics"]["baseline_test"]["n_samples"] == 16 * 2  # 16 samples x 2 sources
+    # the identity-match curve, fitted on the validation pairs: 4 samples x 3 view pairs
+    # against 4 samples x 3 views x 2 sources
+    curve = meta.calibration
+    assert curve["provenance"]["split"] == "validation"
+    assert (curve["n_same"], curve["n_near"]) == (4 * 3, 4 * 3 * 2)
     model = load_model(head=result.head_path, pretrained=False, device="cpu", dtype="fp32")
     best = load_file(run / "head_best.safetensors")
     assert all(torch.equal(model.head.state_dict()[k], best[k]) for k in best)

@@ -650,12 +650,33 @@ class _Run:
                 "baseline_test": _without_bulk(result.baseline),
             },
         }
-        save_head(result.last_head_path, last, self.spec, provenance={**provenance, "selected": "last"})
-        save_head(result.head_path, final, self.spec, provenance={**provenance, "selected": selected})
+        save_head(result.last_head_path, last, self.spec, provenance={**provenance, "selected": "last"},
+                  calibration=self._validation_calibration(last))
+        save_head(result.head_path, final, self.spec, provenance={**provenance, "selected": selected},
+                  calibration=self._validation_calibration(final))
         logger.info(
             "exported head %s (%s, step %d)", result.head_path, selected,
             p.best_step if selected != "last" else p.global_step,
         )
+
+    def _validation_calibration(self, head: torch.nn.Module) -> dict[str, Any] | None:
+        """The identity-match curve fitted on the validation split's pairs as ``head`` embeds
+        them (:func:`comfy_nearid.calibration.fit_calibration`); None without validation, or
+        when the head does not yet put same-identity pairs above near-identity ones."""
+        from comfy_nearid.calibration import fit_calibration
+        from comfy_nearid.errors import InvalidInputError
+
+        val = self.data.val
+        if val is None:
+            return None
+        result = evaluate_layout(val.layout, val.sources, self._head_embedder(val, head))
+        try:
+            fit = fit_calibration(result.same_cosines, result.near_cosines, data=val.layout.description,
+                                  split="validation", extra={"distractor_sources": list(val.sources)})
+        except InvalidInputError as e:
+            logger.warning("the exported head stays uncalibrated: %s", e)
+            return None
+        return fit.calibration.to_dict()
 
     def _data_summary(self) -> dict[str, Any]:
         d = self.data

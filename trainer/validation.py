@@ -36,6 +36,9 @@ class EvalResult:
 
     pooled: SSRStats
     by_source: dict[str, SSRStats | None] = field(default_factory=dict)
+    # the cosines behind the margins, for fitting the identity-match curve (not in to_dict):
+    same_cosines: np.ndarray | None = field(default=None, repr=False)  # view pairs, once each
+    near_cosines: np.ndarray | None = field(default=None, repr=False)  # view vs own distractor, every source
 
     @property
     def ssr(self) -> float:
@@ -77,6 +80,7 @@ def evaluate_layout(layout: DatasetLayout, sources: Sequence[str], embed: Embedd
                     vb = vectors[position[(s.index, ImageSlot(b))]]
                     view_sims[r, a, b] = view_sims[r, b, a] = float(va @ vb)
     by_source: dict[str, SSRStats | None] = {}
+    near: list[np.ndarray] = []
     for src in sources:
         own = np.full((len(layout), n_views), np.nan)
         for r, s in enumerate(layout.samples):
@@ -84,6 +88,7 @@ def evaluate_layout(layout: DatasetLayout, sources: Sequence[str], embed: Embedd
                 own[r, k] = float(
                     vectors[position[(s.index, ImageSlot(k))]] @ vectors[position[(s.index, ImageSlot(k, src))]]
                 )
+        near.append(own[np.isfinite(own)])
         margins = margins_from_similarities(view_sims, own)
         try:
             by_source[src] = ssr_stats(margins)
@@ -95,7 +100,10 @@ def evaluate_layout(layout: DatasetLayout, sources: Sequence[str], embed: Embedd
             f"{layout.description}: no validation sample has a distractor from {list(sources)}, "
             "so SSR/PA cannot be measured"
         )
-    return EvalResult(pooled=pool_stats(parts), by_source=by_source)
+    iu = np.triu_indices(n_views, k=1)
+    same = view_sims[:, iu[0], iu[1]].reshape(-1)
+    return EvalResult(pooled=pool_stats(parts), by_source=by_source,
+                      same_cosines=same[np.isfinite(same)], near_cosines=np.concatenate(near))
 
 
 def cached_head_embedder(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
@@ -19,11 +20,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone-out", default=None,
                         help="also write the full backbone in timm layout (usable as --backbone-weights)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    from .calibrate import add_data_arguments
+
+    add_data_arguments(parser, required=False)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..convert import download_release, write_converted
     from ..errors import InvalidInputError
+    from .calibrate import calibrate_from_args, has_data_options
 
     for out in filter(None, (args.out, args.backbone_out)):
         if Path(out).exists() and not args.overwrite:
@@ -31,4 +36,11 @@ def run(args: argparse.Namespace) -> int:
     source = download_release(allow_download=True) if args.from_hub else args.source
     head, bb = write_converted(source, args.out, backbone=args.backbone, out_backbone=args.backbone_out)
     print(json.dumps({"head": str(head), "backbone": str(bb) if bb else None}, indent=2))
+    if has_data_options(args):  # calibrate the converted head on the user's data, in place
+        if args.backbone_weights is None and bb is not None:
+            args.backbone_weights = bb
+        calibrate_from_args(args, head, None)
+    else:
+        print(f"{head} is uncalibrated: its 0-100 match uses the default curve; calibrate it with "
+              "`nearid calibrate --head ... --data ROOT --split S` (or give those options here)", file=sys.stderr)
     return 0

@@ -120,7 +120,7 @@ def finalize_run(model: Any, plan: ScoringPlan, outputs: OutputPaths, aggregate:
             source_of[idx], offset_of[idx] = s, offset
             if row.score is not None:
                 scores[idx] = row.score
-                calibrated[idx] = np.nan if row.calibrated is None else row.calibrated
+                calibrated[idx] = np.nan if row.match is None else row.match
     if dropped:
         logger.warning("%d row(s) in the outputs are not part of this plan (files gone or renamed) and were dropped",
                        dropped)
@@ -136,8 +136,13 @@ def finalize_run(model: Any, plan: ScoringPlan, outputs: OutputPaths, aggregate:
     summaries = _subject_summaries(plan, subject_ids, scores, calibrated, ranks)
     from ..embedding_cache import model_cache_identity
 
+    from ..calibration import calibration_for
+
+    curve = calibration_for(model)
     write_json_atomic(outputs.summary, {
         "model_identity": model_cache_identity(model), "aggregate": aggregate, "num_images": n,
+        # the matches come from a curve fitted for this head (True) or the uncalibrated default
+        "calibrated": curve.fitted, "calibration": curve.to_dict(),
         "num_scored": int(np.isfinite(scores).sum()), "num_errors": int((~np.isfinite(scores)).sum()),
         "subjects": summaries,
     })
@@ -213,13 +218,13 @@ def _subject_summaries(plan: ScoringPlan, subject_ids: np.ndarray, scores: np.nd
             entry.update(
                 mean=float(scores[valid].mean()), median=float(np.median(scores[valid])),
                 best=float(scores[best]), best_path=str(plan.items[int(best)].path),
-                calibrated_mean=float(calibrated[valid].mean()),
-                calibrated_median=float(np.median(calibrated[valid])),
-                calibrated_best=float(calibrated[best]),
+                match_mean=float(calibrated[valid].mean()),
+                match_median=float(np.median(calibrated[valid])),
+                match_best=float(calibrated[best]),
             )
         else:
             entry.update(mean=None, median=None, best=None, best_path=None,
-                         calibrated_mean=None, calibrated_median=None, calibrated_best=None)
+                         match_mean=None, match_median=None, match_best=None)
         out[subject.name] = entry
     return out
 

@@ -22,10 +22,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 OUTPUT_FORMATS = ("csv", "jsonl")
-ROW_FIELDS = ("path", "subject", "cosines", "score", "calibrated", "rank", "error")
+ROW_FIELDS = ("path", "subject", "cosines", "score", "match", "calibrated", "rank", "error")
 # A run with several scorers (``nearid score --scorer A --scorer B``) adds one column per
 # further scorer after ROW_FIELDS: "score:<name>" (its reference-combined cosine); ``score``,
-# ``calibrated`` and ``rank`` stay the first scorer's, so single-scorer readers are unaffected.
+# ``match``, ``calibrated`` and ``rank`` stay the first scorer's, so single-scorer readers are unaffected.
 SCORE_COLUMN_PREFIX = "score:"
 _COSINE_SEPARATOR = ";"
 # ============================================================================ rows
@@ -33,14 +33,16 @@ _COSINE_SEPARATOR = ";"
 class ScoreRow:
     """One output row. ``score`` combines the references (mean or max of the cosines, or the
     cosine to the prototype; see :func:`combine_references`),
-    ``calibrated`` its 0..100 identity match, ``rank`` 1 = best within the subject (filled in
+    ``match`` its 0..100 identity match, ``calibrated`` whether that match comes from a curve
+    fitted for this head (False: the uncalibrated default curve), ``rank`` 1 = best within the subject (filled in
     when the run completes); error rows carry ``error`` and no numbers."""
 
     path: str
     subject: str
     cosines: tuple[float, ...] = ()
     score: float | None = None
-    calibrated: float | None = None
+    match: float | None = None
+    calibrated: bool | None = None
     rank: int | None = None
     error: str | None = None
     scorer_scores: dict[str, float | None] = field(default_factory=dict)  # further scorers, by name
@@ -48,7 +50,7 @@ class ScoreRow:
     def to_record(self) -> dict[str, Any]:
         return {
             "path": self.path, "subject": self.subject, "cosines": list(self.cosines), "score": self.score,
-            "calibrated": self.calibrated, "rank": self.rank, "error": self.error,
+            "match": self.match, "calibrated": self.calibrated, "rank": self.rank, "error": self.error,
             **{SCORE_COLUMN_PREFIX + name: value for name, value in self.scorer_scores.items()},
         }
 
@@ -59,7 +61,8 @@ class ScoreRow:
                 path=str(rec["path"]), subject=str(rec["subject"]),
                 cosines=tuple(float(c) for c in rec.get("cosines") or ()),
                 score=None if rec.get("score") is None else float(rec["score"]),
-                calibrated=None if rec.get("calibrated") is None else float(rec["calibrated"]),
+                match=None if rec.get("match") is None else float(rec["match"]),
+                calibrated=_parse_flag(rec.get("calibrated")),
                 rank=None if rec.get("rank") is None else int(rec["rank"]),
                 error=rec.get("error") or None,
                 scorer_scores={
@@ -69,6 +72,17 @@ class ScoreRow:
             )
         except (KeyError, TypeError, ValueError) as e:
             raise DatasetError(f"{where}: not a score row ({e}); expected fields {list(ROW_FIELDS)}") from e
+
+
+def _parse_flag(value: Any) -> bool | None:
+    """``calibrated`` as written in JSONL (true/false) or CSV (``true``/``false``/empty)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "false"):
+        return str(value).lower() == "true"
+    raise ValueError(f"calibrated must be true or false, got {value!r}")
 
 
 def short_float(x: float) -> float:
@@ -107,7 +121,8 @@ def encode_row(row: ScoreRow, fmt: str, scorer_names: Sequence[str] = ()) -> str
     num = lambda v: "" if v is None else repr(v)  # noqa: E731
     return _csv_line([
         row.path, row.subject, _COSINE_SEPARATOR.join(repr(c) for c in row.cosines), num(row.score),
-        num(row.calibrated), "" if row.rank is None else str(row.rank), row.error or "",
+        num(row.match), "" if row.calibrated is None else str(row.calibrated).lower(),
+        "" if row.rank is None else str(row.rank), row.error or "",
         *(num(row.scorer_scores.get(n)) for n in scorer_names),
     ])
 
@@ -127,7 +142,7 @@ def decode_row(line: str, fmt: str, where: str, fields: Sequence[str] = ROW_FIEL
         raise DatasetError(f"{where}: expected {len(fields)} CSV fields {list(fields)}, got {len(values)}")
     rec = dict(zip(fields, values))
     rec["cosines"] = [c for c in rec["cosines"].split(_COSINE_SEPARATOR) if c]
-    for name in ("score", "calibrated", "rank"):
+    for name in ("score", "match", "calibrated", "rank"):
         rec[name] = rec[name] or None
     return ScoreRow.from_record(rec, where)
 

@@ -437,10 +437,13 @@ def _make_row(item: ScoreItem, prepared: _Prepared, embedding: np.ndarray | None
 
 
 def _fill_calibration(model: Any, rows: list[ScoreRow]) -> None:
+    from ..calibration import calibration_for
+
     scored = [r for r in rows if r.score is not None]
     if scored:
+        fitted = calibration_for(model).fitted
         values = calibrated_matches(model, np.array([r.score for r in scored], dtype=np.float64))
         for r, v in zip(scored, values):
-            r.calibrated = short_float(v)
+            r.match, r.calibrated = short_float(v), fitted
 
 
