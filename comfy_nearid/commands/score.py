@@ -13,6 +13,10 @@ resolved config ``<output>.config.json`` and optionally ``--dreambench-json``. `
 (repeatable) adds the field's standard metrics (``clip-i``, ``dino-i``, ``dinov2``, ...) or any
 scorer spec as ``score:<name>`` columns next to the first scorer's ``score``. Runs on several
 processes (one machine or many) with ``accelerate launch -m comfy_nearid score ...``.
+
+Shards (img2dataset parquet, webdataset ``.tar``; paths, globs or fsspec URLs) and
+``--engine ray`` runs are partitioned: ``--output`` is a folder with one parquet file per
+partition, ``_summary.json`` and ``_config.json`` (see docs/scale.md).
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="one reference folder per subject; GEN_DIR holds folders of the same names")
 
     out = parser.add_argument_group("outputs")
-    out.add_argument("-o", "--output", type=Path, required=True, help="rows file: .csv or .jsonl")
+    out.add_argument("-o", "--output", type=Path, required=True, help="rows file: .csv or .jsonl; a folder for partitioned runs")
     out.add_argument("--format", choices=("csv", "jsonl"), default=None, help="rows format (default: from --output)")
     out.add_argument("--summary", type=Path, default=None,
                      help="per-subject summary JSON (default: <output>.summary.json)")
@@ -98,6 +102,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="embedding cache file (default: $NEARID_EMBEDDING_CACHE or ~/.cache/comfy_nearid/embeddings.sqlite)")
     speed.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
     speed.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    scale = parser.add_argument_group(
+        "partitions and Ray (shard inputs, or --engine ray; -o is then a folder: one parquet per partition)")
+    scale.add_argument("--engine", choices=("local", "ray"), default="local",
+                       help="local: this process; ray: Ray Data actors, one model each (default: %(default)s)")
+    scale.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                       help="auto (the cluster of `ray start`), ray://host:10001, or host:port "
+                            "(default: start a local Ray)")
+    scale.add_argument("--concurrency", type=int, default=1, help="Ray actors (default: %(default)s)")
+    scale.add_argument("--gpus-per-worker", type=float, default=0.0,
+                       help="GPUs per Ray actor (default: %(default)s; 1 on a GPU cluster)")
+    scale.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per Ray actor (default: %(default)s)")
+    scale.add_argument("--partition-size", type=int, default=None,
+                       help="images per partition for folder inputs (default: 1000 with --engine ray); given with "
+                            "--engine local, scores a folder into partitions too. A shard is one partition")
+    scale.add_argument("--subject-field", default="subject",
+                       help="parquet column / webdataset JSON field naming a shard sample's subject "
+                            "(default: %(default)s; ignored with --reference)")
 
 
 def _build_plan(args: argparse.Namespace):
@@ -236,10 +258,119 @@ def _print_summary(result: Any) -> None:
             print(f"DreamBench++ JSON: {info['dreambench']}")
 
 
+DEFAULT_PARTITION_SIZE = 1000
+
+
+def _partitioned(args: argparse.Namespace) -> bool:
+    from ..scoring.sources import looks_like_shards
+
+    return (args.engine == "ray" or args.partition_size is not None
+            or looks_like_shards([str(g) for g in args.generated]))
+
+
+def _partitions_and_references(args: argparse.Namespace):
+    """``(layout, partitions, subject -> reference files, subject field)`` of a partitioned run."""
+    from ..scoring.sources import (
+        SubjectField, looks_like_shards, plan_partitions, read_reference_mapping, reference_subjects_from_root,
+        shard_partitions,
+    )
+
+    if not looks_like_shards([str(g) for g in args.generated]):
+        layout, plan = _build_plan(args)
+        references = {s.name: s.references for s in plan.subjects}
+        size = DEFAULT_PARTITION_SIZE if args.partition_size is None else args.partition_size
+        return layout, plan_partitions(plan, size), references, SubjectField(args.subject_field)
+    chosen = [name for name, given in (("--reference", bool(args.reference)), ("--mapping", args.mapping is not None),
+                                       ("--references-root", args.references_root is not None)) if given]
+    if len(chosen) != 1:
+        raise InvalidInputError(
+            f"choose exactly one source of references: --reference, --mapping or --references-root "
+            f"(got {chosen or 'none'})")
+    if args.reference:
+        from ..scoring.plan import expand_references
+
+        refs = [Path(r) for r in args.reference]
+        name = args.subject or ((refs[0].stem if refs[0].is_file() else refs[0].name) if len(refs) == 1 else "subject")
+        references = {name: expand_references(refs, name)}
+        subject = SubjectField(args.subject_field, fixed=name)
+    elif args.mapping is not None:
+        references = read_reference_mapping(args.mapping)
+        subject = SubjectField(args.subject_field)
+    else:
+        references = reference_subjects_from_root(args.references_root)
+        subject = SubjectField(args.subject_field)
+    return "shards", shard_partitions([str(g) for g in args.generated]), references, subject
+
+
+def _run_partitioned(args: argparse.Namespace) -> int:
+    from ..embedding_cache import EmbeddingCache, default_cache_path
+    from ..scoring.partitions import PartitionOptions, score_partitions
+
+    for flag, given in (("--format", args.format), ("--summary", args.summary),
+                        ("--dreambench-json", args.dreambench_json), ("--strict", args.strict),
+                        ("--scorer", args.scorer), ("--report", args.report)):
+        if given:
+            raise InvalidInputError(f"{flag} is not available for partitioned runs (shard inputs or --engine ray); "
+                                    f"they write <output>/<partition>.parquet and <output>/_summary.json")
+    if args.concurrency < 1 or args.gpus_per_worker < 0 or args.cpus_per_worker <= 0:
+        raise InvalidInputError(f"--concurrency must be >= 1, --gpus-per-worker >= 0 and --cpus-per-worker > 0; got "
+                                f"{args.concurrency}, {args.gpus_per_worker}, {args.cpus_per_worker}")
+    layout, partitions, references, subject = _partitions_and_references(args)
+    from ..scoring import default_batch_size
+
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, args.threads))
+    model = _load(args, None)
+    if args.batch_size is not None:
+        batch_size = args.batch_size
+    elif args.engine == "ray":  # the actors' device decides
+        batch_size = default_batch_size("cuda" if args.gpus_per_worker > 0 else "cpu")
+    else:
+        batch_size = default_batch_size(model.device)
+    options = PartitionOptions(
+        aggregate=args.aggregate, batch_size=batch_size,
+        num_workers=(min(8, os.cpu_count() or 1) if args.engine == "local" else 1) if args.workers is None
+        else args.workers,
+        prefetch_batches=args.prefetch, subject=subject, progress=not args.no_progress,
+    )
+    cache = None if args.no_cache else EmbeddingCache(args.cache or default_cache_path())
+    engine = None
+    if args.engine == "ray":
+        from ..ray import RayEngine
+
+        spec = {"head": args.head, "backbone": args.backbone, "backbone_weights": args.backbone_weights,
+                "pretrained": not args.random_weights, "seed": args.seed, "readout": args.readout,
+                "device": "auto" if args.device == "auto" else args.device, "dtype": args.dtype}
+        engine = RayEngine(spec, address=args.ray_address, concurrency=args.concurrency,
+                           gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker)
+    run_config = {
+        "layout": layout, "argv": sys.argv[1:], "engine": args.engine, "ray_address": args.ray_address,
+        "concurrency": args.concurrency, "gpus_per_worker": args.gpus_per_worker,
+        "partition_size": None if layout == "shards" else (args.partition_size or DEFAULT_PARTITION_SIZE),
+        "model": {"head": None if args.head is None else str(args.head), "backbone": args.backbone,
+                  "random_weights": args.random_weights, "seed": args.seed, "readout": args.readout,
+                  "dtype": str(model.dtype)},
+    }
+    try:
+        result = score_partitions(model, partitions, references, args.output, options=options, engine=engine,
+                                  cache=cache, resume=args.resume, overwrite=args.overwrite, run_config=run_config)
+    finally:
+        if cache is not None:
+            cache.close()
+    print(f"{result.num_images} image(s), {result.num_errors} unreadable, {result.num_partitions} partition(s), "
+          f"{result.num_resumed_partitions} taken from the previous run; rows: {result.output_dir}/*.parquet; "
+          f"summary: {result.output_dir}/_summary.json")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from ..embedding_cache import EmbeddingCache, default_cache_path
     from ..scoring import OutputPaths, ScoringOptions, default_batch_size, score_plan_with_scorers
 
+    if _partitioned(args):
+        return _run_partitioned(args)
     from ..score_report import ThumbnailSink, check_group_by, write_score_report
 
     layout, plan = _build_plan(args)  # every input problem stops here, before any model work

@@ -21,7 +21,9 @@ the same batches as one uninterrupted process: their rows are identical.
 Modules: :mod:`.plan` (discovery, plans), :mod:`.rows` (row I/O), :mod:`.combine` (reference
 combination, calibrated match), :mod:`.run` (the streaming scorer), :mod:`.outputs` (output
 paths, finalisation, summaries), :mod:`.columns` (several scorers in one run, one score column
-each).
+each), :mod:`.unit` (the engine-agnostic scoring unit), :mod:`.sources` (partitions: folder
+slices, parquet and webdataset shards), :mod:`.partitions` (one parquet per partition,
+resume; engines, see :mod:`comfy_nearid.ray`).
 """
 
 from .columns import ScorerPass, score_plan_with_scorers
@@ -41,6 +43,7 @@ from .plan import (
 )
 from .rows import OUTPUT_FORMATS, ROW_FIELDS, ScoreRow, read_rows
 from .run import DEFAULT_BATCH_SIZE, ProcessShard, ScoringOptions, default_batch_size, prefetch, score_plan
+from .unit import ImageRef, ScoringUnit, embed_references
 
 __all__ = [
     "AGGREGATES",
@@ -55,6 +58,9 @@ __all__ = [
     "ScoringOptions",
     "ScoringPlan",
     "ScoringResult",
+    "ScoringUnit",
+    "ImageRef",
+    "embed_references",
     "Subject",
     "REFERENCE_COMBINATIONS",
     "aggregate_cosines",

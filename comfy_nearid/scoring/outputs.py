@@ -8,7 +8,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -204,12 +204,29 @@ def _write_final_rows(outputs: OutputPaths, sources: list[tuple[Path, str]], sou
 
 def _subject_summaries(plan: ScoringPlan, subject_ids: np.ndarray, scores: np.ndarray,
                        calibrated: np.ndarray, ranks: np.ndarray) -> dict[str, dict[str, Any]]:
+    return summarize_subjects([(s.name, s.references) for s in plan.subjects], subject_ids, scores, calibrated,
+                              ranks, lambda i: str(plan.items[i].path))
+
+
+def summarize_subjects(
+    subjects: Sequence[tuple[str, Sequence[Any]]], subject_ids: np.ndarray, scores: np.ndarray,
+    calibrated: np.ndarray, ranks: np.ndarray, path_of: Callable[[int], str],
+) -> dict[str, dict[str, Any]]:
+    """Per-subject counts, mean/median/best score and calibrated match.
+
+    Args:
+        subjects: ``(name, reference paths)`` per subject; subject ``k`` owns rows with
+            ``subject_ids == k``.
+        subject_ids, scores, calibrated, ranks: ``[N]`` per row (NaN score = error row;
+            rank 1 = best within the subject).
+        path_of: row index -> its path (for ``best_path``).
+    """
     out = {}
-    for sid, subject in enumerate(plan.subjects):
+    for sid, (name, references) in enumerate(subjects):
         members = np.flatnonzero(subject_ids == sid)
         valid = members[np.isfinite(scores[members])]
         entry: dict[str, Any] = {
-            "references": [str(p) for p in subject.references],
+            "references": [str(p) for p in references],
             "num_images": int(members.size), "num_scored": int(valid.size),
             "num_errors": int(members.size - valid.size),
         }
@@ -217,7 +234,7 @@ def _subject_summaries(plan: ScoringPlan, subject_ids: np.ndarray, scores: np.nd
             best = valid[np.argmin(ranks[valid])]  # rank 1
             entry.update(
                 mean=float(scores[valid].mean()), median=float(np.median(scores[valid])),
-                best=float(scores[best]), best_path=str(plan.items[int(best)].path),
+                best=float(scores[best]), best_path=path_of(int(best)),
                 match_mean=float(calibrated[valid].mean()),
                 match_median=float(np.median(calibrated[valid])),
                 match_best=float(calibrated[best]),
@@ -225,7 +242,7 @@ def _subject_summaries(plan: ScoringPlan, subject_ids: np.ndarray, scores: np.nd
         else:
             entry.update(mean=None, median=None, best=None, best_path=None,
                          match_mean=None, match_median=None, match_best=None)
-        out[subject.name] = entry
+        out[name] = entry
     return out
 
 

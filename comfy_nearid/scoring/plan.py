@@ -389,20 +389,7 @@ def plan_from_subject_folders(references_root: str | Path, generated_roots: Sequ
             images in a generated root outside every subject's folder.
     """
     ref_root = Path(references_root)
-    if not ref_root.is_dir():
-        raise DatasetError(f"references folder {ref_root} does not exist")
-    subject_refs: dict[str, tuple[Path, ...]] = {}
-    for image in list_images(ref_root):
-        name = image.parent.relative_to(ref_root).as_posix()
-        if name == ".":
-            raise DatasetError(
-                f"{image}: images directly in the references folder {ref_root} belong to no subject; "
-                "put each subject's references in its own sub-folder"
-            )
-        subject_refs.setdefault(name, ())
-        subject_refs[name] = (*subject_refs[name], image)
-    if not subject_refs:
-        raise DatasetError(f"references folder {ref_root} holds no subject folder with images")
+    subject_refs = reference_subjects_in(ref_root)
     if not generated_roots:
         raise DatasetError("no folder of generated images given")
     matched: dict[str, list[Path]] = {}
@@ -429,6 +416,30 @@ def plan_from_subject_folders(references_root: str | Path, generated_roots: Sequ
         logger.warning("%d reference subject(s) have no generated folder and are skipped: %s",
                        len(skipped), _preview(skipped))
     return build_plan(subjects)
+
+
+def reference_subjects_in(ref_root: Path) -> dict[str, tuple[Path, ...]]:
+    """Subject name (folder path relative to ``ref_root``) -> its reference images, for every
+    folder under ``ref_root`` that directly holds images.
+
+    Raises:
+        DatasetError: ``ref_root`` is missing, holds images directly, or holds no subject.
+    """
+    if not ref_root.is_dir():
+        raise DatasetError(f"references folder {ref_root} does not exist")
+    subject_refs: dict[str, tuple[Path, ...]] = {}
+    for image in list_images(ref_root):
+        name = image.parent.relative_to(ref_root).as_posix()
+        if name == ".":
+            raise DatasetError(
+                f"{image}: images directly in the references folder {ref_root} belong to no subject; "
+                "put each subject's references in its own sub-folder"
+            )
+        subject_refs.setdefault(name, ())
+        subject_refs[name] = (*subject_refs[name], image)
+    if not subject_refs:
+        raise DatasetError(f"references folder {ref_root} holds no subject folder with images")
+    return subject_refs
 
 
 def _match_subject_folders(gen_root: Path, subject_refs: dict[str, tuple[Path, ...]]) -> dict[str, Path]:

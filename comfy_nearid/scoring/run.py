@@ -26,6 +26,8 @@ from .rows import ScoreRow, open_for_append, scan_rows, short_float, encode_row
 if TYPE_CHECKING:
     import torch
 
+    from .unit import ImageRef
+
     from ..embedding_cache import EmbeddingCache
     from ..model import IdentityModel
 
@@ -54,25 +56,28 @@ class _ItemPreparer:
         self.cache = cache
         self.identity = identity
         self.on_decoded = on_decoded
-        # item index -> its row [3, S, S] of the batch tensor the model will read, so that the
-        # decode thread writes the pixels in place (no stacking copy on the model's thread)
-        self.targets: dict[int, "torch.Tensor"] = {}
-        from ..images import Preprocess
 
-        self.writes_in_place = isinstance(preprocess, Preprocess)
+    def __call__(self, item: "ScoreItem | ImageRef") -> _Prepared:
+        """A :class:`ScoreItem` is read from its file; an :class:`ImageRef` may carry its bytes."""
+        data = getattr(item, "data", None)
+        if data is None:
+            from ..fileio import regular_file_problem
 
-    def __call__(self, item: ScoreItem) -> _Prepared:
+            problem = regular_file_problem(item.path)  # before opening: a FIFO would block forever
+            if problem is not None:
+                return _Prepared(error=problem)
+            try:
+                data = Path(item.path).read_bytes()
+            except OSError as e:
+                return _Prepared(error=f"cannot read file ({e.strerror or e})")
+        return self.prepare_bytes(data, item.path)
+
+    def prepare_bytes(self, data: bytes, path: "Path | str") -> _Prepared:
+        """Hash, look up and (on a miss) decode + preprocess one encoded image (``path``: its
+        file path or sample key, for messages and the ``on_decoded`` hook)."""
         from ..embedding_cache import bytes_content_hash
-        from ..fileio import regular_file_problem
         from ..images import load_image_bytes
 
-        problem = regular_file_problem(item.path)  # before opening: a FIFO would block forever
-        if problem is not None:
-            return _Prepared(error=problem)
-        try:
-            data = item.path.read_bytes()
-        except OSError as e:
-            return _Prepared(error=f"cannot read file ({e.strerror or e})")
         if not data:
             return _Prepared(error="file is empty (0 bytes)")
         key = None
@@ -81,16 +86,15 @@ class _ItemPreparer:
             hit = self.cache.get_many(self.identity, [key]).get(key)
             if hit is not None:
                 if self.on_decoded is not None:
-                    self.on_decoded(item.path, None, data)
+                    self.on_decoded(path, None, data)
                 return _Prepared(key=key, embedding=hit)
         try:
-            image = load_image_bytes(data, str(item.path))
-            target = self.targets.get(item.index) if self.writes_in_place else None
-            pixels = self.preprocess(image) if target is None else self.preprocess(image, out=target)
+            image = load_image_bytes(data, str(path))
+            pixels = self.preprocess(image)
         except ImageLoadError as e:
             return _Prepared(key=key, error=e.reason)
         if self.on_decoded is not None:
-            self.on_decoded(item.path, image, data)  # e.g. the report's thumbnail, from this one decode
+            self.on_decoded(path, image, data)  # e.g. the report's thumbnail, from this one decode
         return _Prepared(key=key, pixels=pixels)
 
 
@@ -301,13 +305,9 @@ def _embed_references(
     model: Any, plan: ScoringPlan, cache: "EmbeddingCache | None", batch_size: int
 ) -> dict[str, np.ndarray]:
     """Each subject's reference embeddings ``[R, D]``, embedded once (through the cache)."""
-    from ..embedding_cache import cached_embed
+    from .unit import embed_references
 
-    out = {}
-    for subject in plan.subjects:
-        emb = cached_embed(model, list(subject.references), cache, batch_size=batch_size)
-        out[subject.name] = emb.numpy().astype(np.float32)
-    return out
+    return embed_references(model, {s.name: s.references for s in plan.subjects}, cache, batch_size)
 
 
 def _finished_indices(plan: ScoringPlan, outputs: OutputPaths, strict: bool = False) -> set[int]:
@@ -356,25 +356,17 @@ def _run_chunks(
     (rows of items in ``done`` are not written again)."""
     from tqdm.auto import tqdm
 
-    from ..embedding_cache import model_cache_identity
+    from .unit import ScoringUnit
 
     total = sum(1 for c in chunks for it in c if it.index not in done)
     if total == 0:
         return
-    identity = model_cache_identity(model)
-    preparer = _ItemPreparer(model.preprocess, cache, identity, on_decoded)
+    unit = ScoringUnit(model, references, options.aggregate, cache, on_decoded=on_decoded)
     bar = tqdm(total=total, unit="img", desc="scoring" if shard.count == 1 else f"scoring [{shard.index}]",
                disable=not options.progress, dynamic_ncols=True, smoothing=0.1)
-    buffers: dict[int, "torch.Tensor"] = {}
-    batches = _with_pixel_buffers(chunks, preparer.targets, buffers, model) if preparer.writes_in_place else chunks
     with open_for_append(journal, fmt) as out:
-        for batch, prepared in prefetch(preparer, batches, options.num_workers, options.prefetch_batches):
-            for item in batch:
-                preparer.targets.pop(item.index, None)
-            embeddings = _embed_batch(model, prepared, cache, identity, buffers.pop(batch[0].index, None))
-            rows = [_make_row(item, prep, emb, references, options.aggregate)
-                    for item, prep, emb in zip(batch, prepared, embeddings) if item.index not in done]
-            _fill_calibration(model, rows)
+        for batch, batch_rows in unit.score_batches(chunks, options.num_workers, options.prefetch_batches):
+            rows = [row for item, row in zip(batch, batch_rows) if item.index not in done]
             out.write("".join(encode_row(r, fmt) for r in rows))
             out.flush()  # rows survive a crash of this process from here on
             bar.update(len(rows))
@@ -386,38 +378,15 @@ def _run_chunks(
     bar.close()
 
 
-def _with_pixel_buffers(
-    chunks: list[list[ScoreItem]], targets: dict[int, "torch.Tensor"],
-    buffers: dict[int, "torch.Tensor"], model: Any,
-) -> Iterator[list[ScoreItem]]:
-    """The chunks, each with its batch tensor ``[B, 3, S, S]`` allocated just before the chunk
-    goes to the decode threads (so at most ``prefetch_batches + 1`` exist): ``buffers`` maps
-    the chunk's first item index to it, ``targets`` each item index to its row."""
-    import torch
-
-    size = model.preprocess.image_size
-    for chunk in chunks:
-        buffer = torch.empty(len(chunk), 3, size, size, dtype=torch.float32)
-        buffers[chunk[0].index] = buffer
-        for row, item in enumerate(chunk):
-            targets[item.index] = buffer[row]
-        yield chunk
-
-
-def _embed_batch(model: Any, prepared: list[_Prepared], cache: "EmbeddingCache | None", identity: str,
-                 buffer: "torch.Tensor | None" = None) -> list[np.ndarray | None]:
-    """Embeddings for a batch: cache hits as they are, the rest in one forward pass. When every
-    item's pixels were written into its row of ``buffer`` ``[B, 3, S, S]``, that tensor is the
-    model's input as it is; otherwise the pixels of the items to embed are stacked."""
+def _embed_batch(model: Any, prepared: list[_Prepared], cache: "EmbeddingCache | None", identity: str
+                 ) -> list[np.ndarray | None]:
+    """Embeddings for a batch: cache hits as they are, the rest in one forward pass."""
     import torch
 
     out: list[np.ndarray | None] = [p.embedding for p in prepared]
     todo = [i for i, p in enumerate(prepared) if p.pixels is not None]
     if todo:
-        whole = buffer is not None and len(todo) == len(buffer) and all(
-            prepared[i].pixels.data_ptr() == buffer[i].data_ptr() for i in todo  # type: ignore[union-attr]
-        )
-        pixels = buffer if whole else torch.stack([prepared[i].pixels for i in todo])
+        pixels = torch.stack([prepared[i].pixels for i in todo])
         fresh = model.embed_pixels(pixels).detach().float().cpu().numpy()
         for j, i in enumerate(todo):
             out[i] = fresh[j]
@@ -426,7 +395,7 @@ def _embed_batch(model: Any, prepared: list[_Prepared], cache: "EmbeddingCache |
     return out
 
 
-def _make_row(item: ScoreItem, prepared: _Prepared, embedding: np.ndarray | None,
+def _make_row(item: "ScoreItem | ImageRef", prepared: _Prepared, embedding: np.ndarray | None,
               references: dict[str, np.ndarray], aggregate: str) -> ScoreRow:
     if prepared.error is not None or embedding is None:
         reason = (prepared.error or "no embedding").replace("\n", " ").replace("\r", " ")
