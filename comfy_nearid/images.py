@@ -323,12 +323,18 @@ class Preprocess:
             return image
         return image.crop((left, top, left + s, top + s))
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        """RGB PIL image -> float32 ``[3, S, S]`` normalised pixels."""
+    def __call__(self, image: Image.Image, out: torch.Tensor | None = None) -> torch.Tensor:
+        """RGB PIL image -> float32 ``[3, S, S]`` normalised pixels, written into ``out`` (a
+        contiguous float32 ``[3, S, S]`` CPU tensor, e.g. a row of a batch) when given, with the
+        same operations in the same order, so the values are identical either way."""
         img = self.geometry(image if image.mode == "RGB" else _to_rgb(image))
         arr = np.asarray(img, dtype=np.float32) / np.float32(255.0)
         mean = np.asarray(self.mean, dtype=np.float32)
         std = np.asarray(self.std, dtype=np.float32)
+        if out is not None:
+            np.subtract(arr, mean, out=arr)
+            np.divide(arr, std, out=out.numpy().transpose(1, 2, 0))
+            return out
         arr = (arr - mean) / std
         return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 

@@ -86,3 +86,23 @@ def test_exif_rotation_is_applied(tmp_path):
     out = _rgb(tmp_path / "rot.jpg")
     assert out.shape == (20, 10, 3)
     assert out[2, 5].mean() > 200 and out[17, 5].mean() < 50  # the white half is now on top
+
+
+@pytest.mark.parametrize("resize", ["squash", "shorter"])
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
+def test_preprocess_into_a_batch_row_gives_the_same_pixels(resize, mode):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from comfy_nearid.images import Preprocess
+
+    rng = np.random.default_rng(3)
+    bands = {"RGB": 3, "L": 1, "RGBA": 4}[mode]
+    arr = rng.integers(0, 256, size=(37, 53, bands), dtype=np.uint8)
+    image = Image.fromarray(arr[..., 0] if bands == 1 else arr, mode)
+    pre = Preprocess(image_size=24, resize=resize)
+    batch = torch.full((2, 3, 24, 24), float("nan"))
+    got = pre(image, out=batch[1])
+    assert got.data_ptr() == batch[1].data_ptr()
+    assert torch.equal(batch[1], pre(image)) and batch[0].isnan().all()

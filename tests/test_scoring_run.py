@@ -280,3 +280,16 @@ def test_prefetch_keeps_order_and_bounds_the_batches_in_memory():
                 prepared_not_consumed.remove(i)
     assert seen == list(range(60))
     assert peak[0] <= 3 * 5  # the batch in hand plus `depth` batches ahead
+
+
+def test_a_broken_file_in_a_batch_leaves_the_other_rows_exact(tiny_model, tmp_path, one_subject):
+    refs, gens = one_subject
+    broken = tmp_path / "gen" / "g3b.png"
+    broken.write_bytes(b"not an image")
+    plan = plan_single_subject([tmp_path / "refs"], [tmp_path / "gen"])
+    out = OutputPaths.for_rows(tmp_path / "o.csv")
+    score_plan(tiny_model, plan, out, options=ScoringOptions(batch_size=4, num_workers=2, progress=False))
+    rows = read_rows(out.rows)
+    good = [r for r in rows if r.error is None]
+    assert [r.path for r in rows if r.error] == [str(broken)]
+    np.testing.assert_allclose([r.cosines for r in good], cosines_direct(tiny_model, refs, gens), atol=2e-6, rtol=0)

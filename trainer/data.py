@@ -27,7 +27,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, default_collate
 
 from comfy_nearid.data.base import NearIDDataset
 from comfy_nearid.data.sample import ImageRef, Sample
@@ -44,6 +44,7 @@ __all__ = [
     "ImageSlot",
     "SampleLayout",
     "TrainingExamples",
+    "collate_examples",
     "draw_example",
     "open_dataset",
     "scan_layout",
@@ -456,6 +457,31 @@ class TrainingExamples(Dataset):
         item.update(self._load_pixels(draw, rng, sample_index))
         return item
 
+    def __getitems__(self, keys: list[tuple[int, int]]) -> "dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]":
+        """A whole batch at once (the DataLoader calls this instead of ``__getitem__`` per key).
+
+        Cached mode: one batched read of every slot's cache row, already stacked: ``position``
+        ``[B]``, ``valid`` ``[B, S]``, ``tokens`` ``[B, S, N, D]`` (and ``token_mask``
+        ``[B, S, N]``), the same values as stacking ``self[key]`` for each key; live mode: the
+        list of items (stacked by :func:`collate_examples`).
+        """
+        if self.cached is None:
+            return [self[key] for key in keys]
+        cache, slot_rows = self.cached
+        positions = np.empty(len(keys), dtype=np.int64)
+        rows = np.empty((len(keys), self.num_slots), dtype=np.int64)
+        for b, (epoch, position) in enumerate(keys):
+            draw, _ = self.draw(epoch, position)
+            sample_index = self.layout.samples[position].index
+            positions[b] = position
+            rows[b] = [slot_rows(sample_index, slot) if slot is not None else -1 for slot in draw.slots]
+        tokens, token_mask = cache.read(rows)
+        batch = {"position": torch.from_numpy(positions), "valid": torch.from_numpy(rows >= 0), "tokens": tokens}
+        if self.data.foreground_mask:
+            batch["token_mask"] = token_mask
+        return batch
+
+
     def _load_pixels(self, draw: ExampleDraw, rng: np.random.Generator, sample_index: int) -> dict[str, torch.Tensor]:
         from comfy_nearid.model import mask_token_grid
 
@@ -484,6 +510,14 @@ class TrainingExamples(Dataset):
         if self.data.foreground_mask:
             out["token_mask"] = token_mask
         return out
+
+
+def collate_examples(batch: "dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]") -> dict[str, torch.Tensor]:
+    """The DataLoader's collate function for :class:`TrainingExamples`: a batch that
+    ``__getitems__`` read whole passes through; a list of items is stacked."""
+    if isinstance(batch, dict):
+        return batch
+    return default_collate(batch)
 
 
 def epochs_for_steps(max_steps: int | None, steps_per_epoch: int, epochs: int) -> int:

@@ -153,21 +153,35 @@ class FeatureCache:
             self._masks = [np.load(self.directory / s["masks"], mmap_mode="r") for s in self.shards]
         return self._tokens, self._masks
 
-    def read(self, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens ``[len(rows), N, D]`` (cache dtype) and token masks ``[len(rows), N]`` (bool);
-        row -1 gives zeros and an all-True mask (a masked slot)."""
+    def read(self, rows: "Sequence[int] | np.ndarray") -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens ``[*rows.shape, N, D]`` (cache dtype) and token masks ``[*rows.shape, N]``
+        (bool) of the cache rows ``rows`` (any shape, e.g. ``[S]`` for one example or ``[B, S]``
+        for a batch); row -1 gives zeros and an all-True mask (a masked slot).
+
+        One gather per shard (sorted rows, so the memory map is read in file order), written
+        straight into the output arrays: a whole training batch costs no per-row Python.
+        """
         tokens_maps, mask_maps = self._maps()
+        rows = np.asarray(rows, dtype=np.int64)
         n, d = self.identity.num_tokens, self.identity.dim
-        tokens = np.zeros((len(rows), n, d), dtype=_NP_DTYPES[self.identity.dtype])
-        masks = np.ones((len(rows), n), dtype=bool)
-        for i, row in enumerate(rows):
-            if row < 0:
-                continue
-            shard = int(np.searchsorted(self._starts, row, side="right") - 1)
-            local = row - int(self._starts[shard])
-            tokens[i] = tokens_maps[shard][local]
-            masks[i] = mask_maps[shard][local]
-        return torch.from_numpy(tokens), torch.from_numpy(masks)
+        flat = rows.reshape(-1)
+        tokens = np.zeros((flat.size, n, d), dtype=_NP_DTYPES[self.identity.dtype])
+        masks = np.ones((flat.size, n), dtype=bool)
+        hit = np.flatnonzero(flat >= 0)
+        if hit.size:
+            if int(flat[hit].max()) >= len(self.keys):
+                raise DatasetError(f"feature cache {self.directory}: row {int(flat[hit].max())} is past its {len(self.keys)} rows")
+            order = hit[np.argsort(flat[hit], kind="stable")]
+            shard_of = np.searchsorted(self._starts, flat[order], side="right") - 1
+            for shard in np.unique(shard_of):
+                where = order[shard_of == shard]
+                local = flat[where] - int(self._starts[shard])
+                tokens[where] = tokens_maps[shard][local]
+                masks[where] = mask_maps[shard][local]
+        return (
+            torch.from_numpy(tokens).reshape(*rows.shape, n, d),
+            torch.from_numpy(masks).reshape(*rows.shape, n),
+        )
 
     def nbytes_per_row(self) -> int:
         return self.identity.num_tokens * self.identity.dim * np.dtype(_NP_DTYPES[self.identity.dtype]).itemsize

@@ -29,6 +29,7 @@ from .data import (
     DatasetLayout,
     EpochSampler,
     TrainingExamples,
+    collate_examples,
     open_dataset,
     scan_layout,
     split_validation,
@@ -275,8 +276,19 @@ def _make_loader(config: TrainConfig, data: _Data, spec: Any, num_processes: int
         drop_last=True,
         num_workers=config.data.num_workers,
         persistent_workers=False,
+        collate_fn=collate_examples,
     )
     return loader, sampler
+
+
+def make_optimizer(params: Any, o: Any, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over ``params`` with the ``optim`` section's settings; the fused kernel (one pass
+    over every parameter, several times faster than the per-tensor loop on CPU, same update
+    rule) where torch has one for ``device``."""
+    fused = device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(
+        params, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps, fused=fused or None
+    )
 
 
 # --------------------------------------------------------------------------- one step
@@ -299,7 +311,10 @@ def slot_embeddings(
     """
     valid = batch["valid"]
     if "tokens" in batch:
-        tokens = batch["tokens"][valid].to(token_dtype).float()
+        tokens = batch["tokens"]
+        # every slot filled (the usual case): a view instead of a boolean-index copy
+        tokens = tokens.flatten(0, 1) if bool(valid.all()) else tokens[valid]
+        tokens = tokens.to(token_dtype).float()
     else:
         pixels = batch["pixels"][valid]
         tokens = torch.cat(
@@ -364,9 +379,7 @@ class _Run:
 
         head = self.model.head
         o = config.optim
-        optimizer = torch.optim.AdamW(
-            head.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps
-        )
+        optimizer = make_optimizer(head.parameters(), o, acc.device)
         accum = config.train.gradient_accumulation_steps
         # global batches per epoch (= batches per process; the last partial one is dropped)
         batches = len(self.data.train.layout) // config.train.batch_size
