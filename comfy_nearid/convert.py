@@ -38,7 +38,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -61,7 +60,6 @@ RELEASE_PREFIXES = {"backbone.vision_model.": "transformers 4.x", "backbone.": "
 #: Environment variable that moves the loader's conversion cache (see :func:`release_cache_dir`).
 ENV_RELEASE_CACHE = "NEARID_RELEASE_CACHE"
 CACHE_DIRNAME = ".nearid-cache"
-_FINGERPRINTS = "fingerprints.json"
 
 
 @dataclass
@@ -341,25 +339,12 @@ def release_cache_dir(default: str | Path) -> Path:
     return Path(explicit).expanduser() if explicit else Path(default)
 
 
-def release_fingerprint(path: str | Path, cache_dir: str | Path) -> str:
-    """The sha256 of a release file. Hashing 1.7 GB takes seconds, so the hash is remembered in
-    ``cache_dir/fingerprints.json`` under the file's (real path, size, mtime); a changed file
-    is hashed again."""
-    from .weights import file_sha256
+def release_fingerprint(path: str | Path) -> str:
+    """The sha256 of a release file, hashed once per file version (hashing 1.7 GB takes seconds):
+    :func:`comfy_nearid.fileio.file_sha256`, the one file hash, memoised by (path, size, mtime)."""
+    from .fileio import file_sha256
 
-    p = Path(path)
-    st = p.stat()
-    real = os.path.realpath(p)
-    index_path = Path(cache_dir) / _FINGERPRINTS
-    index = _read_json(index_path)
-    hit = index.get(real)
-    if isinstance(hit, dict) and hit.get("size") == st.st_size and hit.get("mtime_ns") == st.st_mtime_ns:
-        return str(hit["sha256"])
-    digest = file_sha256(p)
-    index = _read_json(index_path)  # re-read: another process may have added entries meanwhile
-    index[real] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
-    _write_json_atomic(index_path, index)
-    return digest
+    return file_sha256(path)
 
 
 def cached_conversion(path: str | Path, cache_dir: str | Path) -> ConvertedFiles:
@@ -369,7 +354,7 @@ def cached_conversion(path: str | Path, cache_dir: str | Path) -> ConvertedFiles
     these files back without converting."""
     path = find_release_file(path)
     cache_dir = Path(cache_dir)
-    digest = release_fingerprint(path, cache_dir)
+    digest = release_fingerprint(path)
     entry = cache_dir / digest[:32]
     head, backbone = entry / "head.safetensors", entry / f"backbone-{digest[:16]}.safetensors"
     if head.is_file() and backbone.is_file():
@@ -381,29 +366,6 @@ def cached_conversion(path: str | Path, cache_dir: str | Path) -> ConvertedFiles
     save_converted(conv, head, backbone)  # the head is written last: it marks a complete entry
     logger.info("converted release %s (%s) into %s", path, conv.spec.name, entry)
     return ConvertedFiles(head, backbone, conv.spec, digest, reused=False)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as e:
-        logger.warning("ignoring unreadable %s (%s); it is rebuilt", path, e)
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # --------------------------------------------------------------------------- download

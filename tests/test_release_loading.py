@@ -5,8 +5,8 @@ server runs them in tests/test_comfyui_release.py."""
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import shutil
 import sys
 
@@ -87,8 +87,7 @@ def test_conversion_cache_converts_once_per_content(tmp_path, ref):
     copy.parent.mkdir()
     shutil.copy(release, copy)
     assert cached_conversion(copy, cache).head == first.head
-    index = json.loads((cache / "fingerprints.json").read_text())
-    assert index[os.path.realpath(copy)]["sha256"] == first.sha256
+    assert hashlib.sha256(copy.read_bytes()).hexdigest() == first.sha256  # the entry is named by content
     # the cache holds exactly what `nearid convert` writes (one conversion path)
     out = tmp_path / "cli"
     assert cli_main(["convert", str(release), "--out", str(out / "h.safetensors"),
@@ -116,11 +115,12 @@ def test_loader_loads_a_release_and_second_load_reads_the_cached_conversion(tmp_
     assert (second.cached, second.conversion) == (False, "reused")
     assert torch.equal(again.embed(images), model.embed(images))
     # outside ComfyUI the cache sits next to the release; NEARID_RELEASE_CACHE moves it
-    assert (release.parent / ".nearid-cache" / "fingerprints.json").is_file()
+    entry = hashlib.sha256(release.read_bytes()).hexdigest()[:32]  # entries are named by content
+    assert (release.parent / ".nearid-cache" / entry / "head.safetensors").is_file()
     monkeypatch.setenv("NEARID_RELEASE_CACHE", str(tmp_path / "elsewhere"))
     loader.clear_cache()
     assert loader.load_cached(str(release), device="cpu", dtype="fp32")[1].conversion == "converted"
-    assert (tmp_path / "elsewhere" / "fingerprints.json").is_file()
+    assert (tmp_path / "elsewhere" / entry / "head.safetensors").is_file()
 
 
 def test_loader_tooltip_lists_each_file_with_its_backbone(tmp_path, ref, loader, monkeypatch):
