@@ -29,9 +29,11 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Se
 import numpy as np
 
 from ..errors import ConfigError, DatasetError, InvalidInputError
-from .combine import REFERENCE_COMBINATIONS, calibration_description
-from .outputs import _ranks_within_subjects, summarize_subjects, write_json_atomic
+from .combine import calibration_description
+from ..fileio import atomic_write_json
+from .outputs import _ranks_within_subjects, summarize_subjects
 from .rows import ScoreRow
+from .run import check_scoring_options
 from .sources import Partition, SubjectField, read_partition
 from .unit import ScoringUnit, embed_references
 
@@ -60,13 +62,7 @@ class PartitionOptions:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.aggregate not in REFERENCE_COMBINATIONS:
-            raise InvalidInputError(f"aggregate must be one of {REFERENCE_COMBINATIONS}, got {self.aggregate!r}")
-        if self.batch_size < 1:
-            raise InvalidInputError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.num_workers < 0 or self.prefetch_batches < 0:
-            raise InvalidInputError(
-                f"num_workers and prefetch_batches must be >= 0, got {self.num_workers}, {self.prefetch_batches}")
+        check_scoring_options(self)
 
 
 @dataclass
@@ -227,7 +223,7 @@ def _score_partitions(model: "IdentityModel", partitions: Sequence[Partition], r
     _prepare_output_dir(output_dir, names, resume, overwrite, config)
     if reference_embeddings is None:
         reference_embeddings = embed_references(model, references, cache, options.batch_size)
-    write_json_atomic(output_dir / CONFIG_NAME, config)
+    atomic_write_json(output_dir / CONFIG_NAME, config)
     todo = [p for p in partitions if not partition_path(output_dir, p.name).exists()]
     resumed = len(partitions) - len(todo)
     logger.info("scoring %d partition(s) (%d already done) of %d subject(s) into %s",
@@ -323,7 +319,7 @@ def finalize_partitions(model_identity: str, aggregate: str, names: Sequence[str
                                    ranks, lambda i: str(row_paths[i]))
     num_scored = int(np.isfinite(scores).sum())
     num_unmatched = int((subject_ids < 0).sum())
-    write_json_atomic(output_dir / SUMMARY_NAME, {
+    atomic_write_json(output_dir / SUMMARY_NAME, {
         "model_identity": model_identity, "aggregate": aggregate, "num_partitions": len(names),
         "num_images": len(scores), "num_scored": num_scored, "num_errors": len(scores) - num_scored,
         "num_without_subject": num_unmatched, "subjects": summaries,

@@ -202,14 +202,20 @@ class ScoringOptions:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.aggregate not in REFERENCE_COMBINATIONS:
-            raise InvalidInputError(f"aggregate must be one of {REFERENCE_COMBINATIONS}, got {self.aggregate!r}")
-        if self.batch_size < 1:
-            raise InvalidInputError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.num_workers < 0 or self.prefetch_batches < 0:
-            raise InvalidInputError(
-                f"num_workers and prefetch_batches must be >= 0, got {self.num_workers}, {self.prefetch_batches}"
-            )
+        check_scoring_options(self)
+
+
+def check_scoring_options(options: Any) -> None:
+    """The checks every engine's options share (``aggregate``, ``batch_size``, ``num_workers``,
+    ``prefetch_batches``), naming the bad value."""
+    if options.aggregate not in REFERENCE_COMBINATIONS:
+        raise InvalidInputError(f"aggregate must be one of {REFERENCE_COMBINATIONS}, got {options.aggregate!r}")
+    if options.batch_size < 1:
+        raise InvalidInputError(f"batch_size must be >= 1, got {options.batch_size}")
+    if options.num_workers < 0 or options.prefetch_batches < 0:
+        raise InvalidInputError(
+            f"num_workers and prefetch_batches must be >= 0, got {options.num_workers}, {options.prefetch_batches}"
+        )
 
 
 def score_plan(
