@@ -101,6 +101,41 @@ def masks_to_token_mask(masks: Sequence[MaskLike], spec: BackboneSpec, threshold
     return torch.stack([mask_token_grid(m, spec, threshold) for m in masks])
 
 
+def embed_tokens(
+    tokens: torch.Tensor,
+    token_mask: torch.Tensor | None = None,
+    *,
+    head: nn.Module | None = None,
+    readout: str = "head",
+) -> torch.Tensor:
+    """Patch tokens ``[B, N, D]`` -> unit embeddings ``[B, D]`` (fp32): the one readout.
+
+    Every caller that holds tokens (:class:`IdentityModel`, the trainer's loop and validation,
+    the demo, the benchmarks) turns them into embeddings here, so they all compute the same
+    numbers. Tokens are read in fp32 whatever precision they were stored in. ``token_mask``
+    (bool ``[B, N]``, from :func:`masks_to_token_mask`) restricts the readout to those tokens.
+    ``readout``: ``head`` (``head`` required) or ``mean`` (masked mean of the tokens).
+    Gradients flow when enabled (the caller decides: ``embed_pixels`` runs under inference mode).
+    """
+    if readout == "pooled":
+        raise InvalidInputError("the 'pooled' readout works on pixels, not tokens; use embed_pixels")
+    if readout == "head" and head is None:
+        raise InvalidInputError("the 'head' readout needs a head")
+    tokens = tokens.float()
+    if tokens.is_inference() and torch.is_grad_enabled():
+        tokens = tokens.clone()  # backbone tokens from inference mode, read by a trained head
+    if token_mask is not None:
+        token_mask = token_mask.to(device=tokens.device, dtype=torch.bool)
+    if readout == "mean":
+        if token_mask is None:
+            pooled = tokens.mean(dim=1)
+        else:
+            w = token_mask.to(tokens.dtype).unsqueeze(-1)
+            pooled = (tokens * w).sum(1) / w.sum(1).clamp_min(1.0)
+        return F.normalize(pooled, dim=-1)
+    return head(tokens, mask=token_mask).float()
+
+
 class IdentityModel(nn.Module):
     """A frozen backbone and a NearID head; ``embed`` maps images to unit identity vectors.
 
@@ -213,32 +248,12 @@ class IdentityModel(nn.Module):
         *,
         head: nn.Module | None = None,
     ) -> torch.Tensor:
-        """Patch tokens ``[B, N, D]`` -> unit embeddings ``[B, D]`` (fp32): the one readout.
-
-        Every caller that holds tokens (this model, the trainer's loop and validation, the
-        demo) turns them into embeddings here, so they all compute the same numbers. Tokens
-        are read in fp32 whatever precision they were stored in. ``token_mask`` (bool
-        ``[B, N]``, from :func:`masks_to_token_mask`) restricts the readout to those tokens.
-        ``head``: a head to read with instead of ``self.head`` (the trainer's trainable,
-        possibly wrapped copy); given, it is used whatever ``readout`` says. Gradients flow
-        when enabled (the caller decides: ``embed_pixels`` runs under inference mode).
-        """
-        readout = "head" if head is not None else self.readout
-        if readout == "pooled":
-            raise InvalidInputError("the 'pooled' readout works on pixels, not tokens; use embed_pixels")
-        tokens = tokens.float()
-        if tokens.is_inference() and torch.is_grad_enabled():
-            tokens = tokens.clone()  # backbone tokens from inference mode, read by a trained head
-        if token_mask is not None:
-            token_mask = token_mask.to(device=tokens.device, dtype=torch.bool)
-        if readout == "mean":
-            if token_mask is None:
-                pooled = tokens.mean(dim=1)
-            else:
-                w = token_mask.to(tokens.dtype).unsqueeze(-1)
-                pooled = (tokens * w).sum(1) / w.sum(1).clamp_min(1.0)
-            return F.normalize(pooled, dim=-1)
-        return (self.head if head is None else head)(tokens, mask=token_mask).float()
+        """Patch tokens ``[B, N, D]`` -> unit embeddings ``[B, D]`` (fp32): :func:`embed_tokens`
+        with this model's head and readout (or ``head``, the trainer's trainable copy: given, it
+        is used whatever ``readout`` says)."""
+        if head is not None:
+            return embed_tokens(tokens, token_mask, head=head)
+        return embed_tokens(tokens, token_mask, head=self.head, readout=self.readout)
 
     def embed_pixels(self, pixels: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Normalised pixels ``[B,3,S,S]`` -> unit embeddings ``[B, D]`` (fp32, on the model's device)."""

@@ -211,14 +211,14 @@ def test_three_scorers_in_one_run_equal_each_scorer_run_alone(tmp_path):
     args = ["score", *layout, "-o", str(together), *MODEL, "--dreambench-json", str(dreambench)]
     assert main([*args, *(a for s in SCORERS for a in ("--scorer", s))]) == 0
     header = together.read_text(encoding="utf-8").splitlines()[0]
-    assert header == "path,subject,cosines,score,calibrated,rank,error,score:pooled:tiny-dino,score:clip"
+    assert header == "path,subject,cosines,score,match,calibrated,rank,error,score:pooled:tiny-dino,score:clip"
 
     for scorer, column in zip(SCORERS, ["score", "score:pooled:tiny-dino", "score:clip"]):
         alone = tmp_path / f"alone-{column.replace(':', '_')}.csv"
         alone_json = tmp_path / f"alone-{column.replace(':', '_')}.json"
         assert main(["score", *layout, "-o", str(alone), *MODEL, "--scorer", scorer,
                      "--dreambench-json", str(alone_json)]) == 0
-        assert alone.read_text(encoding="utf-8").splitlines()[0] == "path,subject,cosines,score,calibrated,rank,error"
+        assert alone.read_text(encoding="utf-8").splitlines()[0] == "path,subject,cosines,score,match,calibrated,rank,error"
         expected = _scores(alone)
         assert _scores(together, column) == expected
         assert sum(1 for v in expected.values() if v) == 5  # five scored, the broken file empty
@@ -303,8 +303,15 @@ def test_masks_follow_the_centre_crop():
     assert masks_to_token_mask([window], spec).all()
     left = np.zeros((32, 64), dtype=np.float32)
     left[:, :18] = 1.0
-    with pytest.raises(InvalidInputError, match="empty"):
-        masks_to_token_mask([left], spec)
+    # wholly outside the crop, so empty once cropped: the one policy for an empty mask keeps
+    # every token (it would keep none if the crop were not applied to the mask first)
+    assert masks_to_token_mask([left], spec).all()
+    # the window's left half: only the tokens of those columns of the crop
+    half = np.zeros((32, 64), dtype=np.float32)
+    half[2:30, 18:32] = 1.0
+    grid = masks_to_token_mask([half], spec)[0].reshape(spec.grid_size)
+    gh, gw = spec.grid_size
+    assert grid[:, : gw // 2].all() and not grid[:, gw // 2:].any()
 
 
 @pytest.mark.slow  # builds the real-size networks (random weights): about a minute on a busy CPU

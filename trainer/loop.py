@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from comfy_nearid.errors import ConfigError, DatasetError, NearIDError
+from comfy_nearid.model import embed_tokens
 
 from .checkpointing import TrainingProgress, remove_stale_temporaries, resolve_resume, save_checkpoint
 from .config import TrainConfig, config_to_dict, write_config
@@ -321,7 +322,7 @@ def slot_embeddings(
             [model.tokens(pixels[i : i + backbone_batch]) for i in range(0, len(pixels), backbone_batch)]
         ).to(token_dtype).float()
     mask = batch["token_mask"][valid] if "token_mask" in batch else None
-    flat = model.embed_tokens(tokens, mask, head=head)
+    flat = embed_tokens(tokens, mask, head=head)
     b, s = valid.shape
     return flat.new_zeros((b, s, flat.shape[-1])).index_put((valid,), flat)
 
