@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: ``--scorer`` default: the model given by ``--head``/``--backbone``/``--readout``.
+DEFAULT_SCORER = "head"
 ROW_FIELDS = ("set", "index", "path", "mean_to_others", "to_medoid", "medoid", "outlier", "group", "error")
 _MAPPING_FIELDS = {"set", "images"}
 
@@ -267,7 +269,7 @@ class ConsistencyOptions:
 
 
 def _resolved_config(model: Any, sets: Sequence[ImageSet], outputs: ConsistencyOutputs, options: ConsistencyOptions,
-                     extra: dict[str, Any] | None) -> dict[str, Any]:
+                     scorer: str, extra: dict[str, Any] | None) -> dict[str, Any]:
     from . import __version__
     from .embedding_cache import model_cache_identity
 
@@ -275,6 +277,7 @@ def _resolved_config(model: Any, sets: Sequence[ImageSet], outputs: ConsistencyO
     return {
         "command": "consistency",
         "library_version": __version__,
+        "scorer": scorer,
         "model_identity": model_cache_identity(model),
         "calibration": None if calibration is None else calibration.to_dict(),
         "threshold": options.threshold,
@@ -307,9 +310,11 @@ def _prepare_outputs(outputs: ConsistencyOutputs, config: dict[str, Any], resume
         previous = read_json(outputs.config, "cannot resume: settings file", ConfigError)
         if not isinstance(previous, dict):
             raise ConfigError(f"cannot resume: settings file {outputs.config} is not a JSON object; use --overwrite")
-        for name in ("model_identity", "calibration", "threshold", "outlier_z", "format"):
-            if previous.get(name) != config[name]:
-                raise ConfigError(f"cannot resume {outputs.rows}: it was written with {name}={previous.get(name)!r}, "
+        # the scorer first: another scorer also changes the model identity, and its name says more
+        for name in ("scorer", "model_identity", "calibration", "threshold", "outlier_z", "format"):
+            written = previous.get(name, DEFAULT_SCORER if name == "scorer" else None)  # runs before --scorer: head
+            if written != config[name]:
+                raise ConfigError(f"cannot resume {outputs.rows}: it was written with {name}={written!r}, "
                                   f"this run uses {config[name]!r}; use the same settings or --overwrite")
         done = {rec["set"] for rec in _journal_records(outputs.journal)}
         _keep_rows_of(outputs, done)
@@ -358,15 +363,20 @@ def consistency_run(
     resume: bool = False,
     overwrite: bool = False,
     run_config: dict[str, Any] | None = None,
+    scorer: str = DEFAULT_SCORER,
 ) -> dict[str, Any]:
     """Score the consistency of every set and write rows, journal, summary and HTML.
 
-    Returns the summary (also written to ``outputs.summary``).
+    ``model`` embeds the images (any :class:`~comfy_nearid.model.IdentityModel`: a NearID head
+    or a baseline from :func:`~comfy_nearid.evaluate.scorers.scorer_model`); ``scorer`` is the
+    spec that built it, recorded in the config and summary (``resume`` refuses another). The
+    calibrated match and threshold come from the model's own fitted curve, so a baseline
+    (no curve) uses the robust rule. Returns the summary (also written to ``outputs.summary``).
     """
     names = [s.name for s in sets]
     if len(set(names)) != len(names):
         raise DatasetError(f"set names must be distinct, got {names}")
-    config = _resolved_config(model, sets, outputs, options, run_config)
+    config = _resolved_config(model, sets, outputs, options, scorer, run_config)
     done = _prepare_outputs(outputs, config, resume, overwrite)
     atomic_write_json(outputs.config, config)
     calibration = head_calibration(model)
@@ -429,6 +439,7 @@ def _summary(outputs: ConsistencyOutputs, config: dict[str, Any]) -> dict[str, A
         "num_images": sum(s["num_images"] for s in sets.values()),
         "num_errors": num_errors,
         "num_inconsistent_sets": sum(1 for s in sets.values() if s.get("num_groups", 1) > 1 or s.get("outliers")),
+        "scorer": config["scorer"],
         "calibration": config["calibration"],
         "outputs": {k: None if v is None else str(v) for k, v in
                     (("rows", outputs.rows), ("journal", outputs.journal), ("html", outputs.html))},

@@ -154,3 +154,91 @@ def test_resume_without_the_settings_file_is_refused(folders, tmp_path, capsys):
     before = out.read_text()
     assert _run(str(folders / "alpha"), "-o", str(out), "--no-cache", "--no-html", "--resume") == EXIT_BAD_INPUT
     assert "settings file" in capsys.readouterr().err and out.read_text() == before
+
+
+# ---------------------------------------------------------------- --scorer (standard metrics)
+RANDOM = ["--random-weights", "--seed", "0", "--device", "cpu", "--dtype", "fp32"]
+
+
+def _scorer_run(*args: str) -> int:
+    return main(["consistency", *args, *RANDOM])
+
+
+def _numpy_cosines(embeddings) -> np.ndarray:
+    """Second implementation of the matrix: plain numpy cosines of the model's own embeddings."""
+    e = np.asarray(embeddings, dtype=np.float64)
+    e = e / np.linalg.norm(e, axis=1, keepdims=True)
+    return e @ e.T
+
+
+@pytest.mark.parametrize("spec", ["pooled:tiny-dino", "pooled:tiny-clip"])
+def test_a_baseline_scorer_gives_its_own_models_matrix_and_the_robust_rule(folders, tmp_path, tiny_model, spec):
+    from comfy_nearid.evaluate.scorers import scorer_model
+
+    cache_path = tmp_path / "emb.sqlite"
+    head_out, out = tmp_path / "head.jsonl", tmp_path / "s.jsonl"
+    assert _run(str(folders / "alpha"), "-o", str(head_out), "--cache", str(cache_path), "--no-html") == 0
+    assert _scorer_run(str(folders / "alpha"), "-o", str(out), "--scorer", spec, "--cache", str(cache_path),
+                       "--no-html") == 0
+    with EmbeddingCache(cache_path) as cache:
+        assert cache.count() == 10  # the scorer's embeddings live beside the head's, never read for them
+    paths = sorted((folders / "alpha").glob("*.png"))
+    model = scorer_model(spec, device="cpu", dtype="fp32", pretrained=False, seed=0)
+    want = _numpy_cosines(model.embed(paths).numpy())
+    journal = [json.loads(line) for line in out.with_name("s.sets.jsonl").read_text().splitlines()]
+    assert [Path(p) for p in journal[0]["paths"]] == paths
+    np.testing.assert_allclose(np.array(journal[0]["matrix"], dtype=np.float64), want, atol=1e-5)
+    head_matrix = _numpy_cosines(tiny_model.embed(paths).numpy())
+    assert np.abs(want - head_matrix).max() > 1e-2  # the run did not fall back to the head
+    rows = read_rows(out)
+    n = len(paths)
+    np.testing.assert_allclose([r["mean_to_others"] for r in rows], (want.sum(1) - 1) / (n - 1), atol=1e-5)
+    summary = json.loads(out.with_name("s.summary.json").read_text())
+    s = summary["sets"]["alpha"]
+    assert summary["scorer"] == spec and summary["calibration"] is None
+    assert s["calibrated_match"] is None and s["threshold_rule"] == "robust-z"  # a baseline has no curve
+    assert s["mean_pairwise"] == pytest.approx(want[np.triu_indices(n, 1)].mean(), abs=1e-5)
+    config = json.loads(out.with_name("s.config.json").read_text())
+    assert config["scorer"] == spec and config["model_identity"] == model.identity
+
+
+def test_a_head_scorer_with_a_fitted_curve_gives_the_calibrated_match(folders, tmp_path, tiny_model):
+    head = tmp_path / "fitted.safetensors"
+    tiny_model.save_head(head, calibration={"kind": "logistic", "midpoint": 0.3, "slope": 10.0})
+    out = tmp_path / "h.jsonl"
+    assert _scorer_run(str(folders / "alpha"), "-o", str(out), "--scorer", f"head:{head}", "--no-cache",
+                       "--no-html") == 0
+    paths = sorted((folders / "alpha").glob("*.png"))
+    want = _numpy_cosines(tiny_model.embed(paths).numpy())
+    mean = want[np.triu_indices(len(paths), 1)].mean()
+    s = json.loads(out.with_name("h.summary.json").read_text())["sets"]["alpha"]
+    assert s["threshold_rule"] == "calibrated-50"
+    assert s["calibrated_match"] == pytest.approx(100 / (1 + np.exp(-10.0 * (mean - 0.3))), abs=1e-3)
+
+
+def test_resume_with_another_scorer_is_refused(folders, tmp_path, capsys):
+    out = tmp_path / "r.csv"
+    assert _run(str(folders / "alpha"), "-o", str(out), "--no-cache", "--no-html") == 0
+    before = out.read_text()
+    capsys.readouterr()
+    assert _scorer_run(str(folders / "alpha"), "-o", str(out), "--no-cache", "--no-html", "--resume",
+                       "--scorer", "pooled:tiny-dino") == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "scorer='head'" in err and "'pooled:tiny-dino'" in err and "Traceback" not in err
+    assert out.read_text() == before
+
+
+@pytest.mark.parametrize("scorer,extra,message", [
+    ("clip-x", [], "scorer spec 'clip-x'"),
+    ("blob:tiny-dino", [], "scorer spec 'blob:tiny-dino'"),
+    ("pooled:no-such-backbone", [], "no-such-backbone"),
+    ("feature:object", [], "feature scorers need object masks"),
+    ("pooled:tiny-dino", ["--backbone", "tiny-siglip"], "--backbone belong to --scorer head"),
+])
+def test_a_bad_scorer_names_the_value(folders, tmp_path, capsys, scorer, extra, message):
+    out = tmp_path / "b.csv"
+    assert _scorer_run(str(folders / "alpha"), "-o", str(out), "--no-cache", "--no-html", "--scorer", scorer,
+                       *extra) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not out.exists()

@@ -1,8 +1,11 @@
 """`nearid consistency`: is it the same subject in every image of a set, and which one broke?
 
 Layouts (one of): ``DIR [DIR ...]`` (each folder, searched recursively, is one set) or
-``--mapping FILE`` (CSV ``set,images`` or JSON ``{set: paths}``). Writes ``--output`` rows
-(``.csv``/``.jsonl``), ``<output>.summary.json``, ``<output>.config.json``, the journal
+``--mapping FILE`` (CSV ``set,images`` or JSON ``{set: paths}``). ``--scorer SPEC`` picks the
+embedding (default ``head``: the model of ``--head``/``--backbone``/``--readout``; or a standard
+metric ``clip-i``, ``dino-i``, ``dino-i-s8``, ``dinov2``, or ``head:PATH``/``pooled:B``/``mean:B``),
+built by :func:`~comfy_nearid.evaluate.scorers.scorer_model` as in ``nearid score``. Writes
+``--output`` rows (``.csv``/``.jsonl``), ``<output>.summary.json``, ``<output>.config.json``, the journal
 ``<output>.sets.jsonl`` and ``<output>.html``. See :mod:`comfy_nearid.consistency` for the rules.
 """
 
@@ -35,6 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rule.add_argument("--outlier-z", type=float, default=3.5,
                       help="robust rule: modified z-score limit (median/MAD) (default: %(default)s)")
     model = parser.add_argument_group("model")
+    model.add_argument("--scorer", default="head", metavar="SPEC",
+                       help="the embedding of this run: head (the model of --head/--backbone/--readout; the "
+                            "default), clip-i, dino-i, dino-i-s8, dinov2, head:PATH.safetensors, pooled:BACKBONE or "
+                            "mean:BACKBONE; only a head with a fitted curve gives the calibrated match and threshold")
     model.add_argument("--head", type=Path, default=None, help="NearID head file (.safetensors)")
     model.add_argument("--backbone", default=None, help="registry backbone (default: from the head file)")
     model.add_argument("--backbone-weights", type=Path, default=None, help="backbone weights file")
@@ -59,28 +66,58 @@ def _sets(args: argparse.Namespace):
     return "folders", sets_from_folders(args.folders)
 
 
-def run(args: argparse.Namespace) -> int:
+def _load_scorer(args: argparse.Namespace):
+    """The model of ``--scorer`` (``head``: ``--head``/``--backbone``/``--readout``, as ``nearid score``)."""
     from .. import load_model
+    from ..evaluate.scorers import scorer_model
+
+    if args.scorer == "head":
+        return load_model(head=args.head, backbone=args.backbone, backbone_weights=args.backbone_weights,
+                          pretrained=not args.random_weights, seed=args.seed, readout=args.readout,
+                          device=args.device, dtype=args.dtype)
+    return scorer_model(args.scorer, device=args.device, dtype=args.dtype, pretrained=not args.random_weights,
+                        seed=args.seed)
+
+
+def _check_scorer(args: argparse.Namespace) -> None:
+    """Refuse a bad ``--scorer`` and model options it would ignore, before any model work."""
+    from ..evaluate.scorers import parse_scorer_spec
+
+    if args.scorer == "head":
+        if args.head is None and args.backbone is None:
+            raise InvalidInputError("give --head (a NearID head file) or --backbone (with --random-weights for tests), "
+                                    "or a --scorer such as clip-i, dino-i, dinov2")
+        return
+    kind, _ = parse_scorer_spec(args.scorer)  # names the value when it is not a spec
+    if kind == "feature":
+        raise InvalidInputError(f"--scorer {args.scorer}: feature scorers need object masks; "
+                                "they serve `nearid eval` only")
+    ignored = [flag for flag, given in (("--head", args.head is not None), ("--backbone", args.backbone is not None),
+                                        ("--backbone-weights", args.backbone_weights is not None),
+                                        ("--readout", args.readout != "head")) if given]
+    if ignored:
+        raise InvalidInputError(f"--scorer {args.scorer} builds its own model; {', '.join(ignored)} belong to "
+                                "--scorer head (the default): remove them or drop --scorer")
+
+
+def run(args: argparse.Namespace) -> int:
     from ..consistency_run import ConsistencyOptions, ConsistencyOutputs, consistency_run
     from ..embedding_cache import EmbeddingCache, default_cache_path
 
     layout, sets = _sets(args)  # input problems stop here, before any model work
-    if args.head is None and args.backbone is None:
-        raise InvalidInputError("give --head (a NearID head file) or --backbone (with --random-weights for tests)")
+    _check_scorer(args)
     outputs = ConsistencyOutputs.for_rows(args.output, args.format, False if args.no_html else (args.html or True))
     options = ConsistencyOptions(threshold=args.threshold, outlier_z=args.outlier_z, batch_size=args.batch_size,
                                  thumb_size=args.thumb_size, html_max_images=args.html_max_images)
     outputs.check_writable()
-    model = load_model(head=args.head, backbone=args.backbone, backbone_weights=args.backbone_weights,
-                       pretrained=not args.random_weights, seed=args.seed, readout=args.readout,
-                       device=args.device, dtype=args.dtype)
+    model = _load_scorer(args)
     cache = None if args.no_cache else EmbeddingCache(args.cache or default_cache_path())
     run_config = {"layout": layout, "argv": sys.argv[1:], "cache": None if cache is None else str(cache.path),
                   "model": {"head": None if args.head is None else str(args.head), "backbone": args.backbone,
                             "random_weights": args.random_weights, "seed": args.seed, "readout": args.readout}}
     try:
         summary = consistency_run(model, sets, outputs, options=options, cache=cache, resume=args.resume,
-                                  overwrite=args.overwrite, run_config=run_config)
+                                  overwrite=args.overwrite, run_config=run_config, scorer=args.scorer)
     finally:
         if cache is not None:
             cache.close()
@@ -92,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
         outliers = ",".join(str(i + 1) for i in s.get("outliers", [])) or "-"
         print(f"{name:{width}s}  {s['num_images']:6d}  {fmt(s.get('mean_pairwise'))}  {fmt(s.get('min_pairwise'))}  "
               f"{'-' if match is None else f'{match:6.1f}':>6s}  {outliers:8s}  {s['description']}")
-    print(f"{summary['num_sets']} set(s), {summary['num_images']} image(s), {summary['num_errors']} unreadable; "
-          f"rows: {outputs.rows}; summary: {outputs.summary}" + (f"; page: {outputs.html}" if outputs.html else ""))
+    print(f"scorer {summary['scorer']}; {summary['num_sets']} set(s), {summary['num_images']} image(s), "
+          f"{summary['num_errors']} unreadable; rows: {outputs.rows}; summary: {outputs.summary}"
+          + (f"; page: {outputs.html}" if outputs.html else ""))
     return 0
