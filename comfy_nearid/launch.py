@@ -59,3 +59,30 @@ def process_device(device: str | None) -> str | None:
     import torch
 
     return f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"
+
+
+def hold_if_requested(env_var: str, count: int, what: str) -> None:
+    """A test-only switch: when ``$env_var`` is set to ``count``, log ``holding after <what>
+    <count>`` and wait until a signal ends the process (SIGINT raises KeyboardInterrupt here).
+
+    Interruption tests use it to stop long work in a state it cannot leave by itself (the
+    trainer after step N: ``NEARID_TRAIN_HOLD_AFTER_STEP``; ``nearid score`` once N rows are
+    flushed: ``NEARID_SCORE_HOLD_AFTER_ROWS``), so the signal never races the work. Unset, it
+    does nothing."""
+    import logging
+    import time
+
+    from .errors import ConfigError
+
+    value = os.environ.get(env_var)
+    if not value:
+        return
+    try:
+        target = int(value)
+    except ValueError as e:
+        raise ConfigError(f"{env_var} must be a whole number, got {value!r}") from e
+    if count != target:
+        return
+    logging.getLogger(__name__).warning("holding after %s %d (%s is set): waiting for a signal", what, count, env_var)
+    while True:  # a signal is the only way out
+        time.sleep(3600)

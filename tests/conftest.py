@@ -12,6 +12,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.pop("NEARID_ALLOW_DOWNLOAD", None)
 os.environ.pop("NEARID_TRAIN_HOLD_AFTER_STEP", None)  # only the interruption tests set it, per child
+os.environ.pop("NEARID_SCORE_HOLD_AFTER_ROWS", None)
 
 try:
     import torch

@@ -4,7 +4,6 @@ resumed, and `accelerate launch --cpu --num_processes 2`."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time
@@ -75,18 +74,21 @@ def test_cli_stops_before_any_work_on_bad_layouts(tmp_path, rng, capsys):
         assert not out.exists()
 
 
-def _kill_when_blocked(cmd: list[str], rows_file: Path, cwd: Path, rows_before_block: int) -> int:
-    """Run ``cmd``, whose input has a FIFO where image ``rows_before_block`` belongs: reading it
-    blocks forever (nobody writes to it), so the run stops there with every earlier batch
-    flushed, a state it cannot leave by itself. SIGKILL it there, however late this process
-    runs. (The loop below only waits for that final state; its deadline bounds a failure.)"""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+def _kill_when_held(cmd: list[str], rows_file: Path, cwd: Path, rows_before_hold: int) -> int:
+    """Run ``cmd`` with ``NEARID_SCORE_HOLD_AFTER_ROWS=rows_before_hold``: once that many rows
+    are flushed the run logs "holding after rows N" and waits for a signal, a state it cannot
+    leave by itself. SIGKILL it there, however late this process runs. (The loop below only
+    waits for that log line; its deadline bounds a failure.)"""
+    env = {**subprocess_env(), "NEARID_SCORE_HOLD_AFTER_ROWS": str(rows_before_hold)}
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 600
-        while _count_rows(rows_file) < rows_before_block:
-            assert proc.poll() is None, f"the run ended before it blocked: {proc.stderr.read().decode()[-2000:]}"
-            assert time.monotonic() < deadline, "the run never reached the blocking image"
-            time.sleep(0.05)
+        seen = b""
+        while f"holding after rows {rows_before_hold}".encode() not in seen:
+            line = proc.stderr.readline()  # blocks until the run writes a line (or exits)
+            assert line or proc.poll() is None, f"the run ended before it held: {seen.decode()[-2000:]}"
+            assert time.monotonic() < deadline, "the run never reached the hold"
+            seen += line
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=60)
     finally:
@@ -98,23 +100,17 @@ def _kill_when_blocked(cmd: list[str], rows_file: Path, cwd: Path, rows_before_b
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs a POSIX FIFO")
 def test_sigkill_midway_then_resume_equals_an_uninterrupted_run(tmp_path):
     rng = np.random.default_rng(7)
     write_image(tmp_path / "ref.png", rng)
-    total, blocked_at = 120, 60  # batches of 10: six batches are flushed before the FIFO's batch
+    total, held_at = 120, 60  # batches of 10: the run holds once six batches are flushed
     for i in range(total):
-        if i != blocked_at:
-            write_smooth_image(tmp_path / "gen" / f"{i:03d}.jpg", rng, side=256)
-    fifo = tmp_path / "gen" / f"{blocked_at:03d}.jpg"
-    os.mkfifo(fifo)
+        write_smooth_image(tmp_path / "gen" / f"{i:03d}.jpg", rng, side=256)
     common = ["--reference", "ref.png", "gen", "--batch-size", "10", "--workers", "1", *TINY_MODEL_ARGS,
               "--dreambench-json"]
     killed = ["score", *common, "killed.db.json", "-o", "killed.csv", "--cache", "killed.sqlite"]
-    written = _kill_when_blocked(nearid_command(*killed), tmp_path / "killed.csv", tmp_path, blocked_at)
-    assert written == blocked_at  # every batch before the blocked one, and nothing after it
-    fifo.unlink()
-    write_smooth_image(fifo, rng, side=256)  # the image the FIFO stood for
+    written = _kill_when_held(nearid_command(*killed), tmp_path / "killed.csv", tmp_path, held_at)
+    assert written == held_at  # every batch up to the hold, and nothing after it
     resumed = run_nearid([*killed, "--resume"], cwd=tmp_path, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert f"{written} taken from the previous run" in resumed.stdout

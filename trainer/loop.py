@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from comfy_nearid.errors import ConfigError, DatasetError, NearIDError
+from comfy_nearid.launch import hold_if_requested
 from comfy_nearid.model import embed_tokens
 
 from .checkpointing import TrainingProgress, remove_stale_temporaries, resolve_resume, save_checkpoint
@@ -768,20 +768,9 @@ class _LogWindow:
 
 
 def _hold_if_requested(step: int) -> None:
-    """Wait forever (until a signal) after step ``$NEARID_TRAIN_HOLD_AFTER_STEP``; see
+    """Wait (until a signal) after step ``$NEARID_TRAIN_HOLD_AFTER_STEP``; see
     :data:`HOLD_AFTER_STEP_ENV`. A no-op when the variable is unset."""
-    value = os.environ.get(HOLD_AFTER_STEP_ENV)
-    if not value:
-        return
-    try:
-        hold_step = int(value)
-    except ValueError as e:
-        raise ConfigError(f"{HOLD_AFTER_STEP_ENV} must be a step number, got {value!r}") from e
-    if step != hold_step:
-        return
-    logger.warning("holding after step %d (%s is set): waiting for a signal", step, HOLD_AFTER_STEP_ENV)
-    while True:  # a signal (SIGINT raises KeyboardInterrupt here) is the only way out
-        time.sleep(3600)
+    hold_if_requested(HOLD_AFTER_STEP_ENV, step, "step")
 
 
 def train(config: TrainConfig, model: Any = None) -> TrainResult:

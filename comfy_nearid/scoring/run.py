@@ -22,6 +22,7 @@ from .combine import REFERENCE_COMBINATIONS, calibrated_matches, calibration_des
 from ..fileio import atomic_write_json
 from .outputs import OutputPaths, ScoringResult, finalize_run
 from .plan import ScoreItem, ScoringPlan
+from ..launch import hold_if_requested
 from .rows import ScoreRow, open_for_append, scan_rows, short_float, encode_row
 
 if TYPE_CHECKING:
@@ -36,6 +37,11 @@ logger = logging.getLogger(__name__)
 
 #: Called in the decode threads with ``(path, decoded PIL image or None on a cache hit, file bytes)``.
 ImageHook = Callable[[Path, Any, bytes], None]
+
+#: Test-only: ``nearid score`` waits for a signal once this many rows are flushed (see
+#: :func:`comfy_nearid.launch.hold_if_requested`), so kill-and-resume tests never race the run.
+HOLD_AFTER_ROWS_ENV = "NEARID_SCORE_HOLD_AFTER_ROWS"
+
 
 # ============================================================================ streaming
 @dataclass
@@ -394,12 +400,15 @@ def _run_chunks(
     unit = ScoringUnit(model, references, options.aggregate, cache, on_decoded=on_decoded)
     bar = tqdm(total=total, unit="img", desc="scoring" if shard.count == 1 else f"scoring [{shard.index}]",
                disable=not options.progress, dynamic_ncols=True, smoothing=0.1)
+    written = 0
     with open_for_append(journal, fmt) as out:
         for batch, batch_rows in unit.score_batches(chunks, options.num_workers, options.prefetch_batches):
             rows = [row for item, row in zip(batch, batch_rows) if item.index not in done]
             out.write("".join(encode_row(r, fmt) for r in rows))
             out.flush()  # rows survive a crash of this process from here on
             bar.update(len(rows))
+            written += len(rows)
+            hold_if_requested(HOLD_AFTER_ROWS_ENV, written, "rows")  # test-only switch, no-op unset
             if options.strict:
                 failed = next((r for r in rows if r.error), None)
                 if failed is not None:
