@@ -60,7 +60,7 @@ def test_demo_report_opens_in_chromium(tmp_path):
     require_browser()
     import torch
 
-    from comfy_nearid.demo import run_demo
+    from trainer.demo import run_demo
     from test_demo import TINY
 
     torch.set_num_threads(1)
