@@ -311,7 +311,11 @@ def test_ctrl_c_during_training_leaves_no_partial_head(tmp_path):
     cmd = [sys.executable, "-m", "comfy_nearid", "demo", "--out", str(out), "--backbone", "tiny-siglip",
            "--random-weights", "--identities", "20", "--no-progress"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", HOLD_AFTER_STEP_ENV: "1"}
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    # A shell starts background jobs with SIGINT ignored, and Python then never installs its
+    # KeyboardInterrupt handler: when the suite itself runs in the background (`bash .ci/run &`)
+    # the child would ignore the signal. It gets the default disposition, as a terminal gives it.
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     try:
         for line in proc.stderr:
