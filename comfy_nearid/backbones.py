@@ -71,6 +71,9 @@ class BackboneSpec:
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
     weights_files: tuple[str, ...] = ()
     weights_sha256: str | None = None
+    # Which construction of the tokens from the trunk's maps (bumped when a family's tokens
+    # change; recorded in head files and caches, which refuse tokens of another version).
+    token_version: int = 1
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -199,15 +202,28 @@ class Backbone(nn.Module):
         return tokens, self.trunk.features[17:](deep).mean(dim=(2, 3))
 
     def _mobilenet_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised pixels ``[B, 3, S, S]`` -> (tokens ``[B, (S/16)^2, D]``, the stride-32 map).
+
+        One token per 16x16-pixel cell (``token_version`` 2, issue 21), the concatenation of
+        ``MOBILENET_TOKEN_GROUPS``: the stride-16 map (96 ch), the stride-32 map (160 ch,
+        nearest-upsampled), the stride-8 map (32 ch, 2x2 average-pooled), each layer-normalised
+        on its own, and the colour of the pixels under the token (mean and standard deviation of
+        R, G, B in 0..1, 6 values). The two finer groups carry what the stride-16/32 maps have
+        lost: colour and detail.
+        """
         feats = self.trunk.features
         if pixels.device.type == "cpu":
             # depthwise convolutions run about twice as fast channels-last on CPU
             pixels = pixels.contiguous(memory_format=torch.channels_last)
-        s16 = feats[:14](pixels)  # [B, 96, S/16, S/16]
+        s8 = feats[:7](pixels)  # [B, 32, S/8, S/8]
+        s16 = feats[7:14](s8)  # [B, 96, S/16, S/16]
         s32 = feats[14:17](s16)  # [B, 160, S/32, S/32]
-        up = F.interpolate(s32, size=s16.shape[-2:], mode="nearest")
-        tokens = torch.cat([s16, up], dim=1).flatten(2).transpose(1, 2)
-        return F.layer_norm(tokens, tokens.shape[-1:]), s32
+        grid = s16.shape[-2:]
+        maps = [s16, F.interpolate(s32, size=grid, mode="nearest"), F.avg_pool2d(s8, 2)]
+        maps = [F.layer_norm(m.permute(0, 2, 3, 1), m.shape[1:2]) for m in maps]  # [B, g, g, C] each
+        colour = _cell_colour(pixels, self.spec, grid)  # [B, g, g, 6]
+        tokens = torch.cat([*maps, colour.to(maps[0].dtype)], dim=-1)
+        return tokens.flatten(1, 2), s32
 
     def pooling_head_state(self) -> dict[str, torch.Tensor] | None:
         """The pretrained pooling head in :class:`NearIDHead` names, or None if there is none."""
@@ -217,6 +233,24 @@ class Backbone(nn.Module):
         return NearIDHead.state_from_timm_attn_pool(
             {k: v.detach().clone() for k, v in pool.state_dict().items()}
         )
+
+
+# The channels of a mobilenet-v2 token (token_version 2), in order; their sum is embed_dim.
+MOBILENET_TOKEN_GROUPS = (("stride16", 96), ("stride32", 160), ("stride8", 32), ("colour", 6))
+
+
+def _cell_colour(pixels: torch.Tensor, spec: BackboneSpec, grid: tuple[int, int]) -> torch.Tensor:
+    """Colour statistics of the pixels under each token: normalised pixels ``[B, 3, S, S]`` ->
+    ``[B, gh, gw, 6]``, the mean then the standard deviation of R, G, B (in 0..1) over each
+    ``patch x patch`` cell of the token grid."""
+    mean = torch.tensor(spec.mean, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
+    rgb = pixels * std + mean
+    p = spec.patch_size
+    rgb = rgb[..., : grid[0] * p, : grid[1] * p]
+    m = F.avg_pool2d(rgb, p)
+    var = (F.avg_pool2d(rgb.square(), p) - m.square()).clamp_min(0)
+    return torch.cat([m, var.sqrt()], dim=1).permute(0, 2, 3, 1)
 
 
 def build_trunk(spec: BackboneSpec) -> nn.Module:

@@ -5,7 +5,7 @@ on, so that loading it onto any other backbone or preprocessing is refused:
 
 =====================  ============================================================
 ``format``             ``"nearid-head"``
-``format_version``     integer, currently 1
+``format_version``     integer, currently 2 (version 1 files load: they predate ``token_version``)
 ``backbone``           registry name (e.g. ``siglip2-so400m``)
 ``open_clip_model``    open_clip model name, ``pretrained_tag`` its weights tag
 ``image_size``         square input side in pixels; ``interpolation`` the resize filter
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from .backbones import BackboneSpec
 
 FORMAT = "nearid-head"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: adds ``token_version`` (the mobilenet-v2 tokens changed, issue 21)
 HEAD_KEYS = (
     "probe",
     "attention.in_proj_weight",
@@ -124,6 +124,7 @@ class HeadMetadata:
     mlp_dim: int
     layer_norm_eps: float
     num_tokens: int
+    token_version: int = 1
     open_clip_model: str = ""
     pretrained_tag: str = ""
     format_version: int = FORMAT_VERSION
@@ -147,6 +148,7 @@ class HeadMetadata:
             mlp_dim=head.mlp_dim,
             layer_norm_eps=head.layer_norm_eps,
             num_tokens=spec.num_tokens,
+            token_version=spec.token_version,
             open_clip_model=spec.open_clip_model or "",
             pretrained_tag=spec.pretrained_tag or "",
             provenance=dict(provenance or {}),
@@ -173,6 +175,7 @@ class HeadMetadata:
             "mlp_dim": str(self.mlp_dim),
             "layer_norm_eps": repr(float(self.layer_norm_eps)),
             "num_tokens": str(self.num_tokens),
+            "token_version": str(self.token_version),
             "provenance": json.dumps(self.provenance, sort_keys=True, default=str),
             "created": self.created,
             "library_version": self.library_version,
@@ -235,6 +238,9 @@ class HeadMetadata:
             layer_norm_eps=get("layer_norm_eps", float, lambda v: math.isfinite(v) and 0 < v < 1,
                                "a number between 0 and 1 (exclusive)"),
             num_tokens=get("num_tokens", _strict_int, lambda v: 1 <= v <= MAX_TOKENS, f"an integer in 1..{MAX_TOKENS}"),
+            # version 1 files predate the field: their heads were trained on version 1 tokens
+            token_version=(get("token_version", _strict_int, lambda v: v >= 1, "an integer >= 1")
+                           if version >= 2 else 1),
             open_clip_model=meta.get("open_clip_model", ""),
             pretrained_tag=meta.get("pretrained_tag", ""),
             format_version=version,
@@ -247,6 +253,15 @@ class HeadMetadata:
 
     def check_matches(self, spec: "BackboneSpec", source: str) -> None:
         """Raise :class:`HeadMismatchError` naming every field that disagrees with ``spec``."""
+        if self.backbone == spec.name and self.token_version != spec.token_version:
+            raise HeadMismatchError(
+                f"head {source} was trained on version {self.token_version} of the {spec.name} tokens "
+                f"(head format version {self.format_version}, {self.embed_dim}-d tokens), but this library "
+                f"builds version {spec.token_version} ({spec.embed_dim}-d: {spec.description or spec.name}); "
+                "retrain the head on the current tokens (`nearid demo` trains one; `python -m trainer` "
+                "on your data)"
+            )
+
         def fields(backbone: str, image_size: int, embed_dim: int, num_tokens: int,
                    mean, std, interpolation: str) -> dict[str, Any]:
             return {"backbone": backbone, "image_size": image_size, "embed_dim": embed_dim,

@@ -195,10 +195,12 @@ class IdentityModel(nn.Module):
     def identity(self) -> str:
         """Stable description of everything that determines an embedding (cache key), from
         content, not names: backbone architecture, ``weights=sha256:`` of the weights file
-        loaded (or the random seed), preprocessing, readout, the head's tensor hash and the
-        compute dtype when it is not fp32."""
+        loaded (or the random seed), preprocessing, readout, the token construction's version
+        when it is not 1, the head's tensor hash and the compute dtype when it is not fp32."""
         if self._identity is None:
             parts = [self.spec.name, self.backbone_id, self.preprocess.describe(), f"readout={self.readout}"]
+            if self.spec.token_version != 1 and self.readout != "pooled":  # the tokens changed
+                parts.append(f"tokens=v{self.spec.token_version}")
             if self.readout == "head":
                 parts.append("head=" + head_hash(self.head.state_dict()))
             if self.dtype != torch.float32:  # low-precision embeddings are not fp32's

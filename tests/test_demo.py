@@ -204,7 +204,7 @@ def test_shortened_demo_head_loads_and_is_the_best_validation_head(tiny_demo):
         assert torch.equal(tensor, demo_state[key]), key
     assert "demo" in meta.provenance and "config" in meta.provenance
     # the curve the trainer fitted on validation ships in the demo's head, and the summary
-    # checks it on the held-out test rows of the level the head trained on
+    # checks it on the held-out test rows of the levels the head trained on (all, pooled)
     from comfy_nearid.calibration import calibration_for, pairs_from_table, reliability_report
     from comfy_nearid.checkpoint import read_head_metadata
 
@@ -212,8 +212,8 @@ def test_shortened_demo_head_loads_and_is_the_best_validation_head(tiny_demo):
     summary = json.loads((tiny_demo.out_dir / "summary.json").read_text())["calibration"]
     assert summary["calibrated"] is (meta.calibration is not None)
     head_result = next(r for r in tiny_demo.results if r.name == "head:nearid-head.safetensors" and r.benchmark == "ssr")
-    rows = np.array([s == "object" for s in head_result.table.sources])
-    expected = reliability_report(calibration_for(head_path), *pairs_from_table(head_result.table.select(rows)))
+    assert summary["level"] == "all"
+    expected = reliability_report(calibration_for(head_path), *pairs_from_table(head_result.table))
     assert summary["heldout_ece"] == pytest.approx(expected.ece, abs=1e-9)
     assert (tiny_demo.out_dir / "report" / summary["diagrams"]["object"]).is_file()
     assert "Calibration of the identity match" in (tiny_demo.out_dir / "report" / "index.html").read_text()

@@ -13,6 +13,7 @@ from comfy_nearid.errors import ConfigError, DatasetError
 from trainer.config import AugmentConfig, DataConfig
 from trainer.data import (
     AugmentParams,
+    DatasetLayout,
     EpochSampler,
     SampleLayout,
     TrainingExamples,
@@ -123,6 +124,26 @@ def test_validation_hold_out_is_disjoint_and_seeded(tmp_path):
     assert split_validation(layout, 0.3, seed=1)[1].ids == val.ids
     with pytest.raises(ConfigError, match="val_fraction"):
         split_validation(layout, 0.01, seed=1)
+
+
+def test_validation_by_category_holds_out_whole_categories():
+    # 12 samples in 4 categories of 3; fraction 0.3 -> at least round(3.6) = 4 samples, i.e.
+    # whole categories until 4 are reached: 2 categories, 6 samples
+    samples = [SampleLayout(index=i, id=f"s{i}", views=[0, 1], distractors={"object": [0]}, category=f"c{i % 4}")
+               for i in range(12)]
+    layout = DatasetLayout(samples, ["object"], "toy")
+    train, val = split_validation(layout, 0.3, seed=1, by="category")
+    val_categories = {s.category for s in val.samples}
+    assert len(val_categories) == 2 and len(val) == 6 and len(train) == 6
+    assert not val_categories & {s.category for s in train.samples}
+    assert split_validation(layout, 0.3, seed=1, by="category")[1].ids == val.ids
+    assert "categories" in val.description
+    one = DatasetLayout([SampleLayout(index=i, id=f"s{i}", views=[0, 1], distractors={}, category="c")
+                         for i in range(4)], [], "one category")
+    with pytest.raises(ConfigError, match="at least 2 categories"):
+        split_validation(one, 0.3, seed=1, by="category")
+    with pytest.raises(ConfigError, match="val_split_by"):
+        split_validation(layout, 0.3, seed=1, by="colour")
 
 
 def test_live_items_hold_the_slot_images(tmp_path):

@@ -75,6 +75,9 @@ class DataConfig:
     val_indices: str | None = None
     val_sources: list[str] | None = None  # None = the training sources
     val_fraction: float = 0.0  # hold out this share of training samples when val is None
+    # how val_fraction holds samples out: random identities, or whole categories (validation,
+    # best-head choice and the exported head's calibration then see only unseen categories)
+    val_split_by: Literal["identity", "category"] = "identity"
     val_max_samples: int | None = None  # validate on the first N samples only
     test: str | None = None  # held-out test data, evaluated once at the end with the best head
     test_split: str | None = None
@@ -216,6 +219,8 @@ class TrainConfig:
             raise ConfigError(f"optim.lr must be > 0, got {self.optim.lr}")
         if not 0.0 <= self.data.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.data.val_fraction}")
+        if self.data.val_split_by not in ("identity", "category"):
+            raise ConfigError(f"data.val_split_by must be 'identity' or 'category', got {self.data.val_split_by!r}")
         if len(self.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.optim.betas):
             raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {self.optim.betas}")
         for key in ("flip_prob", "color_jitter_prob", "translate_prob"):

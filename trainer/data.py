@@ -117,6 +117,7 @@ class SampleLayout:
     views: list[int]  # valid view indices
     distractors: dict[str, list[int]]  # source -> view indices that have a distractor
     has_view_mask: list[bool] = field(default_factory=list)
+    category: str = ""
 
     def usable_sources(self) -> list[str]:
         return [s for s in sorted(self.distractors) if self.distractors[s]]
@@ -171,6 +172,7 @@ def scan_layout(
                 views=views,
                 distractors=dist,
                 has_view_mask=[m is not None for m in sample.masks],
+                category=sample.category,
             )
         )
     if sources is not None:
@@ -204,22 +206,50 @@ def scan_layout(
     return DatasetLayout(samples=kept, sources=used_sources, description=description)
 
 
-def split_validation(layout: DatasetLayout, fraction: float, seed: int) -> tuple[DatasetLayout, DatasetLayout]:
-    """Hold out ``fraction`` of the samples (a seeded random choice) as a validation set."""
+def split_validation(
+    layout: DatasetLayout, fraction: float, seed: int, by: str = "identity"
+) -> tuple[DatasetLayout, DatasetLayout]:
+    """Hold out ``fraction`` of the samples as a validation set: a seeded random choice of
+    samples (``by="identity"``), or of whole categories (``by="category"``: categories in a
+    seeded order until at least ``fraction`` of the samples are held out), so that the
+    validation identities come from categories the head never trains on, like a test split
+    of unseen categories."""
     n = len(layout)
     n_val = int(round(n * fraction))
+    if by == "category":
+        categories = [s.category for s in layout.samples]
+        names = sorted(set(categories))
+        if len(names) < 2:
+            raise ConfigError(
+                f"data.val_split_by=category needs samples of at least 2 categories; {layout.description} "
+                f"has {len(names)} ({names[:3]})"
+            )
+        held: set[str] = set()
+        count = 0
+        for i in np.random.default_rng([seed, 0x7A1]).permutation(len(names)).tolist():
+            if count >= max(1, n_val):
+                break
+            held.add(names[i])
+            count += categories.count(names[i])
+        val_pos = {i for i, c in enumerate(categories) if c in held}
+        n_val = len(val_pos)
+        what = f"categories {sorted(held)}"
+    elif by == "identity":
+        order = np.random.default_rng([seed, 0x7A1]).permutation(n)
+        val_pos = set(order[:n_val].tolist())
+        what = f"{fraction:g}"
+    else:
+        raise ConfigError(f"data.val_split_by must be 'identity' or 'category', got {by!r}")
     if n_val < 1 or n_val >= n:
         raise ConfigError(
-            f"data.val_fraction={fraction} leaves {n_val} validation and {n - n_val} training samples "
+            f"data.val_fraction={fraction} (by {by}) leaves {n_val} validation and {n - n_val} training samples "
             f"out of {n}; both need at least one"
         )
-    order = np.random.default_rng([seed, 0x7A1]).permutation(n)
-    val_pos = set(order[:n_val].tolist())
     train = [s for i, s in enumerate(layout.samples) if i not in val_pos]
     val = [s for i, s in enumerate(layout.samples) if i in val_pos]
     return (
         DatasetLayout(train, layout.sources, layout.description),
-        DatasetLayout(val, layout.sources, layout.description + f" (validation hold-out {fraction:g})"),
+        DatasetLayout(val, layout.sources, layout.description + f" (validation hold-out {what})"),
     )
 
 

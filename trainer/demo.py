@@ -16,8 +16,10 @@ from comfy_nearid.checkpoint import load_head_file
 from comfy_nearid.demo import (
     DEMO_LR,
     STEP_OVERHEAD,
-    TRAIN_LEVEL,
+    TRAIN_LEVELS,
+    TRAIN_MODE,
     VAL_FRACTION,
+    VAL_SPLIT_BY,
     DemoResult,
     DemoSettings,
     kept_for_training,
@@ -46,7 +48,8 @@ def demo_train_config(settings: DemoSettings, out: Path, epochs: int, steps: int
                   "backbone_weights": settings.backbone_weights, "backbone_seed": settings.seed,
                   "init_head": "own", "head_seed": settings.seed},
         "data": {"format": "folder", "train": str(out / "data"), "train_split": "train",
-                 "sources": [TRAIN_LEVEL], "val_fraction": VAL_FRACTION, "test": None},
+                 "sources": list(TRAIN_LEVELS), "distractor_mode": TRAIN_MODE,
+                 "val_fraction": VAL_FRACTION, "val_split_by": VAL_SPLIT_BY, "test": None},
         "features": {"cache": True, "cache_dir": str(out / "train" / "feature_cache")},
         # the demo trains at batch <= 64, where lr 1e-3 is the recipe its recorded run used
         # (synth.yaml's 2e-3 is tuned for batch 128)

@@ -69,6 +69,7 @@ class CacheIdentity:
     num_tokens: int
     dim: int
     dtype: str
+    tokens: int = 1  # the backbone's token_version (indexes written before it existed hold 1)
 
     def differences(self, other: "CacheIdentity") -> list[str]:
         mine, theirs = asdict(self), asdict(other)
@@ -85,6 +86,7 @@ def cache_identity(model: Any, dtype: str) -> CacheIdentity:
         num_tokens=spec.num_tokens,
         dim=spec.embed_dim,
         dtype=dtype,
+        tokens=spec.token_version,
     )
 
 

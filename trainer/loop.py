@@ -204,7 +204,7 @@ def _prepare_data(config: TrainConfig, model: Any, accelerator: Any) -> _Data:
     if d.val is not None:
         val = _open_split(config, "val", d.val_sources or train.sources, "validation")
     elif d.val_fraction > 0:
-        kept, held = split_validation(train.layout, d.val_fraction, config.seed)
+        kept, held = split_validation(train.layout, d.val_fraction, config.seed, by=d.val_split_by)
         train = _Split(train.dataset, kept, train.sources)
         val = _Split(train.dataset, held, d.val_sources or train.sources)
     if val is not None:
