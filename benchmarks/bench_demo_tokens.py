@@ -14,7 +14,16 @@ demo's recipe: AdamW lr 1e-3, batch 64, warm-up + cosine, P=2, K=3, best of vali
 and prints SSR / PA per test level (held-out categories) and the validation SSR per epoch.
 
     python benchmarks/bench_demo_tokens.py extract --data runs/demo/data --cache runs/tok224
-    python benchmarks/bench_demo_tokens.py train --cache runs/tok224 --variant base --variant s8pool
+    python benchmarks/bench_demo_tokens.py train --cache runs/tok224 --variant base --variant base+s8pool
+    python benchmarks/bench_demo_tokens.py cost      # backbone pass per image: v1 vs v2 tokens, 224 vs 320 px
+
+Variants: ``base`` is the version-1 construction (stride-16 + upsampled stride-32, one layer
+norm); ``+s8pool`` / ``+s8max`` / ``+s8cells`` add the stride-8 map (2x2 average / max /
+space-to-depth), ``+s4pool`` the stride-4 map, ``+s16a`` the block-10 stride-16 map, ``+rgb``
+the mean and standard deviation of the pixels under each token, ``+rgbn`` the same of the
+normalised pixels, ``+rgbcells`` the four 8x8 sub-cell means, ``+s8tok`` the stride-8 map as
+784 extra tokens; with any addition every group is layer-normalised on its own (``+joint``:
+one layer norm over all).
 """
 
 from __future__ import annotations
@@ -375,6 +384,43 @@ def run_train(args: argparse.Namespace) -> None:
                     f.write(json.dumps(r) + "\n")
 
 
+def cost(args: argparse.Namespace) -> None:
+    """Side-by-side per-image cost of the backbone pass: the registry's mobilenet-v2 tokens at
+    224 px (version 2), the version-1 tokens (stride-16 + stride-32 only) at 224 px, and the
+    version-2 tokens at a larger input; interleaved repeats, medians, ratios to version 1."""
+    from dataclasses import replace
+
+    from comfy_nearid.backbones import Backbone, build_backbone, get_backbone_spec
+
+    torch.set_num_threads(args.threads)
+    spec = get_backbone_spec("mobilenet-v2")
+    backbone = build_backbone(spec, pretrained=False)
+    big = Backbone(replace(spec, image_size=args.large), backbone.trunk)
+    feats = backbone.trunk.features
+
+    def v1(x: torch.Tensor) -> torch.Tensor:
+        s16 = feats[:14](x)
+        s32 = feats[14:17](s16)
+        t = torch.cat([s16, F.interpolate(s32, size=s16.shape[-2:], mode="nearest")], 1).flatten(2).transpose(1, 2)
+        return F.layer_norm(t, t.shape[-1:])
+
+    x224 = torch.randn(args.batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+    xbig = torch.randn(args.batch, 3, args.large, args.large).contiguous(memory_format=torch.channels_last)
+    runs = {"v1 tokens 224 px": lambda: v1(x224), "v2 tokens 224 px": lambda: backbone(x224),
+            f"v2 tokens {args.large} px": lambda: big(xbig)}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    with torch.inference_mode():
+        for _ in range(args.repeats + 1):
+            for name, fn in runs.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    ref = float(np.median(times["v1 tokens 224 px"][1:]))
+    for name, ts in times.items():
+        med = float(np.median(ts[1:]))
+        print(f"{name:22s} {1000 * med / args.batch:7.2f} ms/image  ratio to v1 224 px: {med / ref:.2f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -400,9 +446,16 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--train-ids", type=int, default=0, help="use only the first N training identities")
     t.add_argument("--val-by", default="identity", choices=["identity", "category"])
     t.add_argument("--results", default="")
+    c = sub.add_parser("cost")
+    c.add_argument("--batch", type=int, default=16)
+    c.add_argument("--repeats", type=int, default=5)
+    c.add_argument("--large", type=int, default=320)
+    c.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     if args.command == "extract":
         extract(args)
+    elif args.command == "cost":
+        cost(args)
     else:
         args.seed = args.seed or [0]
         run_train(args)

@@ -240,6 +240,8 @@ HEAD_METADATA_CASES: dict[str, tuple[str, str | None, str]] = {
     "std_zero": ("std", "[0.5, 0, 0.5]", "positive"),
     "interpolation_unknown": ("interpolation", "magic", "one of"),
     "format_version_text": ("format_version", "one", "invalid"),
+    "token_version_zero": ("token_version", "0", "out of range"),
+    "token_version_missing": ("token_version", None, "missing"),
     "format_wrong": ("format", "something-else", "expected 'nearid-head'"),
 }
 

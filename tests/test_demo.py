@@ -65,6 +65,40 @@ def test_resolve_settings_splits_identities_and_names_bad_values():
         resolve_settings("no-such-net")
 
 
+def test_target_check_applies_the_issue_targets():
+    from comfy_nearid.demo import _format_targets, target_check
+
+    def level(head_ssr, pooled=0.0, mean=2.0):
+        return {"pooled:m": {"ssr": pooled, "pa": 1.0}, "mean:m": {"ssr": mean, "pa": 1.0},
+                "head:h": {"ssr": head_ssr, "pa": 90.0}}
+
+    levels = {"object": level(75.0), "colour": level(40.0), "part": level(0.5), "all": level(38.5)}
+    # held-out ECE 0.049, accuracy at 50 1.5 points below the best threshold: both just inside
+    calibration = {"calibrated": True, "heldout_ece": 0.049, "level": "all",
+                   "accuracy_at_50": 0.755, "best_threshold_accuracy": 0.77}
+    t = target_check(levels, "head:h", calibration)
+    assert t["met"] and all(t["checks"].values()) and t["baseline_ssr"] == {"pooled:m": 0.0, "mean:m": 2.0}
+    assert t["calibration"]["accuracy_gap"] == pytest.approx(1.5)
+    text = _format_targets(t)
+    assert "(all met)" in text and text.count(": yes") == 6
+    # each target can fail on its own
+    failing = [
+        ({**levels, "object": level(74.9)}, calibration, "head_object_ssr_at_least_75"),
+        ({**levels, "object": level(80.0, mean=5.1)}, calibration, "baselines_object_ssr_at_most_5"),
+        ({**levels, "colour": level(39.9)}, calibration, "head_colour_ssr_at_least_40"),
+        ({**levels, "part": level(0.0)}, calibration, "head_part_ssr_above_0"),
+        (levels, {**calibration, "heldout_ece": 0.051}, "calibration_ece_at_most_0.05"),
+        (levels, {**calibration, "accuracy_at_50": 0.745}, "accuracy_at_50_within_2_points"),
+        (levels, {**calibration, "calibrated": False}, "calibration_ece_at_most_0.05"),
+    ]
+    for lv, cal, name in failing:
+        t = target_check(lv, "head:h", cal)
+        assert not t["met"] and not t["checks"][name], name
+        assert "NOT all met" in _format_targets(t)
+    with pytest.raises(InvalidInputError, match="head:other"):
+        target_check(levels, "head:other")
+
+
 def test_output_dir_rules(tmp_path):
     from comfy_nearid.demo import RUN_MARKER, check_output_dir
 
