@@ -8,6 +8,8 @@ Needs ComfyUI prepared by ``scripts/setup_comfyui.py``. Run after changing a gra
 node's inputs::
 
     python scripts/make_comfyui_workflows.py
+
+then ``python scripts/make_template_thumbnails.py`` for the templates' thumbnails.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class Node:
 
 @dataclass
 class Graph:
-    name: str
+    name: str  # the file name, and so the title ComfyUI's template browser shows (docs/comfyui.md)
     nodes: list[Node]
 
 
