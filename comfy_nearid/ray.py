@@ -25,21 +25,24 @@ Ray is imported only here, and only when needed (``pip install comfy-nearid[scal
 
 from __future__ import annotations
 
-import logging
-import os
-import socket
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
-import numpy as np
+_IMPORT_STARTED = time.time()  # in an actor: its worker process began importing this module
 
-from .errors import ConfigError, DatasetError, NearIDError
-from .scoring.partitions import PartitionOptions, rows_from_table, rows_table, score_partition
-from .scoring.rows import ScoreRow
-from .scoring.sources import IMAGE_FIELDS, Partition
-from .scoring.unit import ImageRef, ScoringUnit, embed_references
+import logging  # noqa: E402 (the clock above starts before the imports it measures)
+import os  # noqa: E402
+import socket  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from .errors import ConfigError, DatasetError, NearIDError  # noqa: E402
+from .scoring.partitions import PartitionOptions, rows_from_table, rows_table, score_partition  # noqa: E402
+from .scoring.rows import ScoreRow  # noqa: E402
+from .scoring.sources import IMAGE_FIELDS, Partition  # noqa: E402
+from .scoring.unit import ImageRef, ScoringUnit, embed_references  # noqa: E402
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -47,7 +50,7 @@ if TYPE_CHECKING:
     from .model import IdentityModel
 
 logger = logging.getLogger(__name__)
-_IMPORTED_AT = time.time()  # in an actor: when its worker process had imported this module
+_IMPORTED = time.time()  # ... and had imported it (torch, numpy, the scoring modules)
 
 INSTALL_HINT = "Ray is not installed: pip install comfy-nearid[scale]"
 # Test hook: "<partition name>=<marker file>" makes the actor that reaches that partition exit
@@ -178,7 +181,8 @@ class PartitionTiming:
 
     partition: str
     actor: str  # host:pid
-    imported: float  # the actor's process had imported this module (Ray worker up)
+    import_started: float  # the actor's worker process began importing this module (Ray worker up)
+    imported: float  # ... and had imported it (torch and the scoring modules)
     constructed: float  # the actor's constructor began
     ready: float  # its model was loaded
     started: float  # this partition began
@@ -188,7 +192,7 @@ class PartitionTiming:
 
 
 #: Columns :class:`PartitionScorer` adds to every row besides ``partition`` and ``partition_rows``.
-TIMING_COLUMNS = ("actor", "imported", "constructed", "ready", "started", "finished", "torch_threads")
+TIMING_COLUMNS = ("actor", "import_started", "imported", "constructed", "ready", "started", "finished", "torch_threads")
 
 
 class PartitionScorer:
@@ -218,18 +222,20 @@ class PartitionScorer:
             started = time.time()
             rows = score_partition(self.unit, partition, self.options)
             tables.append(rows_table(
-                rows, partition=partition.name, partition_rows=len(rows), actor=self.actor, imported=_IMPORTED_AT,
+                rows, partition=partition.name, partition_rows=len(rows), actor=self.actor, import_started=_IMPORT_STARTED, imported=_IMPORTED,
                 constructed=self.constructed, ready=self.ready, started=started, finished=time.time(),
                 torch_threads=torch.get_num_threads()))
         return pa.concat_tables(tables) if tables else rows_table(
-            [], partition="", partition_rows=0, actor="", imported=0.0, constructed=0.0, ready=0.0, started=0.0,
+            [], partition="", partition_rows=0, actor="", import_started=0.0, imported=0.0, constructed=0.0, ready=0.0, started=0.0,
             finished=0.0, torch_threads=0)
 
 
 def actor_phases(timings: Sequence[PartitionTiming], execution_started: float) -> dict[str, float]:
     """Where a Ray run's time went, from the actors' timestamps (seconds unless named otherwise).
 
-    - ``worker_start``: execution start -> the last actor's worker had imported this module;
+    - ``worker_start``: execution start -> the last actor's worker process began importing
+      this module (Ray starting the actors' processes; 0 when they were up before);
+    - ``imports``: the slowest actor's import of this module (torch, the scoring modules);
     - ``model_load``: the slowest actor's constructor (model load);
     - ``actors_ready``: execution start -> the last actor ready;
     - ``scoring``: the first partition's start -> the last one's end;
@@ -251,7 +257,8 @@ def actor_phases(timings: Sequence[PartitionTiming], execution_started: float) -
         span += window
     return {
         "actors": float(len(actors)),
-        "worker_start": max(0.0, max(p[0].imported for p in actors.values()) - execution_started),
+        "worker_start": max(0.0, max(p[0].import_started for p in actors.values()) - execution_started),
+        "imports": max(p[0].imported - p[0].import_started for p in actors.values()),
         "model_load": max(p[0].ready - p[0].constructed for p in actors.values()),
         "actors_ready": max(p[0].ready for p in actors.values()) - execution_started,
         "scoring": max(t.finished for t in timings) - min(t.started for t in timings),

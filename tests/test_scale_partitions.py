@@ -132,17 +132,18 @@ def test_missing_ray_says_what_to_install(monkeypatch):
 def test_actor_phases_from_hand_worked_timestamps():
     from comfy_nearid.ray import PartitionTiming, actor_phases
 
-    def timing(name, actor, imported, constructed, ready, started, finished, rows):
-        return PartitionTiming(name, actor, imported, constructed, ready, started, finished, rows, 1)
+    def timing(name, actor, import_started, imported, constructed, ready, started, finished, rows):
+        return PartitionTiming(name, actor, import_started, imported, constructed, ready, started, finished, rows, 1)
 
     # Actor a: ready at 104, two partitions of 20 rows ending at 108.5 -> 40 rows in 4.5 s.
     # Actor b: ready at 103, one partition of 20 rows ending at 107 -> 20 rows in 4 s.
-    timings = [timing("p0", "a", 101.0, 102.0, 104.0, 104.5, 106.5, 20),
-               timing("p1", "b", 100.5, 101.0, 103.0, 103.0, 107.0, 20),
-               timing("p2", "a", 101.0, 102.0, 104.0, 106.5, 108.5, 20)]
+    timings = [timing("p0", "a", 100.25, 101.0, 102.0, 104.0, 104.5, 106.5, 20),
+               timing("p1", "b", 99.0, 100.5, 101.0, 103.0, 103.0, 107.0, 20),
+               timing("p2", "a", 100.25, 101.0, 102.0, 104.0, 106.5, 108.5, 20)]
     phases = actor_phases(timings, execution_started=100.0)
     assert phases["actors"] == 2
-    assert phases["worker_start"] == pytest.approx(1.0)  # the later worker, a, at 101
+    assert phases["worker_start"] == pytest.approx(0.25)  # a's process at 100.25; b's was up before
+    assert phases["imports"] == pytest.approx(1.5)  # b: 99 -> 100.5
     assert phases["model_load"] == pytest.approx(2.0)
     assert phases["actors_ready"] == pytest.approx(4.0)
     assert phases["scoring"] == pytest.approx(108.5 - 103.0)
