@@ -221,13 +221,16 @@ class PartitionScorer:
             _exit_once_for_tests(partition.name)
             started = time.time()
             rows = score_partition(self.unit, partition, self.options)
-            tables.append(rows_table(
-                rows, partition=partition.name, partition_rows=len(rows), actor=self.actor, import_started=_IMPORT_STARTED, imported=_IMPORTED,
-                constructed=self.constructed, ready=self.ready, started=started, finished=time.time(),
-                torch_threads=torch.get_num_threads()))
-        return pa.concat_tables(tables) if tables else rows_table(
-            [], partition="", partition_rows=0, actor="", import_started=0.0, imported=0.0, constructed=0.0, ready=0.0, started=0.0,
-            finished=0.0, torch_threads=0)
+            timing = PartitionTiming(partition.name, self.actor, _IMPORT_STARTED, _IMPORTED, self.constructed,
+                                     self.ready, started, time.time(), len(rows), torch.get_num_threads())
+            tables.append(rows_table(rows, partition_rows=len(rows), **_timing_columns(timing)))
+        if tables:
+            return pa.concat_tables(tables)
+        return rows_table([], partition_rows=0, **_timing_columns(PartitionTiming("", "", 0, 0, 0, 0, 0, 0, 0, 0)))
+
+
+def _timing_columns(timing: PartitionTiming) -> dict[str, Any]:
+    return {"partition": timing.partition, **{name: getattr(timing, name) for name in TIMING_COLUMNS}}
 
 
 def actor_phases(timings: Sequence[PartitionTiming], execution_started: float) -> dict[str, float]:
