@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from comfy_nearid import load_model
     from comfy_nearid.ray import RayEngine
-    from comfy_nearid.scoring import OutputPaths, ScoringOptions, plan_single_subject, score_plan
+    from comfy_nearid.scoring import OutputPaths, RunSettings, ScoringOptions, plan_single_subject, score_plan
     from comfy_nearid.scoring.partitions import PartitionOptions, score_partitions
     from comfy_nearid.scoring.sources import plan_partitions
 
@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
     outputs = OutputPaths.for_rows(work / "local.csv")
     start = time.perf_counter()
-    score_plan(model, plan, outputs, options=ScoringOptions(batch_size=args.batch_size, num_workers=2,
-                                                            progress=False), overwrite=True)
+    options = ScoringOptions(batch_size=args.batch_size, num_workers=2, progress=False)
+    score_plan(model, plan, outputs, RunSettings(options=options, overwrite=True))
     results["local, 2 threads"] = len(images) / (time.perf_counter() - start)
     torch.set_num_threads(1)
 
