@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from comfy_nearid import load_model
     from comfy_nearid.ray import RayEngine
-    from comfy_nearid.scoring import OutputPaths, ScoringOptions, plan_single_subject, score_plan
+    from comfy_nearid.scoring import OutputPaths, RunSettings, ScoringOptions, plan_single_subject, score_plan
     from comfy_nearid.scoring.partitions import PartitionOptions, score_partitions
     from comfy_nearid.scoring.sources import plan_partitions
 
@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, dict[str, float]] = {}
 
     start = time.perf_counter()
-    score_plan(model, plan, OutputPaths.for_rows(work / "local.csv"),
-               options=ScoringOptions(batch_size=args.batch_size, num_workers=2, progress=False), overwrite=True)
+    local_options = ScoringOptions(batch_size=args.batch_size, num_workers=2, progress=False)
+    score_plan(model, plan, OutputPaths.for_rows(work / "local.csv"), RunSettings(options=local_options, overwrite=True))
     total = time.perf_counter() - start
     runs["local, 2 threads"] = {"total": total, "end_to_end": len(images) / total, "steady": len(images) / total}
 
