@@ -43,7 +43,7 @@ from bench_scoring import write_images  # noqa: E402
 
 PHASES = (  # (label, key in the run's phases)
     ("references embedded", "references"),
-    ("actors' worker processes up (after run start)", "worker_start"),
+    ("actors' processes up (after run start)", "worker_start"),
     ("actor imports (torch, library; slowest actor)", "imports"),
     ("actor model load (slowest actor)", "model_load"),
     ("all actors ready (after run start)", "actors_ready"),
