@@ -74,7 +74,7 @@ def test_target_check_applies_the_issue_targets():
 
     levels = {"object": level(75.0), "colour": level(40.0), "part": level(0.5), "all": level(38.5)}
     # held-out ECE 0.049, accuracy at 50 1.5 points below the best threshold: both just inside
-    calibration = {"calibrated": True, "heldout_ece": 0.049, "level": "all",
+    calibration = {"calibrated": True, "heldout_ece": 0.049, "level": "object",
                    "accuracy_at_50": 0.755, "best_threshold_accuracy": 0.77}
     t = target_check(levels, "head:h", calibration)
     assert t["met"] and all(t["checks"].values()) and t["baseline_ssr"] == {"pooled:m": 0.0, "mean:m": 2.0}
@@ -238,7 +238,7 @@ def test_shortened_demo_head_loads_and_is_the_best_validation_head(tiny_demo):
         assert torch.equal(tensor, demo_state[key]), key
     assert "demo" in meta.provenance and "config" in meta.provenance
     # the curve the trainer fitted on validation ships in the demo's head, and the summary
-    # checks it on the held-out test rows of the levels the head trained on (all, pooled)
+    # checks it on the held-out test rows of the level it is fitted on (object)
     from comfy_nearid.calibration import calibration_for, pairs_from_table, reliability_report
     from comfy_nearid.checkpoint import read_head_metadata
 
@@ -246,8 +246,12 @@ def test_shortened_demo_head_loads_and_is_the_best_validation_head(tiny_demo):
     summary = json.loads((tiny_demo.out_dir / "summary.json").read_text())["calibration"]
     assert summary["calibrated"] is (meta.calibration is not None)
     head_result = next(r for r in tiny_demo.results if r.name == "head:nearid-head.safetensors" and r.benchmark == "ssr")
-    assert summary["level"] == "all"
-    expected = reliability_report(calibration_for(head_path), *pairs_from_table(head_result.table))
+    assert summary["level"] == "object"
+    if meta.calibration is not None:  # fitted on the object-level validation pairs only
+        assert meta.calibration["provenance"]["distractor_sources"] == ["object"]
+        assert "categories" in meta.calibration["provenance"]["data"]  # validation by held-out category
+    rows = np.array([s == "object" for s in head_result.table.sources])
+    expected = reliability_report(calibration_for(head_path), *pairs_from_table(head_result.table.select(rows)))
     assert summary["heldout_ece"] == pytest.approx(expected.ece, abs=1e-9)
     assert (tiny_demo.out_dir / "report" / summary["diagrams"]["object"]).is_file()
     assert "Calibration of the identity match" in (tiny_demo.out_dir / "report" / "index.html").read_text()

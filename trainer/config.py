@@ -158,6 +158,9 @@ class EvalConfig:
     batch_size: int = 64
     select_by: Literal["ssr", "pa"] = "ssr"  # the best head is the one with the highest value
     baseline: bool = False  # also score the frozen backbone's own pooling on the test data
+    # distractor sources whose pairs fit the exported head's identity-match curve (None = every
+    # validation source); a two-parameter curve fits one kind of look-alike, not a mixture
+    calibration_sources: list[str] | None = None
 
 
 @dataclass

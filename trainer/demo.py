@@ -16,6 +16,7 @@ from comfy_nearid.checkpoint import load_head_file
 from comfy_nearid.demo import (
     DEMO_LR,
     STEP_OVERHEAD,
+    CALIBRATION_LEVEL,
     TRAIN_LEVELS,
     TRAIN_MODE,
     VAL_FRACTION,
@@ -57,7 +58,7 @@ def demo_train_config(settings: DemoSettings, out: Path, epochs: int, steps: int
         "train": {"epochs": epochs, "max_steps": steps, "batch_size": settings.batch_size,
                   "cpu": device_type == "cpu", "mixed_precision": "no"},
         "checkpoint": {"every_steps": 0},  # the demo never resumes; the head files are what counts
-        "eval": {"every_steps": max(5, steps // 8), "baseline": False},
+        "eval": {"every_steps": max(5, steps // 8), "baseline": False, "calibration_sources": [CALIBRATION_LEVEL]},
         "logging": {"every_steps": max(1, min(10, steps // 10))},
     }
     config = config_from_dict(values, base)

@@ -687,10 +687,14 @@ class _Run:
         val = self.data.val
         if val is None:
             return None
-        result = evaluate_layout(val.layout, val.sources, self._head_embedder(val, head))
+        sources = list(self.config.eval.calibration_sources or val.sources)
+        unknown = [x for x in sources if x not in val.sources]
+        if unknown:
+            raise ConfigError(f"eval.calibration_sources {unknown} are not validation sources {list(val.sources)}")
+        result = evaluate_layout(val.layout, sources, self._head_embedder(val, head))
         try:
             fit = fit_calibration(result.same_cosines, result.near_cosines, data=val.layout.description,
-                                  split="validation", extra={"distractor_sources": list(val.sources)})
+                                  split="validation", extra={"distractor_sources": sources})
         except InvalidInputError as e:
             logger.warning("the exported head stays uncalibrated: %s", e)
             return None
