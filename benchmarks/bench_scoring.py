@@ -142,42 +142,53 @@ def model_only_throughput(model, pixels, batch_sizes: list[int], repeats: int) -
     ``repeats`` passes over ``pixels``, after one warm-up batch)."""
     import statistics
 
-    import torch
-
-    def sync() -> None:
-        if model.device.type == "cuda":
-            torch.cuda.synchronize(model.device)
-
     out = {}
     for bs in batch_sizes:
-        model.embed_pixels(pixels[:bs].to(model.device))
-        sync()
-        passes = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for i in range(0, len(pixels) - bs + 1, bs):  # whole batches only
-                model.embed_pixels(pixels[i : i + bs].to(model.device))
-            sync()
-            passes.append(((len(pixels) // bs) * bs) / (time.perf_counter() - start))
-        out[bs] = statistics.median(passes)
+        model_only_pass(model, pixels[:bs], bs)  # warm-up
+        out[bs] = statistics.median(model_only_pass(model, pixels, bs)[0] for _ in range(repeats))
     return out
 
 
-def cli_seconds(args: argparse.Namespace, ref: Path, folder: Path, out: Path) -> float:
-    """Wall time of `nearid score` with its default speed settings (in this process)."""
+def model_only_pass(model, pixels, batch_size: int) -> tuple[float, float]:
+    """One pass of the forward over ``pixels`` in whole batches: (img/s, process CPU ms per image)."""
+    import torch
+
+    count = (len(pixels) // batch_size) * batch_size
+    wall, cpu = time.perf_counter(), time.process_time()
+    for i in range(0, count, batch_size):
+        model.embed_pixels(pixels[i : i + batch_size].to(model.device))
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    return count / (time.perf_counter() - wall), 1000 * (time.process_time() - cpu) / count
+
+
+def cli_seconds(args: argparse.Namespace, ref: Path, folder: Path, out: Path, cache: Path | None = None
+                ) -> tuple[float, float]:
+    """Wall and process CPU seconds of `nearid score` with its default speed settings, in this
+    process (``cache``: an embedding cache file; ``None``: ``--no-cache``)."""
     from comfy_nearid.cli import main as nearid
 
     argv = ["score", "--reference", str(ref), str(folder), "-o", str(out), "--backbone", args.backbone,
-            "--random-weights", "--device", args.device, "--no-cache", "--no-progress", "--overwrite"]
-    start = time.perf_counter()
+            "--random-weights", "--device", args.device, "--no-progress", "--overwrite"]
+    argv += ["--no-cache"] if cache is None else ["--cache", str(cache)]
+    wall, cpu = time.perf_counter(), time.process_time()
     if nearid(argv) != 0:
         raise SystemExit(f"nearid {' '.join(argv)} failed")
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def bench_throughput(args: argparse.Namespace, work: Path) -> None:
+    """[5] `nearid score` (default settings) vs the best model-only throughput, side by side.
+
+    The batch-size sweep finds the model's best batch. Then ``--rounds`` rounds, each one
+    end-to-end run of the CLI (steady state: the run on N images minus a run on one image, so
+    start-up and model construction drop out) next to a model-only pass at the best batch; the
+    ratio is taken per round and its median printed, so a change of load between rounds hits
+    both sides alike. Process CPU time per image (all threads) is printed next to it: on a
+    busy machine it says where the work goes even when wall times wander."""
     import contextlib
     import io
+    import statistics
 
     import torch
 
@@ -199,26 +210,47 @@ def bench_throughput(args: argparse.Namespace, work: Path) -> None:
     print(f"model {args.backbone} (random weights, {str(model.dtype).replace('torch.', '')}) on {model.device}, "
           f"{args.images} JPEGs of {args.side}px, torch threads {torch.get_num_threads()}, CPU cores {os.cpu_count()}, "
           f"load average {os.getloadavg()[0]:.2f}")
-    with contextlib.redirect_stdout(io.StringIO()):  # the CLI's summary table
-        cli_seconds(args, ref, one, work / "tp-warm.csv")
-        t_one = cli_seconds(args, ref, one, work / "tp-one.csv")
-        t_all = cli_seconds(args, ref, folder, work / "tp-all.csv")
-    end_to_end = (args.images - 1) / (t_all - t_one)
-    start = time.perf_counter()  # where the rest goes: decode + preprocess on one core
-    for p in paths[:count]:
-        model.preprocess(load_image(p))
-    decode_ms = 1000 * (time.perf_counter() - start) / count
     rates = model_only_throughput(model, pixels, sweep, repeats=args.repeats)
     best = max(rates, key=rates.get)
     default = default_batch_size(model.device)
     print("[5] model-only img/s by batch size: " + ", ".join(f"{bs}: {r:.1f}" for bs, r in rates.items())
           + f" (best {best}; the CLI default on {model.device.type} is {default})")
-    print(f"    nearid score end to end {end_to_end:.1f} img/s vs best model-only {rates[best]:.1f} img/s: "
-          f"{end_to_end / rates[best]:.2f} of the model's speed (target >= 0.90); load average {os.getloadavg()[0]:.2f}")
+    start = time.thread_time()  # decode + preprocess, CPU time of one thread
+    for p in paths[:count]:
+        model.preprocess(load_image(p))
+    decode_ms = 1000 * (time.thread_time() - start) / count
+
+    variants = {"--no-cache": None, "fresh cache": work / "tp-cache.sqlite"} if args.with_cache else {"--no-cache": None}
+    results: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name in variants}
+    with contextlib.redirect_stdout(io.StringIO()):  # the CLI's summary table
+        cli_seconds(args, ref, one, work / "tp-warm.csv")
+    for _ in range(args.rounds):
+        for name, cache in variants.items():
+            with contextlib.redirect_stdout(io.StringIO()):
+                if cache is not None:
+                    cache.unlink(missing_ok=True)
+                one_wall, one_cpu = cli_seconds(args, ref, one, work / "tp-one.csv", cache)
+                if cache is not None:
+                    cache.unlink(missing_ok=True)
+                all_wall, all_cpu = cli_seconds(args, ref, folder, work / "tp-all.csv", cache)
+            model_rate, model_cpu = model_only_pass(model, pixels, best)
+            e2e_rate = (args.images - 1) / (all_wall - one_wall)
+            e2e_cpu = 1000 * (all_cpu - one_cpu) / (args.images - 1)
+            results[name].append((e2e_rate, model_rate, e2e_cpu, model_cpu))
+    for name, rounds in results.items():
+        ratios = [e / m for e, m, _, _ in rounds]
+        e2e_cpu, model_cpu = (statistics.median(r[k] for r in rounds) for k in (2, 3))
+        print(f"    nearid score ({name}) end to end vs model-only at batch {best}, {args.rounds} rounds side by side: "
+              + " | ".join(f"{e:.1f} vs {m:.1f} img/s" for e, m, _, _ in rounds))
+        print(f"    ratio per round {', '.join(f'{r:.2f}' for r in ratios)}: median {statistics.median(ratios):.2f} "
+              f"of the model's speed (target >= 0.90)")
+        print(f"    CPU time per image (all threads): end to end {e2e_cpu:.1f} ms, model-only {model_cpu:.1f} ms "
+              f"(model work / end-to-end work {model_cpu / e2e_cpu:.2f})")
     cores = os.cpu_count() or 1
     bound = 1.0 / (1.0 / rates[best] + decode_ms / 1000 / cores) if model.device.type == "cpu" else rates[best]
-    print(f"    decode + preprocess {decode_ms:.1f} ms per image on one core; on a CPU decode shares the "
-          f"{cores} cores with the model, so the bound is {bound:.1f} img/s ({bound / rates[best]:.2f} of model-only)")
+    print(f"    decode + preprocess {decode_ms:.1f} ms CPU per image on one thread; on a CPU decode shares the "
+          f"{cores} cores with the model, so the bound is {bound:.1f} img/s ({bound / rates[best]:.2f} of model-only); "
+          f"load average now {os.getloadavg()[0]:.2f}")
 
 
 def bench_memory(args: argparse.Namespace, work: Path) -> None:
@@ -308,6 +340,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="device of the throughput benchmark [5] (cpu, cuda)")
     parser.add_argument("--sweep", type=int, nargs="+", default=None, help="model-only batch sizes for [5]")
     parser.add_argument("--repeats", type=int, default=3, help="model-only passes per batch size for [5]")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="[5]: end-to-end runs, each beside a model-only pass; the median ratio is printed")
+    parser.add_argument("--with-cache", action="store_true",
+                        help="[5]: also time the CLI with a fresh embedding cache (its default) besides --no-cache")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the images here (default: a temp dir)")
     parser.add_argument("--only", choices=("speed", "cache", "memory", "early", "throughput"), action="append",
                         default=None, help="parts to run (cache: only the cached re-run of part 2)")
