@@ -75,14 +75,13 @@ def naive_loop(model, reference_paths: list[Path], paths: list[Path]) -> np.ndar
 
 
 def streaming(model, ref: Path, gen: Path, out: Path, cache, batch_size: int, workers: int) -> float:
-    from comfy_nearid.scoring import OutputPaths, ScoringOptions, plan_single_subject, score_plan
+    from comfy_nearid.scoring import OutputPaths, RunSettings, ScoringOptions, plan_single_subject, score_plan
 
     plan = plan_single_subject([ref], [gen])
     outputs = OutputPaths.for_rows(out)
     start = time.perf_counter()
-    score_plan(model, plan, outputs, options=ScoringOptions(batch_size=batch_size, num_workers=workers,
-                                                            progress=False),
-               cache=cache, overwrite=True)
+    options = ScoringOptions(batch_size=batch_size, num_workers=workers, progress=False)
+    score_plan(model, plan, outputs, RunSettings(options=options, cache=cache, overwrite=True))
     return time.perf_counter() - start
 
 

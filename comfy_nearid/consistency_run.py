@@ -28,7 +28,7 @@ import numpy as np
 
 from .consistency import DEFAULT_OUTLIER_Z, SetConsistency, describe_groups, head_calibration, set_consistency
 from .errors import ConfigError, DatasetError, ImageLoadError, InvalidInputError
-from .fileio import atomic_write_json
+from .fileio import atomic_write_json, read_mapping_records
 from .scoring.plan import list_images
 from .scoring.rows import OUTPUT_FORMATS, format_from_suffix, short_float
 
@@ -40,7 +40,6 @@ logger = logging.getLogger(__name__)
 #: ``--scorer`` default: the model given by ``--head``/``--backbone``/``--readout``.
 DEFAULT_SCORER = "head"
 ROW_FIELDS = ("set", "index", "path", "mean_to_others", "to_medoid", "medoid", "outlier", "group", "error")
-_MAPPING_FIELDS = {"set", "images"}
 
 
 # ============================================================================ sets
@@ -81,58 +80,18 @@ def sets_from_folders(folders: Sequence[str | Path]) -> list[ImageSet]:
     return sets
 
 
-def _path_list(value: Any, where: str) -> list[str]:
-    if isinstance(value, str):
-        return [p.strip() for p in value.split(";") if p.strip()]
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return [v.strip() for v in value if v.strip()]
-    raise DatasetError(f"{where}: expected a path or a list of paths, got {value!r}")
-
-
 def sets_from_mapping(path: str | Path) -> list[ImageSet]:
-    """Many sets from a mapping file (paths relative to the file's folder; folders expanded).
+    """Many sets from a mapping file (paths relative to the file's folder; folders expanded;
+    read by :func:`~comfy_nearid.fileio.read_mapping_records`).
 
     - JSON: ``{"<set>": PATHS, ...}`` or ``[{"set": ..., "images": PATHS}, ...]``.
     - CSV: header ``set,images``; several paths in a cell separated by ``;``; rows naming the
       same set are merged.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"mapping file {path} does not exist")
-    entries: list[tuple[str, list[str]]] = []
-    if path.suffix.lower() == ".json":
-        from .fileio import read_json
-
-        data = read_json(path, "mapping file")
-        if isinstance(data, dict):
-            entries = [(str(k), _path_list(v, f"mapping file {path}, set {k!r}")) for k, v in data.items()]
-        elif isinstance(data, list):
-            for i, rec in enumerate(data):
-                where = f"mapping file {path}, entry {i}"
-                if not isinstance(rec, dict) or set(rec) != _MAPPING_FIELDS:
-                    raise DatasetError(f"{where}: expected an object with fields {sorted(_MAPPING_FIELDS)}, got {rec!r}")
-                entries.append((str(rec["set"]), _path_list(rec["images"], f"{where}.images")))
-        else:
-            raise DatasetError(f"mapping file {path}: expected a JSON object or list, got {type(data).__name__}")
-    elif path.suffix.lower() == ".csv":
-        try:
-            with open(path, newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f)
-                if set(reader.fieldnames or []) != _MAPPING_FIELDS:
-                    raise DatasetError(f"mapping file {path}: header must be {sorted(_MAPPING_FIELDS)}, got {reader.fieldnames}")
-                for line, row in enumerate(reader, start=2):
-                    entries.append(((row["set"] or "").strip(), _path_list(row["images"] or "", f"mapping file {path}, line {line}")))
-        except (OSError, UnicodeDecodeError, csv.Error) as e:
-            raise DatasetError(f"mapping file {path}: cannot read CSV ({e})") from e
-    else:
-        raise DatasetError(f"mapping file {path}: unknown format {path.suffix!r}; use .json or .csv")
+    records, _ = read_mapping_records(path, key="set", path_fields=("images",), extra="refuse")
     merged: dict[str, list[Path]] = {}
-    for name, paths in entries:
-        if not name:
-            raise DatasetError(f"mapping file {path}: a set has an empty name")
-        merged.setdefault(name, []).extend(p if Path(p).is_absolute() else path.parent / p for p in map(Path, paths))
-    if not merged:
-        raise DatasetError(f"mapping file {path} lists no set")
+    for rec in records:
+        merged.setdefault(rec.name, []).extend(rec.paths["images"])
     return [ImageSet(name, _expand(paths, name)) for name, paths in merged.items()]
 
 

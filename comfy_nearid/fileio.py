@@ -9,7 +9,8 @@ device is refused instead of blocking), :func:`loads_json` (duplicate keys refus
 One function writes a file atomically (:func:`atomic_write_text`, with :func:`atomic_write_json`
 on top): a temporary file in the same folder renamed over the target, so a reader sees the old
 file or the whole new one. :func:`file_sha256` hashes a file once per version (path, size,
-mtime), remembered in :func:`user_cache_dir`.
+mtime), remembered in :func:`user_cache_dir`. :func:`read_mapping_records` reads every mapping
+file (``nearid score --mapping``, ``nearid consistency --mapping``): one shape, one reader.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import re
 import stat
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from .errors import DatasetError, InvalidInputError, NearIDError
 
@@ -329,3 +331,152 @@ def file_sha256(path: str | Path, *, remember: bool = True) -> str:
             except OSError as e:
                 _logger.warning("cannot remember the hash of %s in %s: %s", p, _memo_path(), e)
     return hexdigest
+
+
+# ============================================================================ mapping files
+#: Several paths in one CSV cell (or one JSON string) are separated by this.
+MAPPING_PATH_SEPARATOR = ";"
+MAPPING_SUFFIXES = (".json", ".csv")
+
+
+@dataclass(frozen=True)
+class MappingRecord:
+    """One entry of a mapping file: ``name`` (the key column's value), ``paths`` per path
+    column (relative paths resolved against the file's folder), ``extra`` = the values of the
+    other columns as text (``""`` where an entry leaves one out), ``where`` = file and
+    line/entry, for messages."""
+
+    name: str
+    paths: dict[str, list[Path]]
+    extra: dict[str, str]
+    where: str
+
+
+def split_paths(value: Any, where: str) -> list[str]:
+    """A mapping cell -> its paths: a string (``;``-separated) or a JSON list of strings."""
+    if isinstance(value, str):
+        return [p.strip() for p in value.split(MAPPING_PATH_SEPARATOR) if p.strip()]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return [v.strip() for v in value if v.strip()]
+    raise DatasetError(f"{where}: expected a path or a list of paths, got {value!r}")
+
+
+def read_mapping_records(
+    path: str | Path, *, key: str, path_fields: Sequence[str], extra: str = "refuse", what: str = "mapping file",
+) -> tuple[list[MappingRecord], tuple[str, ...]]:
+    """Read a mapping file: one record per CSV line or JSON entry, in file order.
+
+    - JSON: ``{"<name>": {<path field>: PATHS, ...}, ...}``, or ``{"<name>": PATHS}`` when there
+      is one path field, or a list of ``{"<key>": "<name>", <path field>: PATHS, ...}``.
+    - CSV: a header holding ``key`` and every path field. PATHS: a path, ``;``-separated paths,
+      or (JSON) a list of paths.
+
+    Args:
+        key: the column naming each entry (``subject``, ``set``).
+        path_fields: the columns holding paths; every entry must have each of them.
+        extra: what other columns do: ``refuse`` (an error), ``ignore`` or ``keep`` (returned
+            in each record's ``extra``, JSON values must be text or numbers).
+        what: how messages name the file.
+
+    Returns:
+        ``(records, extra column names in first-seen order)`` (no names unless ``keep``).
+
+    Raises:
+        DatasetError: missing or unreadable file, unknown format, missing fields, refused
+            columns, an empty name; each names the file and the line or entry.
+    """
+    if extra not in ("refuse", "ignore", "keep"):
+        raise InvalidInputError(f"extra must be 'refuse', 'ignore' or 'keep', got {extra!r}")
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(f"{what} {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix not in MAPPING_SUFFIXES:
+        raise DatasetError(f"{what} {path}: unknown format {suffix!r}; use .json or .csv")
+    required = (key, *path_fields)
+    raw = _mapping_json(path, key, path_fields, what) if suffix == ".json" else _mapping_csv(path, required, what)
+    records: list[MappingRecord] = []
+    names: dict[str, None] = {}
+    for where, rec in raw:
+        missing = [f for f in required if f not in rec]
+        others = [f for f in rec if f not in required]
+        if missing or (others and extra == "refuse"):
+            raise DatasetError(f"{where}: fields must be {sorted(required)}"
+                               + (f"; missing {sorted(missing)}" if missing else "")
+                               + (f"; unknown {sorted(others)}" if others and extra == "refuse" else ""))
+        name = rec[key]
+        name = name.strip() if isinstance(name, str) else name
+        if not isinstance(name, str) or not name:
+            raise DatasetError(f"{where}: {key!r} must be a non-empty name, got {rec[key]!r}")
+        paths = {f: [Path(p) if Path(p).is_absolute() else path.parent / p
+                     for p in split_paths(rec[f], f"{where}.{f}")] for f in path_fields}
+        kept: dict[str, str] = {}
+        if extra == "keep":
+            for f in others:
+                kept[f] = _extra_text(rec[f], f"{where}.{f}")
+                names.setdefault(f, None)
+        records.append(MappingRecord(name, paths, kept, where))
+    if not records:
+        raise DatasetError(f"{what} {path} lists no {key}")
+    columns = tuple(names)
+    for r in records:  # every record has every extra column ("" where an entry leaves it out)
+        if len(r.extra) != len(columns):
+            r.extra.update({c: "" for c in columns if c not in r.extra})
+    return records, columns
+
+
+def _extra_text(value: Any, where: str) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value).strip()
+    raise DatasetError(f"{where}: an extra column must hold text or a number, got {value!r}")
+
+
+def _mapping_json(path: Path, key: str, path_fields: Sequence[str], what: str) -> list[tuple[str, dict[str, Any]]]:
+    data = read_json(path, what)
+    if isinstance(data, dict):
+        out = []
+        for name, value in data.items():
+            where = f"{what} {path}, {key} {name!r}"
+            if isinstance(value, dict):
+                if key in value:
+                    raise DatasetError(f"{where}: the {key} is the object's name; remove the {key!r} field")
+                out.append((where, {**value, key: name}))
+            elif len(path_fields) == 1:
+                out.append((where, {key: name, path_fields[0]: value}))
+            else:
+                raise DatasetError(f"{where}: expected an object with {sorted(path_fields)}, got {value!r}")
+        return out
+    if isinstance(data, list):
+        out = []
+        for i, rec in enumerate(data):
+            where = f"{what} {path}, entry {i}"
+            if not isinstance(rec, dict):
+                raise DatasetError(f"{where}: expected an object with {sorted([key, *path_fields])}, got {rec!r}")
+            out.append((where, rec))
+        return out
+    raise DatasetError(f"{what} {path}: expected a JSON object or list, got {type(data).__name__}")
+
+
+def _mapping_csv(path: Path, required: Sequence[str], what: str) -> list[tuple[str, dict[str, Any]]]:
+    import csv
+    import io
+
+    reader = csv.DictReader(io.StringIO(read_text(path, what), newline=""))
+    try:
+        header = [h.strip() for h in reader.fieldnames or []]
+        duplicated = sorted({h for h in header if header.count(h) > 1})
+        if not set(required) <= set(header) or duplicated or "" in header:
+            problem = f"; repeated {duplicated}" if duplicated else ("; a column has no name" if "" in header else "")
+            raise DatasetError(f"{what} {path}: header must hold {sorted(required)}, got {reader.fieldnames}{problem}")
+        reader.fieldnames = header
+        out = []
+        for row in reader:
+            where = f"{what} {path}, line {reader.line_num}"
+            if None in row:
+                raise DatasetError(f"{where}: more cells than the header has columns")
+            out.append((where, {k: (v or "") for k, v in row.items()}))
+    except csv.Error as e:
+        raise DatasetError(f"{what} {path}, line {reader.line_num}: cannot read CSV ({e})") from e
+    return out

@@ -25,19 +25,24 @@ Ray is imported only here, and only when needed (``pip install comfy-nearid[scal
 
 from __future__ import annotations
 
-import logging
-import os
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+import time
 
-import numpy as np
+_IMPORT_STARTED = time.time()  # in an actor: its worker process began importing this module
 
-from .errors import ConfigError, DatasetError, NearIDError
-from .scoring.partitions import PartitionOptions, rows_from_table, rows_table, score_partition
-from .scoring.rows import ScoreRow
-from .scoring.sources import IMAGE_FIELDS, Partition
-from .scoring.unit import ImageRef, ScoringUnit, embed_references
+import logging  # noqa: E402 (the clock above starts before the imports it measures)
+import os  # noqa: E402
+import socket  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from .errors import ConfigError, DatasetError, NearIDError  # noqa: E402
+from .scoring.partitions import PartitionOptions, rows_from_table, rows_table, score_partition  # noqa: E402
+from .scoring.rows import ScoreRow  # noqa: E402
+from .scoring.sources import IMAGE_FIELDS, Partition  # noqa: E402
+from .scoring.unit import ImageRef, ScoringUnit, embed_references  # noqa: E402
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -45,6 +50,7 @@ if TYPE_CHECKING:
     from .model import IdentityModel
 
 logger = logging.getLogger(__name__)
+_IMPORTED = time.time()  # ... and had imported it (torch, numpy, the scoring modules)
 
 INSTALL_HINT = "Ray is not installed: pip install comfy-nearid[scale]"
 # Test hook: "<partition name>=<marker file>" makes the actor that reaches that partition exit
@@ -66,8 +72,12 @@ def require_ray() -> Any:
     return ray
 
 
-def load_actor_model(model: Mapping[str, Any], expected_identity: str | None = None) -> "IdentityModel":
+def load_actor_model(model: Mapping[str, Any], expected_identity: str | None = None,
+                     torch_threads: int | None = None) -> "IdentityModel":
     """Load the model from :func:`comfy_nearid.load_model` keyword arguments (once per actor).
+
+    ``torch_threads`` (>= 1) is set before the model is built, so that building it and every
+    forward use that many threads (an actor holding 1 CPU must not run a thread per core).
 
     Raises:
         ConfigError: the loaded model is not the one the references were embedded with.
@@ -75,6 +85,10 @@ def load_actor_model(model: Mapping[str, Any], expected_identity: str | None = N
     from . import load_model
     from .embedding_cache import model_cache_identity
 
+    if torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, int(torch_threads)))
     loaded = load_model(**dict(model))
     if expected_identity is not None and model_cache_identity(loaded) != expected_identity:
         raise ConfigError(
@@ -115,6 +129,8 @@ class IdentityScorer:
         key_column: column that becomes the output ``path`` (default ``key``, else ``path``).
         num_workers: decode threads per actor (0: decode in the calling thread).
         expected_identity: refuse a model other than the one that embedded the references.
+        torch_threads: torch threads per actor (default: torch's, which follows the
+            ``OMP_NUM_THREADS`` Ray sets from the actor's ``num_cpus``).
 
     Output columns: ``path, subject, cosines, score, match, calibrated, rank, error`` (``rank`` is
     null: ranks need every row of a subject; see :func:`comfy_nearid.scoring.outputs`).
@@ -122,8 +138,9 @@ class IdentityScorer:
 
     def __init__(self, model: Mapping[str, Any], references: Mapping[str, np.ndarray], aggregate: str = "mean",
                  image_column: str | None = None, subject_column: str = "subject", key_column: str | None = None,
-                 num_workers: int = 0, expected_identity: str | None = None) -> None:
-        self.unit = ScoringUnit(load_actor_model(model, expected_identity), references, aggregate)
+                 num_workers: int = 0, expected_identity: str | None = None, torch_threads: int | None = None
+                 ) -> None:
+        self.unit = ScoringUnit(load_actor_model(model, expected_identity, torch_threads), references, aggregate)
         self.image_column = image_column
         self.subject_column = subject_column
         self.key_column = key_column
@@ -158,26 +175,99 @@ class IdentityScorer:
         return rows_table(rows)
 
 
+@dataclass(frozen=True)
+class PartitionTiming:
+    """When an actor scored one partition: ``time.time()`` seconds on the actor's host."""
+
+    partition: str
+    actor: str  # host:pid
+    import_started: float  # the actor's worker process began importing this module (Ray worker up)
+    imported: float  # ... and had imported it (torch and the scoring modules)
+    constructed: float  # the actor's constructor began
+    ready: float  # its model was loaded
+    started: float  # this partition began
+    finished: float  # this partition's rows were ready
+    rows: int
+    torch_threads: int
+
+
+#: Columns :class:`PartitionScorer` adds to every row besides ``partition`` and ``partition_rows``.
+TIMING_COLUMNS = ("actor", "import_started", "imported", "constructed", "ready", "started", "finished", "torch_threads")
+
+
 class PartitionScorer:
     """``Dataset.map_batches`` callable over a dataset of partitions (column ``partition``:
-    :meth:`Partition.to_json`): reads and scores each partition whole; every output row
-    carries its ``partition`` and ``partition_rows`` (that partition's row count)."""
+    :meth:`Partition.to_json`): reads and scores each partition whole, with the model loaded
+    once in the constructor. Every output row carries its ``partition``, ``partition_rows``
+    (that partition's row count) and the :class:`PartitionTiming` fields (``TIMING_COLUMNS``)."""
 
     def __init__(self, model: Mapping[str, Any], references: Mapping[str, np.ndarray],
-                 options: PartitionOptions, expected_identity: str | None = None) -> None:
-        self.unit = ScoringUnit(load_actor_model(model, expected_identity), references, options.aggregate)
+                 options: PartitionOptions, expected_identity: str | None = None,
+                 torch_threads: int | None = None) -> None:
+        self.constructed = time.time()
+        self.unit = ScoringUnit(load_actor_model(model, expected_identity, torch_threads), references,
+                                options.aggregate)
         self.options = options
+        self.ready = time.time()
+        self.actor = f"{socket.gethostname()}:{os.getpid()}"
 
     def __call__(self, batch: Mapping[str, Any]) -> "pa.Table":
         import pyarrow as pa
+        import torch
 
         tables = []
         for text in _column(batch, "partition"):
             partition = Partition.from_json(text)
             _exit_once_for_tests(partition.name)
+            started = time.time()
             rows = score_partition(self.unit, partition, self.options)
-            tables.append(rows_table(rows, partition=partition.name, partition_rows=len(rows)))
-        return pa.concat_tables(tables) if tables else rows_table([], partition="", partition_rows=0)
+            timing = PartitionTiming(partition.name, self.actor, _IMPORT_STARTED, _IMPORTED, self.constructed,
+                                     self.ready, started, time.time(), len(rows), torch.get_num_threads())
+            tables.append(rows_table(rows, partition_rows=len(rows), **_timing_columns(timing)))
+        if tables:
+            return pa.concat_tables(tables)
+        return rows_table([], partition_rows=0, **_timing_columns(PartitionTiming("", "", 0, 0, 0, 0, 0, 0, 0, 0)))
+
+
+def _timing_columns(timing: PartitionTiming) -> dict[str, Any]:
+    return {"partition": timing.partition, **{name: getattr(timing, name) for name in TIMING_COLUMNS}}
+
+
+def actor_phases(timings: Sequence[PartitionTiming], execution_started: float) -> dict[str, float]:
+    """Where a Ray run's time went, from the actors' timestamps (seconds unless named otherwise).
+
+    - ``worker_start``: execution start -> the last actor's worker process began importing
+      this module (Ray starting the actors' processes; 0 when they were up before);
+    - ``imports``: the slowest actor's import of this module (torch, the scoring modules);
+    - ``model_load``: the slowest actor's constructor (model load);
+    - ``actors_ready``: execution start -> the last actor ready;
+    - ``scoring``: the first partition's start -> the last one's end;
+    - ``steady_images_per_s``: the pool's rate once started, the sum over actors of
+      rows / (last partition end - model ready): idle gaps between partitions count,
+      start-up and an actor finishing before the others do not;
+    - ``busy``: the fraction of that time the actors spent inside a partition.
+    """
+    if not timings:
+        return {}
+    actors: dict[str, list[PartitionTiming]] = {}
+    for t in timings:
+        actors.setdefault(t.actor, []).append(t)
+    steady = busy = span = 0.0
+    for parts in actors.values():
+        window = max(t.finished for t in parts) - parts[0].ready
+        steady += sum(t.rows for t in parts) / window if window > 0 else 0.0
+        busy += sum(t.finished - t.started for t in parts)
+        span += window
+    return {
+        "actors": float(len(actors)),
+        "worker_start": max(0.0, max(p[0].import_started for p in actors.values()) - execution_started),
+        "imports": max(p[0].imported - p[0].import_started for p in actors.values()),
+        "model_load": max(p[0].ready - p[0].constructed for p in actors.values()),
+        "actors_ready": max(p[0].ready for p in actors.values()) - execution_started,
+        "scoring": max(t.finished for t in timings) - min(t.started for t in timings),
+        "steady_images_per_s": steady,
+        "busy": busy / span if span > 0 else 0.0,
+    }
 
 
 def _exit_once_for_tests(partition_name: str) -> None:
@@ -191,11 +281,11 @@ def _exit_once_for_tests(partition_name: str) -> None:
         os._exit(1)
 
 
-def _embed_references_task(model: Mapping[str, Any], references: Mapping[str, Sequence[str]], batch_size: int
-                           ) -> tuple[str, dict[str, np.ndarray]]:
+def _embed_references_task(model: Mapping[str, Any], references: Mapping[str, Sequence[str]], batch_size: int,
+                           torch_threads: int | None) -> tuple[str, dict[str, np.ndarray]]:
     from .embedding_cache import model_cache_identity
 
-    loaded = load_actor_model(model)
+    loaded = load_actor_model(model, torch_threads=torch_threads)
     return model_cache_identity(loaded), embed_references(loaded, references, None, batch_size)
 
 
@@ -210,9 +300,13 @@ class RayEngine:
             ``auto`` joins the cluster of ``ray start``, ``ray://host:10001`` a remote one.
         concurrency: number of actors (one model each).
         gpus_per_worker: GPUs per actor (1 on a GPU cluster; 0 on CPUs).
-        cpus_per_worker: CPUs per actor (its torch threads follow it).
+        cpus_per_worker: CPUs per actor; a CPU actor runs that many torch threads (at least 1).
         ray_remote_args: more ``map_batches`` remote arguments (``runtime_env``, ``resources``,
             ``max_restarts``, ...). Ray restarts a dead actor and retries its partition by default.
+
+    After a run, ``phases`` holds where its time went (``cluster_start``, ``references`` when
+    embedded on a worker, and :func:`actor_phases`) and ``partition_timings`` the actors'
+    :class:`PartitionTiming` records.
     """
 
     model: dict[str, Any]
@@ -222,15 +316,23 @@ class RayEngine:
     cpus_per_worker: float = 1.0
     ray_remote_args: dict[str, Any] = field(default_factory=dict)
 
+    phases: dict[str, float] = field(default_factory=dict, init=False)
+    partition_timings: list[PartitionTiming] = field(default_factory=list, init=False, repr=False)
     _started_ray: bool = field(default=False, init=False, repr=False)
 
     def _ray(self) -> Any:
         """Ray, connected (to ``address``, or a local Ray unless this process already has one)."""
         ray = require_ray()
         if not ray.is_initialized():
+            start = time.perf_counter()
             ray.init(address=self.address, include_dashboard=False, log_to_driver=True)
+            self.phases["cluster_start"] = time.perf_counter() - start
             self._started_ray = True
         return ray
+
+    def _torch_threads(self) -> int | None:
+        """Torch threads per CPU actor: its CPUs (GPU actors keep torch's default)."""
+        return None if self.gpus_per_worker else max(1, int(self.cpus_per_worker))
 
     def close(self) -> None:
         """Shut down the Ray this engine started (a Ray the caller started stays up)."""
@@ -238,18 +340,28 @@ class RayEngine:
             require_ray().shutdown()
             self._started_ray = False
 
-    def embed_references(self, references: Mapping[str, Sequence[str | Path]], batch_size: int
-                         ) -> tuple[str, dict[str, np.ndarray]]:
+    def embed_references(self, references: Mapping[str, Sequence[str | Path]], batch_size: int,
+                         driver_model: "IdentityModel | None" = None) -> tuple[str, dict[str, np.ndarray]] | None:
         """``(model identity, subject -> [R, D])``, embedded once in a Ray task with the actors'
-        resources (a GPU worker embeds the references in the dtype it scores in)."""
+        resources (a GPU worker embeds the references in the dtype it scores in).
+
+        ``None`` when CPU actors would load the model the driver already holds on its CPU: the
+        driver embeds them then (no extra worker loading a model), and each actor still checks
+        that its model has the driver's identity."""
         ray = self._ray()
+        if not self.gpus_per_worker and driver_model is not None and str(driver_model.device) == "cpu":
+            return None
+        start = time.perf_counter()
         task = ray.remote(_embed_references_task).options(
             num_gpus=self.gpus_per_worker or None, num_cpus=self.cpus_per_worker,
             **{k: v for k, v in self.ray_remote_args.items() if k in ("runtime_env", "resources", "accelerator_type")})
         try:
-            return ray.get(task.remote(self.model, {k: [str(p) for p in v] for k, v in references.items()}, batch_size))
+            embedded = ray.get(task.remote(self.model, {k: [str(p) for p in v] for k, v in references.items()},
+                                           batch_size, self._torch_threads()))
         except Exception as e:  # Ray wraps the worker's error; name its cause
             raise DatasetError(f"embedding the references on Ray failed: {type(e).__name__}: {str(e)[-2000:]}") from e
+        self.phases["references"] = time.perf_counter() - start
+        return embedded
 
     def __call__(self, partitions: Sequence[Partition], references: Mapping[str, np.ndarray],
                  options: PartitionOptions, model_identity: str) -> Iterator[tuple[str, list[ScoreRow]]]:
@@ -265,7 +377,7 @@ class RayEngine:
         scored = partitions_ds.map_batches(
             PartitionScorer,
             fn_constructor_kwargs=dict(model=self.model, references=dict(references), options=options,
-                                       expected_identity=model_identity),
+                                       expected_identity=model_identity, torch_threads=self._torch_threads()),
             batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=self.concurrency),
             num_gpus=self.gpus_per_worker or None, num_cpus=self.cpus_per_worker,
             **self.ray_remote_args,
@@ -273,6 +385,8 @@ class RayEngine:
         import pyarrow.compute as pc
 
         received: dict[str, list] = {}
+        self.partition_timings = []
+        execution_started = time.time()
         try:
             for table in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
                 if table.num_rows == 0:
@@ -282,7 +396,13 @@ class RayEngine:
                     expected = part.column("partition_rows")[0].as_py()
                     received.setdefault(name, []).append(part)
                     if sum(t.num_rows for t in received[name]) >= expected:
-                        yield name, [row for t in received.pop(name) for row in rows_from_table(t)]
+                        parts = received.pop(name)
+                        first = parts[0].slice(0, 1).to_pylist()[0]
+                        self.partition_timings.append(PartitionTiming(
+                            name, rows=expected, **{k: first[k] for k in TIMING_COLUMNS}))
+                        yield name, [row for t in parts for row in rows_from_table(t)]
+            self.phases.update(actor_phases(self.partition_timings, execution_started))
+            logger.info("Ray phases: %s", ", ".join(f"{k} {v:.2f}" for k, v in self.phases.items()))
         except Exception as e:  # Ray wraps worker errors in its own types; name the cause
             if isinstance(e, NearIDError):
                 raise

@@ -153,26 +153,47 @@ def bootstrap_interval(
     return float(np.percentile(stats, tail)), float(np.percentile(stats, 100.0 - tail))
 
 
-def group_of(row_path: str, subject: str, group_by: str) -> str:
-    """The sweep group of a row: ``subject``, or ``N`` = the name of the N-th folder above the
-    image (1 = the folder holding it, 2 = its parent, ...)."""
+NO_GROUP = "(none)"
+
+
+def group_of(row_path: str, subject: str, group_by: str, labels: Mapping[str, str] | None = None) -> str:
+    """The sweep group of a row: ``subject``; ``N`` = the name of the N-th folder above the
+    image (1 = the folder holding it, 2 = its parent, ...); or a mapping column's value in the
+    row's ``labels`` (see :func:`check_group_by`). A missing level or an empty value is ``(none)``."""
     if group_by == "subject":
         return subject
+    if not group_by.isdigit():
+        return (labels or {}).get(group_by) or NO_GROUP
     level = int(group_by)
     parents = Path(row_path).parents
     if level < 1 or level > len(parents) - 1:
-        return "(none)"
-    return parents[level - 1].name or "(none)"
+        return NO_GROUP
+    return parents[level - 1].name or NO_GROUP
 
 
-def check_group_by(group_by: str | None) -> str | None:
+def check_group_by(group_by: str | None, columns: Sequence[str] = ()) -> str | None:
+    """``group_by`` when it is ``subject``, a folder level ``N >= 1`` or one of ``columns`` (the
+    mapping file's extra columns that the rows carry, e.g. ``checkpoint``).
+
+    Raises:
+        InvalidInputError: anything else; the message lists the choices this run has.
+    """
     if group_by is None:
         return None
-    if group_by == "subject" or (group_by.isdigit() and int(group_by) >= 1):
+    if group_by == "subject" or (group_by.isdigit() and int(group_by) >= 1) or group_by in columns:
         return group_by
+    available = (f"the mapping columns of these rows: {', '.join(columns)}" if columns else
+                 "these rows carry no mapping column (score with --mapping FILE whose extra columns, "
+                 "e.g. checkpoint, label the images)")
     raise InvalidInputError(
-        f"--group-by must be 'subject' or a folder level >= 1 (1 = the folder holding each image), got {group_by!r}"
+        f"--group-by {group_by!r}: choose 'subject', a folder level >= 1 (1 = the folder holding each image) "
+        f"or a mapping column; {available}"
     )
+
+
+def _label_columns(rows: Sequence["ScoreRow"]) -> tuple[str, ...]:
+    """The mapping columns the rows carry, in first-seen order."""
+    return tuple(dict.fromkeys(name for r in rows for name in r.labels))
 
 
 def sweep_table(
@@ -370,7 +391,8 @@ def write_score_report(
     Args:
         rows_file: ``.csv``/``.jsonl`` rows.
         out_dir: report folder (created).
-        group_by: sweep groups: ``subject`` or a folder level (see :func:`group_of`); None: no sweep section.
+        group_by: sweep groups: ``subject``, a folder level or a mapping column the rows carry
+            (see :func:`group_of`); None: no sweep section.
         page_size: candidates per subject page.
         heatmap_model: the model, for attention heat-maps of the top/bottom ``heatmaps`` per subject.
     """
@@ -378,13 +400,13 @@ def write_score_report(
     from .scoring.rows import read_rows
 
     rows_file, out = Path(rows_file), Path(out_dir)
-    group_by = check_group_by(group_by)
     if page_size < 1:
         raise InvalidInputError(f"page size must be >= 1, got {page_size}")
     if not rows_file.is_file():
         raise InvalidInputError(f"rows file {rows_file} does not exist")
-    out.mkdir(parents=True, exist_ok=True)
     rows = read_rows(rows_file)
+    group_by = check_group_by(group_by, _label_columns(rows))
+    out.mkdir(parents=True, exist_ok=True)
     config = _load_config(rows_file)
     calibration = Calibration.from_dict(config["calibration"], str(rows_file)) if config.get("calibration") else DEFAULT_CALIBRATION
     cut = _cut_for(calibration)
@@ -459,13 +481,14 @@ def _sweep_html(rows: Sequence["ScoreRow"], group_by: str, cut: _Cut, out: Path,
     collected: dict[str, list[float]] = {}
     for r in rows:
         if r.score is not None:
-            collected.setdefault(group_of(r.path, r.subject, group_by), []).append(r.score)
+            collected.setdefault(group_of(r.path, r.subject, group_by, r.labels), []).append(r.score)
     groups = {k: np.asarray(v, dtype=np.float64) for k, v in collected.items()}
     table = sweep_table(groups, cut.threshold, n_resamples=n_resamples)
     if not table:
         return "<h2>Sweep comparison</h2><p>No scored images.</p>"
     _sweep_plot(groups, [g["group"] for g in table], cut.threshold, out / "sweep.png")
-    level = "subject" if group_by == "subject" else f"folder level {group_by} above each image"
+    level = ("subject" if group_by == "subject" else f"folder level {group_by} above each image"
+             if group_by.isdigit() else f"mapping column {group_by}")
     rows_html = [[
         f"{i}", _esc(g["group"]), str(g["n"]), f'{g["mean"]:.4f} {_ci(g["mean_ci"])}',
         f'{g["median"]:.4f} {_ci(g["median_ci"])}', f'{g["share"]:.3f} {_ci(g["share_ci"], 3)}',

@@ -47,16 +47,26 @@ def _threshold_cosine(model: Any, rule: str, threshold: float) -> float | None:
 
 
 def _preview(result: Any, rule: str) -> str:
-    lines = [f"NearID consistency of {result.size} image(s): {result.describe()}",
-             f"mean pairwise cosine {result.mean_pairwise if result.mean_pairwise is not None else float('nan'):+.4f}, "
-             f"min {result.min_pairwise if result.min_pairwise is not None else float('nan'):+.4f}"
-             + ("" if result.calibrated_match is None else f", match {result.calibrated_match:.1f}/100"),
-             f"threshold {result.threshold:+.4f} ({result.threshold_rule}; {rule})"]
+    """A Markdown table, one row per image numbered from 1 like the batch's images (the
+    ``*_index`` outputs stay 0-based batch indices), with the set's summary above it."""
+    def signed(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:+.4f}"
+
+    match = "" if result.calibrated_match is None else f", calibrated match {result.calibrated_match:.1f}/100"
+    lines = [
+        f"**NearID consistency** of {result.size} image(s): {result.describe()}",
+        "",
+        f"mean pairwise cosine {signed(result.mean_pairwise)}, min {signed(result.min_pairwise)}{match}; "
+        f"outlier threshold {result.threshold:+.4f} ({result.threshold_rule}; {rule})",
+        "",
+        "| image | mean to others | to medoid | group (1 = largest) | |",
+        "|--:|--:|--:|--:|:--|",
+    ]
     outliers = set(result.outliers)
     for i in range(result.size):
-        mark = "  medoid" if i == result.medoid else ("  outlier" if i in outliers else "")
-        lines.append(f"#{i}: mean to others {result.mean_to_others[i]:+.4f}  to medoid {result.to_medoid[i]:+.4f}"
-                     f"  group {int(result.groups[i])}{mark}")
+        mark = "**medoid**" if i == result.medoid else ("outlier" if i in outliers else "")
+        lines.append(f"| {i + 1} | {result.mean_to_others[i]:+.4f} | {result.to_medoid[i]:+.4f} "
+                     f"| {int(result.groups[i]) + 1} | {mark} |")
     return "\n".join(lines)
 
 

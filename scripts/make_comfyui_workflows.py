@@ -8,6 +8,8 @@ Needs ComfyUI prepared by ``scripts/setup_comfyui.py``. Run after changing a gra
 node's inputs::
 
     python scripts/make_comfyui_workflows.py
+
+then ``python scripts/make_template_thumbnails.py`` for the templates' thumbnails.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class Node:
 
 @dataclass
 class Graph:
-    name: str
+    name: str  # the file name, and so the title ComfyUI's template browser shows (docs/comfyui.md)
     nodes: list[Node]
 
 
@@ -103,7 +105,7 @@ def _note(nid: int, text: str) -> Node:
 
 def graphs() -> list[Graph]:
     score_nodes, batch = _inputs_column(3)
-    score = Graph("nearid_score_batch", [
+    score = Graph("NearID score a batch", [
         _note(100, (
             f"**Score a batch against a reference.** Put a NearID head in `models/nearid` (e.g. `{HEAD}` "
             "from `nearid convert`), load your reference and candidate images. The Identity Score node "
@@ -115,7 +117,7 @@ def graphs() -> list[Graph]:
         Node(11, "PreviewAny", links={"source": (10, 2)}, pos=(OUT_X, TOP), title="Scores", size=(520, 360)),
     ])
 
-    generate = Graph("nearid_generate_keep_best", [
+    generate = Graph("NearID generate and keep the best", [
         _note(100, (
             "**Generate N candidates and keep the one that best preserves the reference identity.** "
             f"Pick a Stable Diffusion 1.5 checkpoint in *Load Checkpoint* (the graph names `{CHECKPOINT}`, "
@@ -146,7 +148,7 @@ def graphs() -> list[Graph]:
     ])
 
     filter_nodes, batch = _inputs_column(3)
-    filtering = Graph("nearid_filter_threshold", [
+    filtering = Graph("NearID filter by threshold", [
         _note(100, (
             "**Filter a batch by an identity threshold.** Candidates whose identity match reaches the "
             "threshold go to *passed*, the others to *rejected*. When none passes, *when_none_pass* "
@@ -163,7 +165,7 @@ def graphs() -> list[Graph]:
     ])
 
     heat_nodes, batch = _inputs_column(3)
-    heatmap = Graph("nearid_heatmap", [
+    heatmap = Graph("NearID attention heatmap", [
         _note(100, (
             "**See what the identity score looked at.** NearID Heatmap draws the head's attention over "
             "each candidate; with the reference connected it also lists the scores.")),
@@ -174,7 +176,7 @@ def graphs() -> list[Graph]:
         Node(12, "PreviewAny", links={"source": (10, 2)}, pos=(OUT_X, _below(TOP, 440)), title="Scores", size=(520, 360)),
     ])
     cons_nodes, cons_batch = _inputs_column(3, reference_title="Character image")
-    consistency = Graph("nearid_consistency", [
+    consistency = Graph("NearID batch consistency", [
         _note(100, (
             "**Keep the consistent images of a character batch, without a reference.** NearID "
             "Consistency compares every image with every other: the medoid is the most representative "
@@ -194,7 +196,7 @@ def graphs() -> list[Graph]:
              title="Similarity matrix", size=IMAGE_SIZE),
         Node(14, "PreviewAny", links={"source": (10, 9)}, pos=(OUT_X + IMAGE_SIZE[0] + GAP, TOP), title="Groups and scores", size=(520, 420)),
     ])
-    generate_consistent = Graph("nearid_generate_keep_consistent", [
+    generate_consistent = Graph("NearID generate and keep consistent", [
         _note(100, (
             "**Generate a batch of one character and keep the consistent ones.** "
             f"Pick a Stable Diffusion 1.5 checkpoint in *Load Checkpoint* (the graph names `{CHECKPOINT}`; "

@@ -1,6 +1,9 @@
 """Helpers for the partition/Ray tests: one small image set written four ways (subject
-folders, img2dataset-style parquet shards, webdataset tar shards, references) and row
-comparison against `nearid score`."""
+folders, img2dataset-style parquet shards, webdataset tar shards, references), the
+``scale_image_set`` fixture (that set plus `nearid score`'s rows for it) and row comparison.
+
+Test modules use the fixture with ``from _scale_helpers import scale_image_set  # noqa: F401``.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +13,10 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
-from _scoring_helpers import write_image
+from _scoring_helpers import TINY_MODEL_ARGS, write_image
 
 SUBJECTS = ("cat", "dog")
 CORRUPT_KEY = "000000005"
@@ -64,6 +68,21 @@ def write_image_set(root: Path, num_images: int = 14, num_shards: int = 2, seed:
                     info.size = len(payload)
                     tar.addfile(info, io.BytesIO(payload))
     return {"samples": samples}
+
+
+@pytest.fixture(scope="module")
+def scale_image_set(tmp_path_factory):
+    """``(root, rows)``: :func:`write_image_set` under ``root`` and the rows `nearid score` gives
+    for ``root/gen`` (the expected rows of every engine and input kind)."""
+    from comfy_nearid.cli import main
+    from comfy_nearid.scoring import read_rows
+
+    root = tmp_path_factory.mktemp("scale")
+    write_image_set(root)
+    reference = root / "reference.csv"
+    assert main(["score", "--references-root", str(root / "refs"), str(root / "gen"), "-o", str(reference),
+                 "--batch-size", "4", *TINY_MODEL_ARGS, "--no-cache"]) == 0
+    return root, read_rows(reference)
 
 
 def rows_by_key(rows) -> dict[tuple[str, str], object]:

@@ -78,6 +78,41 @@ def require_sd15_checkpoint() -> Path:
     return path
 
 
+def link_sd15_checkpoint(base: Path, name: str | None = None) -> str:
+    """Link the random SD1.5 test checkpoint into ``base/models/checkpoints`` (as ``name``, by
+    default its own file name) and return the name ``CheckpointLoaderSimple`` lists it under."""
+    checkpoint = require_sd15_checkpoint()
+    link = base / "models" / "checkpoints" / (name or checkpoint.name)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not link.exists():
+        link.symlink_to(checkpoint)
+    return link.name
+
+
+# Widget values that make a generation template run on a CPU in seconds: 64x64 px, 2 steps, and
+# cfg 1, at which ComfyUI skips the negative pass (half the time). By node type; the browser
+# scripts set the same values on the page's widgets.
+QUICK_GENERATION = {"EmptyLatentImage": {"width": 64, "height": 64}, "KSampler": {"steps": 2, "cfg": 1.0}}
+
+
+def quick_generation(prompt: dict[str, Any], ckpt_name: str, batch_size: int) -> dict[str, Any]:
+    """A copy of an API-format generation ``prompt`` that loads ``ckpt_name`` and samples
+    ``batch_size`` images with :data:`QUICK_GENERATION`'s settings."""
+    out = json.loads(json.dumps(prompt))
+    kinds = {node["class_type"] for node in out.values()}
+    missing = {"CheckpointLoaderSimple", *QUICK_GENERATION} - kinds
+    if missing:
+        raise ValueError(f"not a generation prompt: it has no {sorted(missing)} node")
+    for node in out.values():
+        inputs = node["inputs"]
+        inputs.update(QUICK_GENERATION.get(node["class_type"], {}))
+        if node["class_type"] == "CheckpointLoaderSimple":
+            inputs["ckpt_name"] = ckpt_name
+        elif node["class_type"] == "EmptyLatentImage":
+            inputs["batch_size"] = batch_size
+    return out
+
+
 def prepare_base_dir(base: Path) -> Path:
     """Lay out a ComfyUI base directory with this repository linked in as a custom node."""
     for sub in ("custom_nodes", "models/nearid", "models/checkpoints", "input", "output", "temp", "user"):
@@ -246,6 +281,23 @@ class ComfyServer:
 
     def run(self, prompt: dict[str, Any], timeout: float = 600.0) -> dict[str, Any]:
         return self.wait_for(self.queue_prompt(prompt), timeout)
+
+    def run_quick_generation(self, prompt: dict[str, Any], batch_size: int, timeout: float = 600.0) -> dict[str, Any]:
+        """Run an API-format generation ``prompt`` on the random SD1.5 test checkpoint (linked
+        into this server's models) with :data:`QUICK_GENERATION`'s settings; the /history entry."""
+        return self.run(quick_generation(prompt, link_sd15_checkpoint(self.base), batch_size), timeout)
+
+    def forget_outputs(self) -> None:
+        """Drop the server's cache of node outputs, so that the next prompt runs every node (and
+        each one reports its text): ``POST /free`` sets a flag that the prompt worker acts on
+        after its next prompt, so one small prompt runs next, and the cache is empty after it."""
+        response = self.post_json("/free", {"free_memory": True})
+        if response.status_code != 200:
+            raise RuntimeError(f"POST /free answered {response.status_code}: {response.text[:500]}")
+        entry = self.run({"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+                          "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}})
+        if history_error(entry) is not None:
+            raise RuntimeError(f"the prompt after POST /free failed: {history_error(entry)}")
 
     def wait_until_running(self, timeout: float = 300.0) -> None:
         deadline = time.monotonic() + timeout

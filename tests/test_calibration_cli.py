@@ -219,7 +219,9 @@ def test_head_write_is_atomic_and_keeps_the_tensors(tmp_path, tiny_model, monkey
 
 def test_score_rows_and_summary_say_whether_the_match_is_calibrated(tmp_path, tiny_model, rng):
     from comfy_nearid import load_model
-    from comfy_nearid.scoring import OutputPaths, ScoringOptions, plan_single_subject, read_rows, score_plan
+    from comfy_nearid.scoring import (
+        OutputPaths, RunSettings, ScoringOptions, plan_single_subject, read_rows, score_plan,
+    )
 
     for folder, n in (("refs", 2), ("gen", 3)):
         for i in range(n):
@@ -233,7 +235,7 @@ def test_score_rows_and_summary_say_whether_the_match_is_calibrated(tmp_path, ti
         write_head_calibration(head, calibration)
         model = load_model(head=head, pretrained=False, device="cpu", dtype="fp32")
         out = OutputPaths.for_rows(tmp_path / f"out_{expected}" / "scores.jsonl")
-        score_plan(model, plan, out, options=ScoringOptions(batch_size=2, progress=False))
+        score_plan(model, plan, out, RunSettings(options=ScoringOptions(batch_size=2, progress=False)))
         rows = read_rows(out.rows)
         assert [r.calibrated for r in rows] == [expected] * 3
         by_hand = [100 / (1 + math.exp(-(curve.slope if expected else 10.0) * (r.score - (curve.midpoint if expected else 0.5))))

@@ -3,7 +3,8 @@
 A real server with the pack (and, for the console comparison, one without it) is opened in the
 Debian Chromium through Playwright's Python package (``tests/_browser.py``; no browser
 download). Checked as a user meets the pack: every node of the pack is registered with its
-display name and category; the templates are listed, load, show no overlapping nodes and show
+display name and category; the template browser shows a card per template with its title,
+description and thumbnail (``workflows/<name>.jpg``); the templates load, show no overlapping nodes and show
 their "About" note at the saved view in a 1600x1000 window; the front end's own
 ``app.graphToPrompt()`` equals each API twin apart from the documented default (an empty
 ``preview`` input on Preview as Text); the score graph runs from the page and its text, on the
@@ -18,22 +19,29 @@ import json
 import os
 import re
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 from PIL import Image
 
 from _browser import require_browser
-from _comfyui_helpers import import_pack, structured_images
-from comfy_nearid import load_model
+from _comfyui_helpers import import_pack
+from _comfyui_page import (
+    HEAD,
+    SETTINGS,
+    WINDOW,
+    WORKFLOWS,
+    Page,
+    api_twin,
+    as_sent_by_the_front_end,
+    template_names,
+    write_example_inputs,
+)
 from comfyui_env import PACK_NAME, ComfyServer, ComfyUINotReady, prepare_base_dir, require_comfyui
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow, pytest.mark.browser]
 
-REPO = Path(__file__).resolve().parent.parent
-WORKFLOWS = REPO / "workflows"
-HEAD = "nearid-siglip2-head.safetensors"
-WINDOW = {"width": 1600, "height": 1000}
-PREVIEW_AS_TEXT = "PreviewAny"
+SCORE = "NearID score a batch"
 
 
 def _artifacts(tmp_path_factory) -> Path:
@@ -43,42 +51,12 @@ def _artifacts(tmp_path_factory) -> Path:
     return path
 
 
-def _base_with_inputs(base: Path, with_pack: bool) -> Path:
+def _base(base: Path, with_pack: bool) -> Path:
     prepare_base_dir(base)
     if not with_pack:
         (base / "custom_nodes" / PACK_NAME).unlink()
         return base
-    model = load_model(backbone="tiny-siglip", pretrained=False, device="cpu", dtype="fp32", seed=0)
-    model.save_head(base / "models" / "nearid" / HEAD, provenance={"backbone_seed": 0})
-    Image.fromarray(structured_images(11, 1)[0]).save(base / "input" / "nearid_reference.png")
-    for i, arr in enumerate(structured_images(12, 3)):
-        Image.fromarray(arr).save(base / "input" / f"nearid_candidate_{i + 1}.png")
-    return base
-
-
-# A returning user's settings: no first-run template dialog over the canvas; no minimap (the
-# screenshots double as template thumbnails, which show the graph alone).
-SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False}
-
-
-class Page:
-    """One Chromium page on a ComfyUI server, recording console errors and page errors."""
-
-    def __init__(self, browser, url: str) -> None:
-        self.errors: list[str] = []
-        self.page = browser.new_page(viewport=WINDOW)
-        self.page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
-        self.page.on("pageerror", lambda e: self.errors.append(f"pageerror: {e}"))
-        self.page.goto(url, wait_until="load")
-        # the app is ready when the node definitions are registered and a graph exists
-        self.page.wait_for_function(
-            "() => window.app && window.app.graph && window.LiteGraph"
-            " && Object.keys(window.LiteGraph.registered_node_types).includes('KSampler')",
-            timeout=180_000,
-        )
-
-    def js(self, expression: str, arg=None):
-        return self.page.evaluate(expression, arg)
+    return write_example_inputs(base)
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +78,8 @@ def servers(tmp_path_factory):
         tree = require_comfyui()
     except ComfyUINotReady as e:
         pytest.fail(str(e), pytrace=False)
-    with_pack = ComfyServer(tree, _base_with_inputs(tmp_path_factory.mktemp("with-pack"), True))
-    without = ComfyServer(tree, _base_with_inputs(tmp_path_factory.mktemp("without-pack"), False))
+    with_pack = ComfyServer(tree, _base(tmp_path_factory.mktemp("with-pack"), True))
+    without = ComfyServer(tree, _base(tmp_path_factory.mktemp("without-pack"), False))
     try:
         for server in (with_pack.start(), without.start()):
             response = server.post_json("/settings", SETTINGS)
@@ -116,14 +94,6 @@ def servers(tmp_path_factory):
 def artifacts(tmp_path_factory) -> Path:
     return _artifacts(tmp_path_factory)
 
-
-LOAD_TEMPLATE = """async ([pack, name]) => {
-  const response = await fetch(`/api/workflow_templates/${pack}/${name}.json`);
-  if (!response.ok) throw new Error(`template ${name}: HTTP ${response.status}`);
-  await window.app.loadGraphData(await response.json(), true, true, name);
-  window.app.canvas.draw(true, true);
-  return true;
-}"""
 
 LAYOUT = """() => {
   const canvas = window.app.canvas;
@@ -177,21 +147,49 @@ def _visible(page: Page, box: list[float]) -> list[str]:
     return problems
 
 
-def _templates() -> list[str]:
-    return sorted(p.stem for p in WORKFLOWS.glob("*.json"))
+# The cards of the template browser's open category: title, description, thumbnail.
+TEMPLATE_CARDS = """() => Array.from(document.querySelectorAll('[role=dialog] h3.line-clamp-1')).map((h) => {
+  let card = h;
+  while (card && !card.querySelector('img')) card = card.parentElement;  // the card: its title's box with an image
+  const img = card && card.querySelector('img'), description = h.parentElement.querySelector('p');
+  return {title: h.textContent.trim(), titles_in_card: card ? card.querySelectorAll('h3').length : 0,
+          clipped: h.scrollHeight > h.clientHeight + 1 || h.scrollWidth > h.clientWidth + 1,
+          description: description ? description.textContent.trim() : null,
+          image: img ? [img.complete, img.naturalWidth, img.naturalHeight] : null};
+})"""
 
 
-def _twin(name: str) -> dict:
-    return json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
-
-
-def _with_documented_defaults(twin: dict) -> dict:
-    """What the front end sends for a twin: Preview as Text gets its empty ``preview`` widget."""
-    out = json.loads(json.dumps(twin))
-    for node in out.values():
-        if node["class_type"] == PREVIEW_AS_TEXT:
-            node["inputs"]["preview"] = ""
-    return out
+def _template_browser(page: Page, artifacts: Path) -> None:
+    """Workflow templates (side bar) > Extensions > comfy-nearid lists a card per template with
+    its title (the file name, on one line), its description (the front end 1.32.9 makes it from
+    the file name too: ``_`` and ``-`` shown as spaces) and its thumbnail ``<name>.jpg``; a click
+    on a card opens that graph."""
+    fetched: dict[str, int] = {}
+    page.page.on("response", lambda r: fetched.__setitem__(unquote(r.url.split("?")[0]), r.status))
+    page.js("async () => { await window.app.extensionManager.command.execute('Comfy.BrowseTemplates'); }")
+    page.page.locator("[role=dialog]").get_by_text(PACK_NAME, exact=True).first.click()
+    names = template_names()
+    page.page.wait_for_function(  # every card has its image loaded (a card shows a placeholder first)
+        f"""(count) => {{ const cards = ({TEMPLATE_CARDS})();
+            return cards.length === count && cards.every((c) => c.image && c.image[0] && c.image[1] > 0); }}""",
+        arg=len(names), timeout=60_000)
+    page.page.screenshot(path=str(artifacts / "browser-template-browser.png"))
+    cards = {card["title"]: card for card in page.js(TEMPLATE_CARDS)}
+    assert sorted(cards) == names
+    for name, card in cards.items():
+        assert card["titles_in_card"] == 1, card
+        assert not card["clipped"], f"the card's title {name!r} does not fit on its line"
+        assert card["description"] == re.sub(r"[-_]", " ", name).strip(), card
+        url = f"{page.page.url.rstrip('/')}/api/workflow_templates/{PACK_NAME}/{name}.jpg"
+        assert fetched.get(url) == 200, (url, sorted(fetched))
+        with Image.open(WORKFLOWS / f"{name}.jpg") as thumbnail:
+            assert card["image"] == [True, *thumbnail.size], card  # the card shows workflows/<name>.jpg
+    # a click on a card opens its graph
+    page.page.locator("[role=dialog] h3.line-clamp-1").filter(has_text=re.compile(f"^{re.escape(SCORE)}$")).click()
+    want = sorted(node["type"] for node in json.loads((WORKFLOWS / f"{SCORE}.json").read_text())["nodes"])
+    page.page.wait_for_function(
+        "(want) => JSON.stringify(window.app.graph._nodes.map((n) => n.type).sort()) === JSON.stringify(want)",
+        arg=want, timeout=60_000)
 
 
 def _table_numbers(text: str) -> list[str]:
@@ -215,12 +213,14 @@ def test_pack_in_the_front_end(browser, servers, artifacts):
         assert node["title"] == pack.NODE_DISPLAY_NAME_MAPPINGS[node["name"]]
         assert node["category"] == pack.NODE_CLASS_MAPPINGS[node["name"]].CATEGORY
 
-    # the template list names every workflow under the pack
+    # the template list names every workflow under the pack; the template browser shows a
+    # card for each, with its title, description and thumbnail
     listed = page.js("async () => (await (await fetch('/api/workflow_templates')).json())")
-    assert sorted(listed[PACK_NAME]) == _templates()
+    assert sorted(listed[PACK_NAME]) == template_names()
+    _template_browser(page, artifacts)
 
-    for name in _templates():
-        page.js(LOAD_TEMPLATE, [PACK_NAME, name])
+    for name in template_names():
+        page.load_template(name)
         layout = page.js(LAYOUT)
         assert _overlaps(layout["rects"]) == [], name
         notes = [r for r in layout["rects"] if r["type"] in ("MarkdownNote", "Note")]
@@ -229,11 +229,11 @@ def test_pack_in_the_front_end(browser, servers, artifacts):
         page.page.screenshot(path=str(artifacts / f"browser-{name}.png"))
         assert _visible(page, note_box) == [], f"{name}: the About note is not fully visible: {note_box}"
         prompt = page.js("async () => (await window.app.graphToPrompt()).output")
-        assert prompt == _with_documented_defaults(_twin(name)), name
+        assert prompt == as_sent_by_the_front_end(api_twin(name)), name
         page.page.screenshot(path=str(artifacts / f"browser-{name}.png"))
 
     # run the score graph from the page: the node shows its table, Preview as Text the same
-    page.js(LOAD_TEMPLATE, [PACK_NAME, "nearid_score_batch"])
+    page.load_template(SCORE)
     page.js("async () => { await window.app.queuePrompt(0, 1); }")
     page.page.wait_for_function(
         """() => { const n = window.app.graph.getNodeById(10);
@@ -251,11 +251,11 @@ def test_pack_in_the_front_end(browser, servers, artifacts):
     outputs = next(iter(history.values()))["outputs"]
     assert outputs["11"]["text"] == [node_text]  # Preview as Text shows the same table
     page.js("() => window.app.canvas.draw(true, true)")
-    page.page.screenshot(path=str(artifacts / "browser-nearid_score_batch-after-run.png"))
+    page.page.screenshot(path=str(artifacts / f"browser-{SCORE}-after-run.png"))
 
     # the filter and heatmap graphs run from the page too; their node shows its table
-    for name in ("nearid_filter_threshold", "nearid_heatmap"):
-        page.js(LOAD_TEMPLATE, [PACK_NAME, name])
+    for name in ("NearID filter by threshold", "NearID attention heatmap"):
+        page.load_template(name)
         page.js("async () => { await window.app.queuePrompt(0, 1); }")
         text = page.page.wait_for_function(
             """() => { const n = window.app.graph.getNodeById(10);

@@ -105,7 +105,7 @@ def release_comfy(tmp_path_factory) -> ReleaseSession:
 
 
 def _score_prompt(head: str, **loader_inputs) -> dict:
-    prompt = json.loads((WORKFLOWS / "api" / "nearid_score_batch.json").read_text())
+    prompt = json.loads((WORKFLOWS / "api" / "NearID score a batch.json").read_text())
     prompt["1"]["inputs"].update({"head": head, **loader_inputs})
     return prompt
 

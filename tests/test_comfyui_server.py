@@ -33,7 +33,6 @@ from comfyui_env import (
     history_message_kinds,
     prepare_base_dir,
     require_comfyui,
-    require_sd15_checkpoint,
     ui_to_api,
 )
 
@@ -42,8 +41,11 @@ pytestmark = [pytest.mark.comfyui, pytest.mark.slow]  # a real server process: n
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOWS = REPO / "workflows"
 HEAD = "nearid-siglip2-head.safetensors"
-WORKFLOW_NAMES = ["nearid_consistency", "nearid_filter_threshold", "nearid_generate_keep_best", "nearid_generate_keep_consistent",
-                  "nearid_heatmap", "nearid_score_batch"]
+# The templates' file names are the titles the template browser shows (it reads nothing else).
+SCORE, FILTER, HEATMAP, CONSISTENCY = ("NearID score a batch", "NearID filter by threshold", "NearID attention heatmap",
+                                       "NearID batch consistency")
+GENERATE_KEEP_BEST, GENERATE_KEEP_CONSISTENT = "NearID generate and keep the best", "NearID generate and keep consistent"
+WORKFLOW_NAMES = sorted([SCORE, FILTER, HEATMAP, CONSISTENCY, GENERATE_KEEP_BEST, GENERATE_KEEP_CONSISTENT])
 # How far the node's float32 match may lie from this file's float64 formula (0..100 scale).
 MATCH_TOLERANCE = 1e-3
 NEARID_NODES = ["NearIDModelLoader", "NearIDEmbed", "NearIDIdentityScore", "NearIDRerank", "NearIDFilter", "NearIDConsistency", "NearIDHeatmap"]
@@ -160,7 +162,7 @@ def test_ui_workflow_converts_to_its_api_twin(object_info, name):
 
 # ----------------------------------------------------------------------------- workflows
 def test_score_workflow_equals_the_library(comfy, direct_model):
-    outputs = _succeeded(comfy.server.run(_api("nearid_score_batch")))
+    outputs = _succeeded(comfy.server.run(_api(SCORE)))
     ref = _embed_files(direct_model, [_reference_path(comfy)])
     want = expected_scores(ref, _embed_files(direct_model, _candidate_paths(comfy)), "mean")
     np.testing.assert_allclose(outputs["10"]["nearid_scores"], want, atol=1e-5)
@@ -170,7 +172,7 @@ def test_score_workflow_equals_the_library(comfy, direct_model):
 
 
 def test_several_references_combine_as_mean_max_and_prototype(comfy, direct_model):
-    prompt = _api("nearid_score_batch")
+    prompt = _api(SCORE)
     del prompt["11"]
     prompt["20"] = {"class_type": "LoadImage", "inputs": {"image": "nearid_reference_2.png"}}
     prompt["21"] = {"class_type": "ImageBatch", "inputs": {"image1": ["2", 0], "image2": ["20", 0]}}
@@ -187,7 +189,7 @@ def test_several_references_combine_as_mean_max_and_prototype(comfy, direct_mode
 
 
 def test_rerank_order_equals_the_order_of_the_scores(comfy, direct_model):
-    prompt = _api("nearid_score_batch")
+    prompt = _api(SCORE)
     batch = prompt["10"]["inputs"]["candidates"]
     prompt["10"] = {"class_type": "NearIDRerank", "inputs": {
         "nearid_model": ["1", 0], "candidates": batch, "reference": ["2", 0], "top_k": 0, "combine": "mean", "batch_size": 16}}
@@ -212,7 +214,7 @@ def test_filter_workflow_splits_at_the_threshold(comfy, direct_model):
     split = (low + middle) / 2  # strictly between two distinct matches: two pass, one is rejected
     for threshold in (50.0, split):  # the twin's own value, then a split
         assert min(abs(m - threshold) for m in matches) > MATCH_TOLERANCE, (threshold, matches)
-        prompt = _api("nearid_filter_threshold")
+        prompt = _api(FILTER)
         prompt["10"]["inputs"]["threshold"] = threshold
         outputs = _succeeded(comfy.server.run(prompt))
         passed = [i for i, m in enumerate(matches) if m >= threshold]
@@ -228,7 +230,7 @@ def test_filter_workflow_splits_at_the_threshold(comfy, direct_model):
 
 
 def test_filter_with_nothing_passing_skips_the_empty_branch_and_the_graph_stays_valid(comfy):
-    prompt = _api("nearid_filter_threshold")
+    prompt = _api(FILTER)
     prompt["10"]["inputs"].update({"threshold": 100.0, "when_none_pass": "pass nothing"})
     entry = comfy.server.run(prompt)
     outputs = _succeeded(entry)
@@ -238,7 +240,7 @@ def test_filter_with_nothing_passing_skips_the_empty_branch_and_the_graph_stays_
 
 
 def test_consistency_workflow_equals_the_library(comfy, direct_model):
-    outputs = _succeeded(comfy.server.run(_api("nearid_consistency")))
+    outputs = _succeeded(comfy.server.run(_api(CONSISTENCY)))
     batch = np.concatenate([comfy.reference[:1], comfy.candidates])  # ImageBatch(reference, candidates)
     want = set_consistency(_embed_files(direct_model, [_reference_path(comfy), *_candidate_paths(comfy)]))
     got = outputs["10"]
@@ -259,7 +261,7 @@ def test_consistency_workflow_equals_the_library(comfy, direct_model):
 
 
 def test_consistency_with_every_image_an_outlier_keeps_the_medoid(comfy, direct_model):
-    prompt = _api("nearid_consistency")
+    prompt = _api(CONSISTENCY)
     prompt["10"]["inputs"].update({"threshold_rule": "cosine", "threshold": 1.0})
     outputs = _succeeded(comfy.server.run(prompt))
     want = set_consistency(_embed_files(direct_model, [_reference_path(comfy), *_candidate_paths(comfy)]), threshold=1.0)
@@ -269,7 +271,7 @@ def test_consistency_with_every_image_an_outlier_keeps_the_medoid(comfy, direct_
 
 
 def test_heatmap_workflow_draws_an_overlay_per_candidate(comfy):
-    outputs = _succeeded(comfy.server.run(_api("nearid_heatmap")))
+    outputs = _succeeded(comfy.server.run(_api(HEATMAP)))
     images = outputs["11"]["images"]
     assert len(images) == 3
     for record in images:
@@ -278,25 +280,23 @@ def test_heatmap_workflow_draws_an_overlay_per_candidate(comfy):
     assert [line.split("|")[1].strip() for line in rows[1:]] == ["1", "2", "3"]  # header, then one row each
 
 
+def _run_quick_generation(comfy: Session, prompt: dict, batch_size: int) -> dict:
+    """``prompt`` run on the random SD1.5 at 64x64 px and 2 steps (comfyui_env.QUICK_GENERATION)."""
+    try:
+        return comfy.server.run_quick_generation(prompt, batch_size)
+    except ComfyUINotReady as e:
+        pytest.fail(str(e), pytrace=False)
+
+
 def test_generation_workflow_keeps_the_best_by_identity(comfy):
     """Checkpoint loader -> KSampler -> VAE decode -> NearID Rerank on a random-weight SD1.5
     (full size, fp16), at 64x64 px and 2 steps so that it runs on a CPU in about 30 s."""
-    try:
-        checkpoint = require_sd15_checkpoint()
-    except ComfyUINotReady as e:
-        pytest.fail(str(e), pytrace=False)
-    link = comfy.base / "models" / "checkpoints" / checkpoint.name
-    if not link.exists():
-        link.symlink_to(checkpoint)
-    prompt = _api("nearid_generate_keep_best")
-    prompt["1"]["inputs"]["ckpt_name"] = checkpoint.name
-    prompt["4"]["inputs"].update({"width": 64, "height": 64, "batch_size": 3})
-    prompt["5"]["inputs"].update({"steps": 2, "cfg": 1.0})  # cfg 1: ComfyUI skips the negative pass (half the CPU time)
+    prompt = _api(GENERATE_KEEP_BEST)
     prompt["9"]["inputs"]["top_k"] = 2
     # Decode the latents the rerank carried along: they must give the images it kept.
     prompt["90"] = {"class_type": "VAEDecode", "inputs": {"samples": ["9", 1], "vae": ["1", 2]}}
     prompt["91"] = {"class_type": "PreviewImage", "inputs": {"images": ["90", 0]}}
-    outputs = _succeeded(comfy.server.run(prompt, timeout=600))
+    outputs = _succeeded(_run_quick_generation(comfy, prompt, batch_size=3))
     server = comfy.server
     order = outputs["9"]["nearid_order"]
     all_candidates = [_png(server, r) for r in outputs["11"]["images"]]
@@ -315,18 +315,7 @@ def test_generation_workflow_keeps_the_best_by_identity(comfy):
 def test_generation_workflow_keeps_the_consistent_images(comfy, direct_model):
     """Checkpoint -> KSampler -> VAE decode -> NearID Consistency on the random-weight SD1.5,
     at 64x64 px and 2 steps (as above); scores compared with the library on the saved PNGs."""
-    try:
-        checkpoint = require_sd15_checkpoint()
-    except ComfyUINotReady as e:
-        pytest.fail(str(e), pytrace=False)
-    link = comfy.base / "models" / "checkpoints" / checkpoint.name
-    if not link.exists():
-        link.symlink_to(checkpoint)
-    prompt = _api("nearid_generate_keep_consistent")
-    prompt["1"]["inputs"]["ckpt_name"] = checkpoint.name
-    prompt["4"]["inputs"].update({"width": 64, "height": 64, "batch_size": 4})
-    prompt["5"]["inputs"].update({"steps": 2, "cfg": 1.0})
-    outputs = _succeeded(comfy.server.run(prompt, timeout=600))
+    outputs = _succeeded(_run_quick_generation(comfy, _api(GENERATE_KEEP_CONSISTENT), batch_size=4))
     server = comfy.server
     candidates = [_png(server, r) for r in outputs["11"]["images"]]
     kept = [_png(server, r) for r in outputs["9"]["images"]]
@@ -344,7 +333,7 @@ def test_generation_workflow_keeps_the_consistent_images(comfy, direct_model):
 
 # ----------------------------------------------------------------------------- errors
 def _good_prompt(batch_size: int) -> dict:
-    prompt = _api("nearid_score_batch")
+    prompt = _api(SCORE)
     prompt["10"]["inputs"]["batch_size"] = batch_size  # a new input: really executed again
     return prompt
 
@@ -357,7 +346,7 @@ def _assert_still_serving(comfy: Session, batch_size: int) -> None:
 def test_bad_inputs_give_clear_node_errors_and_the_server_stays_up(comfy):
     server = comfy.server
     # Wrong type: an IMAGE where a NEARID_MODEL belongs is refused at validation.
-    prompt = _api("nearid_score_batch")
+    prompt = _api(SCORE)
     prompt["10"]["inputs"]["nearid_model"] = ["2", 0]
     with pytest.raises(PromptRejected) as rejected:
         server.queue_prompt(prompt)
@@ -366,7 +355,7 @@ def test_bad_inputs_give_clear_node_errors_and_the_server_stays_up(comfy):
     _assert_still_serving(comfy, 3)
 
     # Missing model file: not in the models/nearid list.
-    prompt = _api("nearid_score_batch")
+    prompt = _api(SCORE)
     prompt["1"]["inputs"]["head"] = "missing-head.safetensors"
     with pytest.raises(PromptRejected) as rejected:
         server.queue_prompt(prompt)
@@ -375,7 +364,7 @@ def test_bad_inputs_give_clear_node_errors_and_the_server_stays_up(comfy):
 
     # A file in models/nearid that is not a head: the loader names it.
     (comfy.base / "models" / "nearid" / "broken-head.safetensors").write_bytes(b"\x00" * 64)
-    prompt = _api("nearid_score_batch")
+    prompt = _api(SCORE)
     prompt["1"]["inputs"]["head"] = "broken-head.safetensors"
     error = history_error(server.run(prompt))
     assert error["node_type"] == "NearIDModelLoader" and "CheckpointError" in error["exception_type"]
@@ -383,7 +372,7 @@ def test_bad_inputs_give_clear_node_errors_and_the_server_stays_up(comfy):
     _assert_still_serving(comfy, 5)
 
     # A mask of the wrong size.
-    prompt = _api("nearid_score_batch")
+    prompt = _api(SCORE)
     prompt["20"] = {"class_type": "LoadImageMask", "inputs": {"image": "nearid_mask_small.png", "channel": "red"}}
     prompt["10"]["inputs"]["candidate_mask"] = ["20", 0]
     error = history_error(server.run(prompt))
@@ -392,7 +381,7 @@ def test_bad_inputs_give_clear_node_errors_and_the_server_stays_up(comfy):
     _assert_still_serving(comfy, 6)
 
     # An empty batch (nothing passed a filter set to return a real empty batch) fed to a score.
-    prompt = _api("nearid_filter_threshold")
+    prompt = _api(FILTER)
     prompt["10"]["inputs"].update({"threshold": 100.0, "when_none_pass": "pass nothing", "empty_outputs": "empty batch"})
     del prompt["11"]  # Preview Image itself cannot take an empty batch
     prompt["20"] = {"class_type": "NearIDIdentityScore", "inputs": {
@@ -426,7 +415,7 @@ def test_a_port_taken_before_the_server_binds_it_is_replaced_by_a_free_one(tmp_p
 # ----------------------------------------------------------------------------- model cache
 def test_second_load_of_the_same_head_reuses_the_model(comfy):
     shutil.copy(comfy.head, comfy.base / "models" / "nearid" / "reuse-test.safetensors")
-    prompt = _api("nearid_score_batch")
+    prompt = _api(SCORE)
     prompt["1"]["inputs"]["head"] = "reuse-test.safetensors"
     first = _succeeded(comfy.server.run(prompt))["1"]["nearid_load"][0]
     prompt["1"]["inputs"]["device"] = "cpu"  # a different input, so ComfyUI runs the loader again
@@ -456,7 +445,7 @@ def test_backbone_weights_come_from_the_registered_nearid_backbones_folder(comfy
     torch.save(mobilenet_v2(weights=None).state_dict(), weights)
     head = comfy.base / "models" / "nearid" / "mobilenet-head.safetensors"
     load_model(backbone="mobilenet-v2", pretrained=False, device="cpu", seed=0).save_head(head)
-    prompt = _api("nearid_score_batch")
+    prompt = _api(SCORE)
     prompt["1"]["inputs"]["head"] = head.name
     outputs = _succeeded(comfy.server.run(prompt))
     direct = load_model(head=head, backbone_weights=weights, device="cpu", dtype="fp32")
@@ -552,7 +541,7 @@ def _plant_vectors(cache_path: Path, keys: list[str], seed: int) -> tuple[np.nda
 
 
 def _cache_prompt(reference: str, candidates: list[str]) -> dict:
-    prompt = _api("nearid_score_batch")
+    prompt = _api(SCORE)
     prompt["2"]["inputs"]["image"] = reference
     for node, name in zip(("3", "4", "5"), candidates):
         prompt[node]["inputs"]["image"] = name

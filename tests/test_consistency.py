@@ -136,3 +136,25 @@ def test_average_linkage_merges_by_the_average_not_the_closest_pair():
 
 def test_head_calibration_is_none_without_a_fitted_curve(tiny_model):
     assert head_calibration(tiny_model) is None
+
+
+def test_node_text_is_a_one_based_table_with_the_medoid_and_outliers_on_their_rows():
+    """The Consistency node's text: one Markdown row per image, numbered from 1 like the batch,
+    the medoid and each outlier marked on its own row, groups numbered from 1 (1 = largest)."""
+    pytest.importorskip("torch")
+    from nodes.consistency import _preview
+
+    rng = np.random.default_rng(3)
+    emb = _clustered_embeddings(rng, [4, 1], spread=0.05)
+    result = set_consistency(emb, threshold=0.5)
+    text = _preview(result, "cosine")
+    rows = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [int(r.split("|")[1]) for r in rows] == list(range(1, result.size + 1))
+    for i, row in enumerate(rows):
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        assert float(cells[1]) == pytest.approx(result.mean_to_others[i], abs=5e-5)
+        assert int(cells[3]) == int(result.groups[i]) + 1
+        expected = "**medoid**" if i == result.medoid else ("outlier" if i in set(result.outliers) else "")
+        assert cells[4] == expected
+    assert 4 in result.outliers  # the lone fifth image is the outlier, shown as image 5
+    assert rows[4].rstrip().endswith("| outlier |")

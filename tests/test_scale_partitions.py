@@ -13,27 +13,16 @@ import pytest
 
 from comfy_nearid.cli import EXIT_BAD_INPUT, main
 from comfy_nearid.errors import DatasetError
-from comfy_nearid.scoring import read_rows
 from comfy_nearid.scoring.partitions import read_partition_rows
 from comfy_nearid.scoring.sources import Partition, SubjectField, read_partition, shard_partitions
 
-from _scale_helpers import CORRUPT_KEY, assert_same_rows, write_image_set
+from _scale_helpers import CORRUPT_KEY, assert_same_rows, scale_image_set  # noqa: F401 (fixture)
 from _scoring_helpers import TINY_MODEL_ARGS
 
 
-@pytest.fixture(scope="module")
-def image_set(tmp_path_factory):
-    root = tmp_path_factory.mktemp("scale")
-    write_image_set(root)
-    reference = root / "reference.csv"
-    assert main(["score", "--references-root", str(root / "refs"), str(root / "gen"), "-o", str(reference),
-                 "--batch-size", "4", *TINY_MODEL_ARGS, "--no-cache"]) == 0
-    return root, read_rows(reference)
-
-
 @pytest.mark.parametrize("kind", ["parquet", "wds"])
-def test_local_engine_on_shards_gives_the_rows_of_nearid_score(image_set, tmp_path, kind, capsys):
-    root, expected = image_set
+def test_local_engine_on_shards_gives_the_rows_of_nearid_score(scale_image_set, tmp_path, kind, capsys):
+    root, expected = scale_image_set
     suffix = "parquet" if kind == "parquet" else "tar"
     out = tmp_path / "out"
     assert main(["score", "--references-root", str(root / "refs"), str(root / kind / f"*.{suffix}"), "-o", str(out),
@@ -49,8 +38,8 @@ def test_local_engine_on_shards_gives_the_rows_of_nearid_score(image_set, tmp_pa
     assert summary["subjects"]["cat"]["num_images"] == 7
 
 
-def test_local_partitions_of_a_folder_resume_only_what_is_missing(image_set, tmp_path, capsys):
-    root, expected = image_set
+def test_local_partitions_of_a_folder_resume_only_what_is_missing(scale_image_set, tmp_path, capsys):
+    root, expected = scale_image_set
     common = ["score", "--references-root", str(root / "refs"), str(root / "gen"), "--batch-size", "4",
               "--partition-size", "4", *TINY_MODEL_ARGS, "--no-cache"]
     out = tmp_path / "out"
@@ -69,8 +58,8 @@ def test_local_partitions_of_a_folder_resume_only_what_is_missing(image_set, tmp
     assert_same_rows(read_partition_rows(out), expected)
 
 
-def test_resume_with_another_aggregate_is_refused(image_set, tmp_path, capsys):
-    root, _ = image_set
+def test_resume_with_another_aggregate_is_refused(scale_image_set, tmp_path, capsys):
+    root, _ = scale_image_set
     common = ["score", "--references-root", str(root / "refs"), str(root / "parquet" / "*.parquet"),
               "-o", str(tmp_path / "out"), *TINY_MODEL_ARGS, "--no-cache"]
     assert main(common) == 0
@@ -138,3 +127,26 @@ def test_missing_ray_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
     with pytest.raises(ray_adapter.RayNotInstalledError, match=r"pip install comfy-nearid\[scale\]"):
         ray_adapter.require_ray()
+
+
+def test_actor_phases_from_hand_worked_timestamps():
+    from comfy_nearid.ray import PartitionTiming, actor_phases
+
+    def timing(name, actor, import_started, imported, constructed, ready, started, finished, rows):
+        return PartitionTiming(name, actor, import_started, imported, constructed, ready, started, finished, rows, 1)
+
+    # Actor a: ready at 104, two partitions of 20 rows ending at 108.5 -> 40 rows in 4.5 s.
+    # Actor b: ready at 103, one partition of 20 rows ending at 107 -> 20 rows in 4 s.
+    timings = [timing("p0", "a", 100.25, 101.0, 102.0, 104.0, 104.5, 106.5, 20),
+               timing("p1", "b", 99.0, 100.5, 101.0, 103.0, 103.0, 107.0, 20),
+               timing("p2", "a", 100.25, 101.0, 102.0, 104.0, 106.5, 108.5, 20)]
+    phases = actor_phases(timings, execution_started=100.0)
+    assert phases["actors"] == 2
+    assert phases["worker_start"] == pytest.approx(0.25)  # a's process at 100.25; b's was up before
+    assert phases["imports"] == pytest.approx(1.5)  # b: 99 -> 100.5
+    assert phases["model_load"] == pytest.approx(2.0)
+    assert phases["actors_ready"] == pytest.approx(4.0)
+    assert phases["scoring"] == pytest.approx(108.5 - 103.0)
+    assert phases["steady_images_per_s"] == pytest.approx(40 / 4.5 + 20 / 4)
+    assert phases["busy"] == pytest.approx((4 + 4) / (4.5 + 4))
+    assert actor_phases([], 0.0) == {}

@@ -6,18 +6,19 @@ Python API (`map_batches(IdentityScorer, ...)`) on an img2dataset parquet set.""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 
 import numpy as np
 import pytest
 
 from comfy_nearid.cli import main
-from comfy_nearid.scoring import read_rows
 from comfy_nearid.scoring.partitions import read_partition_rows
 
-from _scale_helpers import CORRUPT_KEY, assert_same_rows, write_image_set
+from _scale_helpers import CORRUPT_KEY, assert_same_rows, scale_image_set  # noqa: F401 (fixture)
 from _scoring_helpers import REPO, TINY_MODEL_ARGS, nearid_command, subprocess_env, write_image, write_smooth_image
 
 ray = pytest.importorskip("ray")
@@ -31,31 +32,25 @@ def ray_address():
     """One local Ray with 2 CPUs for the whole module; workers import this checkout."""
     previous = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), previous) if p)
+    # Its own session folder (short: Ray's socket paths must fit 107 bytes), so it never meets
+    # another Ray on this machine; shut down and removed at the end.
+    session_dir = tempfile.mkdtemp(prefix="nearid-ray-")
     try:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=session_dir)
         ray.data.DataContext.get_current().enable_progress_bars = False
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
+        shutil.rmtree(session_dir, ignore_errors=True)
         if previous is None:
             os.environ.pop("PYTHONPATH", None)
         else:
             os.environ["PYTHONPATH"] = previous
 
 
-@pytest.fixture(scope="module")
-def image_set(tmp_path_factory):
-    root = tmp_path_factory.mktemp("scale_ray")
-    write_image_set(root)
-    reference = root / "reference.csv"
-    assert main(["score", "--references-root", str(root / "refs"), str(root / "gen"), "-o", str(reference),
-                 "--batch-size", "4", *TINY_MODEL_ARGS, "--no-cache"]) == 0
-    return root, read_rows(reference)
-
-
 @pytest.mark.parametrize("inputs", ["gen", "parquet/*.parquet", "wds/*.tar"])
-def test_ray_gives_the_rows_of_nearid_score(ray_address, image_set, tmp_path, inputs, capsys):
-    root, expected = image_set
+def test_ray_gives_the_rows_of_nearid_score(ray_address, scale_image_set, tmp_path, inputs, capsys):
+    root, expected = scale_image_set
     out = tmp_path / "out"
     assert main(["score", "--references-root", str(root / "refs"), str(root / inputs), "-o", str(out),
                  "--engine", "ray", "--ray-address", ray_address, "--concurrency", "2", "--partition-size", "5",
@@ -103,13 +98,13 @@ def test_driver_killed_midway_then_resume_equals_an_uninterrupted_run(ray_addres
     assert not list(killed.glob(".*tmp*"))
 
 
-def test_an_actor_that_dies_is_restarted_and_its_partition_retried(ray_address, image_set, tmp_path):
+def test_an_actor_that_dies_is_restarted_and_its_partition_retried(ray_address, scale_image_set, tmp_path):
     from comfy_nearid import load_model
     from comfy_nearid.ray import RayEngine
     from comfy_nearid.scoring.partitions import PartitionOptions, score_partitions
     from comfy_nearid.scoring.sources import reference_subjects_from_root, shard_partitions
 
-    root, _ = image_set
+    root, _ = scale_image_set
     model = load_model(**TINY_SPEC)
     partitions = shard_partitions([str(root / "wds" / "*.tar")])
     references = reference_subjects_from_root(root / "refs")
@@ -120,20 +115,26 @@ def test_an_actor_that_dies_is_restarted_and_its_partition_retried(ray_address, 
     result = score_partitions(model, partitions, references, tmp_path / "ray", options=options, engine=engine)
     assert marker.exists(), "the test hook never fired: no actor died"
     assert result.num_images == 14
+    # CPU actors and a CPU driver model: the driver embedded the references (no worker task),
+    # each actor ran one torch thread (its one CPU), and both partitions were timed.
+    assert "references" not in engine.phases
+    assert sorted(t.partition for t in engine.partition_timings) == ["00000", "00001"]
+    assert {t.torch_threads for t in engine.partition_timings} == {1}
+    assert all(t.constructed <= t.ready <= t.started <= t.finished for t in engine.partition_timings)
     score_partitions(model, partitions, references, tmp_path / "local", options=options)
     rows = read_partition_rows(tmp_path / "ray")
     assert len(rows) == 14
     assert_same_rows(rows, read_partition_rows(tmp_path / "local"))
 
 
-def test_python_api_map_batches_on_img2dataset_parquet(ray_address, image_set):
+def test_python_api_map_batches_on_img2dataset_parquet(ray_address, scale_image_set):
     from comfy_nearid.ray import IdentityScorer, reference_embeddings
     from comfy_nearid.scoring.partitions import rows_from_table
     from comfy_nearid.scoring.sources import reference_subjects_from_root
 
     import pyarrow as pa
 
-    root, expected = image_set
+    root, expected = scale_image_set
     references = reference_embeddings(TINY_SPEC, reference_subjects_from_root(root / "refs"), batch_size=4)
     ds = ray.data.read_parquet(str(root / "parquet"))
     scored = ds.map_batches(IdentityScorer, fn_constructor_kwargs=dict(model=TINY_SPEC, references=references),

@@ -3,8 +3,11 @@ pass, the calibrated cut, paging, sweep statistics, bad options."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
+import re
+import statistics
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -14,6 +17,7 @@ from PIL import Image
 
 from _scoring_helpers import TINY_MODEL_ARGS, write_broken_files, write_image
 from comfy_nearid.cli import EXIT_BAD_INPUT, main
+from comfy_nearid.errors import DatasetError
 from comfy_nearid.score_report import (
     bootstrap_interval,
     group_of,
@@ -21,7 +25,7 @@ from comfy_nearid.score_report import (
     thumbnail_name,
     write_score_report,
 )
-from comfy_nearid.scoring import read_rows
+from comfy_nearid.scoring import ROW_FIELDS, read_rows
 
 
 class _PageParser(HTMLParser):
@@ -222,15 +226,218 @@ def test_group_of_reads_folder_levels():
     assert group_of("run/ckpt-5/dog/0.png", "dog", "2") == "ckpt-5"
     assert group_of("0.png", "dog", "3") == "(none)"
     assert group_of("run/x/0.png", "cat", "subject") == "cat"
+    assert group_of("run/x/0.png", "cat", "checkpoint", {"checkpoint": "ckpt-5"}) == "ckpt-5"
+    assert group_of("run/x/0.png", "cat", "checkpoint", {"checkpoint": ""}) == "(none)"
 
 
 def test_bad_report_options_stop_with_a_clear_error(tmp_path, capsys):
     rows = _write_rows(tmp_path, [0.5], None)
     assert main(["report", str(rows), "--out", str(tmp_path / "r"), "--group-by", "checkpoint"]) == EXIT_BAD_INPUT
-    assert "--group-by must be 'subject' or a folder level" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--group-by 'checkpoint': choose 'subject', a folder level" in err and "carry no mapping column" in err
     assert main(["report", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "r")]) == EXIT_BAD_INPUT
     assert "missing.csv does not exist" in capsys.readouterr().err
     write_image(tmp_path / "ref.png", np.random.default_rng(0))
     assert main(["score", "--reference", str(tmp_path / "ref.png"), str(tmp_path), "-o", str(tmp_path / "o.csv"),
                  "--group-by", "1", *TINY_MODEL_ARGS]) == EXIT_BAD_INPUT
     assert "add --report DIR" in capsys.readouterr().err
+
+
+# ============================================================================ mapping columns
+# Which generated folder carries which labels (the mapping file below says the same).
+_SWEEP = {  # (subject, folder) -> (checkpoint, method, images)
+    ("dog", "run-a/dog"): ("ckpt-100", "lora", 6),
+    ("dog", "run-b/dog"): ("ckpt-200", "lora", 5),
+    ("cat", "run-a/cat"): ("ckpt-100", "dreambooth", 4),
+    ("cat", "run-b/cat"): ("ckpt-200", "", 5),
+}
+_SWEEP_NUMBER = re.compile(r"(-?\d+\.\d+) \[(-?\d+\.\d+), (-?\d+\.\d+)\]")
+
+
+def _write_sweep(root: Path) -> Path:
+    """Two subjects, two checkpoints, labelled by a mapping file's extra columns; returns the mapping."""
+    rng = np.random.default_rng(11)
+    for i in range(2):
+        write_image(root / "refs" / "dog" / f"{i}.png", rng)
+    write_image(root / "refs" / "cat.png", rng)
+    lines = ["subject,references,generated,checkpoint,method"]
+    for (subject, folder), (checkpoint, method, count) in _SWEEP.items():
+        for i in range(count):
+            write_image(root / "gen" / folder / f"{i}.png", rng)
+        refs = "refs/dog" if subject == "dog" else "refs/cat.png"
+        lines.append(f"{subject},{refs},gen/{folder},{checkpoint},{method}")
+    (root / "map.csv").write_text("\n".join(lines) + "\n")
+    return root / "map.csv"
+
+
+@pytest.fixture(scope="module")
+def mapped(tmp_path_factory):
+    """The sweep of :func:`_write_sweep` scored with --report --group-by checkpoint."""
+    root = tmp_path_factory.mktemp("mapped_report")
+    _write_sweep(root)
+    rows, report = root / "out" / "scores.csv", root / "report"
+    rc = main(["score", "--mapping", str(root / "map.csv"), "-o", str(rows), "--report", str(report),
+               "--group-by", "checkpoint", "--no-cache", *TINY_MODEL_ARGS])
+    assert rc == 0
+    return root, rows, report
+
+
+def _csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """The rows file read with the csv module alone (not the library's reader)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames), list(reader)
+
+
+def _sweep_rows(index: Path) -> dict[str, dict]:
+    """The sweep table of a report page: group -> n and (value, lo, hi) of mean, median, share."""
+    out = {}
+    for rank, group, n, mean, median, share, _ in parse(index).tables["sweep"]:
+        numbers = {}
+        for name, cell in (("mean", mean), ("median", median), ("share", share)):
+            m = _SWEEP_NUMBER.fullmatch(cell)
+            assert m, cell
+            numbers[name] = tuple(float(v) for v in m.groups())
+        out[group] = {"rank": int(rank), "n": int(n), **numbers}
+    return out
+
+
+def _check_sweep_against_rows(index: Path, rows: list[dict[str, str]], column: str, threshold: float) -> None:
+    """Every group's numbers on the page equal statistics computed here from the rows file."""
+    page = _sweep_rows(index)
+    groups: dict[str, list[float]] = {}
+    for r in rows:
+        if r["score"]:
+            groups.setdefault(r[column] or "(none)", []).append(float(r["score"]))
+    assert set(page) == set(groups)
+    for group, scores in groups.items():
+        shown = page[group]
+        mean, median = statistics.fmean(scores), statistics.median(scores)
+        share = sum(s >= threshold for s in scores) / len(scores)
+        assert shown["n"] == len(scores)
+        assert abs(shown["mean"][0] - mean) <= 0.5e-4 + 1e-9
+        assert abs(shown["median"][0] - median) <= 0.5e-4 + 1e-9
+        assert abs(shown["share"][0] - share) <= 0.5e-3 + 1e-9
+        lo, hi = shown["mean"][1:]
+        assert lo - 0.5e-4 <= mean <= hi + 0.5e-4 and lo < hi  # the bootstrap interval holds the mean
+        assert shown["median"][1] <= shown["median"][2] and shown["share"][1] <= shown["share"][2]
+    ranked = sorted(page, key=lambda g: page[g]["rank"])
+    assert [page[g]["mean"][0] for g in ranked] == sorted((page[g]["mean"][0] for g in ranked), reverse=True)
+
+
+def test_mapping_columns_are_columns_of_the_rows(mapped):
+    root, rows_file, _ = mapped
+    header, rows = _csv_rows(rows_file)
+    assert header == [*ROW_FIELDS, "checkpoint", "method"]
+    expected = {}
+    for (subject, folder), (checkpoint, method, count) in _SWEEP.items():
+        for i in range(count):
+            expected[(subject, str(root / "gen" / folder / f"{i}.png"))] = (checkpoint, method)
+    assert {(r["subject"], r["path"]): (r["checkpoint"], r["method"]) for r in rows} == expected
+    # the library's reader gives the same labels; the config records the columns
+    assert {(r.subject, r.path): (r.labels["checkpoint"], r.labels["method"]) for r in read_rows(rows_file)} == expected
+    config = json.loads(rows_file.with_name("scores.config.json").read_text())
+    assert config["label_columns"] == ["checkpoint", "method"]
+
+
+def test_sweep_grouped_by_a_mapping_column_equals_the_rows(mapped):
+    _, rows_file, report = mapped
+    _, rows = _csv_rows(rows_file)
+    assert "mapping column checkpoint" in (report / "index.html").read_text()
+    _check_sweep_against_rows(report / "index.html", rows, "checkpoint", threshold=0.5)  # the default curve's cut
+
+
+def test_nearid_report_groups_by_a_mapping_column_with_a_fitted_cut(mapped, tmp_path):
+    """`nearid report` on the rows: a cut between two scores near the middle, so the shares
+    above it are neither all 0 nor all 1; an empty label is the group (none)."""
+    _, rows_file, _ = mapped
+    _, rows = _csv_rows(rows_file)
+    scores = sorted({float(r["score"]) for r in rows if r["score"]})
+    k = len(scores) // 2
+    cut = (scores[k - 1] + scores[k]) / 2
+    copy = tmp_path / "scores.csv"
+    copy.write_bytes(rows_file.read_bytes())
+    (tmp_path / "scores.config.json").write_text(json.dumps({"calibration": {
+        "kind": "logistic", "midpoint": cut, "slope": 10.0, "source": "fitted", "n_same": 10, "n_near": 10}}))
+    for column in ("checkpoint", "method"):
+        out = tmp_path / f"report-{column}"
+        assert main(["report", str(copy), "--out", str(out), "--group-by", column]) == 0
+        _check_sweep_against_rows(out / "index.html", rows, column, threshold=cut)
+    assert set(_sweep_rows(tmp_path / "report-method" / "index.html")) == {"lora", "dreambooth", "(none)"}
+
+
+def test_resume_after_new_images_keeps_the_label_columns(tmp_path):
+    """A finished rows file (label columns in its header) resumed after an image was added:
+    the new row is appended with the same columns, and the earlier rows are not redone."""
+    mapping = _write_sweep(tmp_path)
+    rows_file = tmp_path / "out" / "scores.csv"
+    argv = ["score", "--mapping", str(mapping), "-o", str(rows_file), "--no-cache", *TINY_MODEL_ARGS]
+    assert main(argv) == 0
+    _, before = _csv_rows(rows_file)
+    write_image(tmp_path / "gen" / "run-b" / "dog" / "new.png", np.random.default_rng(5))
+    assert main([*argv, "--resume"]) == 0
+    header, rows = _csv_rows(rows_file)
+    assert header == [*ROW_FIELDS, "checkpoint", "method"]
+    new = [r for r in rows if r["path"].endswith("new.png")]
+    assert [(r["checkpoint"], r["method"]) for r in new] == [("ckpt-200", "lora")]
+    assert len(rows) == len(before) + 1
+    summary = json.loads(rows_file.with_name("scores.summary.json").read_text())
+    assert summary["num_images"] == len(before) + 1
+
+
+def test_jsonl_rows_carry_labels_and_csv_headers_are_checked(tmp_path):
+    from comfy_nearid.scoring.rows import ScoreRow, decode_row, encode_row, row_fields
+
+    row = ScoreRow("g/0.png", "dog", (0.25,), 0.25, 12.5, False, 1, labels={"checkpoint": "ckpt-1", "method": ""},
+                   scorer_scores={"clip-i": 0.5})
+    fields = row_fields(("checkpoint", "method"), ("clip-i",))
+    for fmt in ("jsonl", "csv"):
+        line = encode_row(row, fmt, fields)
+        assert decode_row(line, fmt, "test", fields) == row
+    assert json.loads(encode_row(row, "jsonl", fields))["checkpoint"] == "ckpt-1"
+    bad = tmp_path / "bad.csv"
+    bad.write_text(",".join([*ROW_FIELDS, "score:x", "checkpoint"]) + "\n")
+    with pytest.raises(DatasetError, match="not written by `nearid score`"):
+        read_rows(bad)
+
+
+@pytest.mark.parametrize("column, words", [
+    ("score", "column 'score' clashes with a column of the score rows"),
+    ("rank", "column 'rank' clashes"),
+    ("score:clip", "column 'score:clip' clashes"),
+    ("check point", "column 'check point' cannot become a rows column"),
+])
+def test_mapping_columns_that_clash_with_score_columns_are_refused(tmp_path, capsys, column, words):
+    rng = np.random.default_rng(0)
+    write_image(tmp_path / "ref.png", rng)
+    write_image(tmp_path / "gen" / "0.png", rng)
+    (tmp_path / "map.csv").write_text(f'subject,references,generated,"{column}"\ndog,ref.png,gen,x\n')
+    out = tmp_path / "o.csv"
+    assert main(["score", "--mapping", str(tmp_path / "map.csv"), "-o", str(out), "--no-cache",
+                 *TINY_MODEL_ARGS]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert words in err and "map.csv" in err and not out.exists()
+
+
+def test_one_folder_with_two_labels_is_refused(tmp_path):
+    from comfy_nearid.scoring import plan_from_mapping
+
+    rng = np.random.default_rng(0)
+    write_image(tmp_path / "ref.png", rng)
+    write_image(tmp_path / "gen" / "0.png", rng)
+    (tmp_path / "map.csv").write_text("subject,references,generated,checkpoint\n"
+                                      "dog,ref.png,gen,a\ndog,ref.png,gen,b\n")
+    with pytest.raises(DatasetError, match="also listed at .*line 2.*other labels"):
+        plan_from_mapping(tmp_path / "map.csv")
+
+
+def test_group_by_a_column_the_rows_lack_lists_the_available_ones(mapped, tmp_path, capsys):
+    root, rows_file, _ = mapped
+    assert main(["report", str(rows_file), "--out", str(tmp_path / "r"), "--group-by", "seed"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "--group-by 'seed'" in err and "checkpoint, method" in err
+    out = tmp_path / "o.csv"
+    assert main(["score", "--mapping", str(root / "map.csv"), "-o", str(out), "--report", str(tmp_path / "r2"),
+                 "--group-by", "prompt_set", "--no-cache", *TINY_MODEL_ARGS]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "--group-by 'prompt_set'" in err and "checkpoint, method" in err and not out.exists()

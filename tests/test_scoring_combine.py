@@ -14,6 +14,7 @@ from comfy_nearid.cli import main
 from comfy_nearid.errors import InvalidInputError
 from comfy_nearid.scoring import (
     OutputPaths,
+    RunSettings,
     ScoringOptions,
     aggregate_cosines,
     combine_references,
@@ -93,8 +94,8 @@ def test_streaming_scorer_with_the_prototype(tiny_model, tmp_path, rng):
     gens = [write_image(tmp_path / "gen" / f"g{i}.png", rng) for i in range(5)]
     plan = plan_single_subject([tmp_path / "refs"], [tmp_path / "gen"])
     out = OutputPaths.for_rows(tmp_path / "out" / "scores.csv")
-    score_plan(tiny_model, plan, out, options=ScoringOptions(aggregate="prototype", batch_size=2, num_workers=1,
-                                                             progress=False))
+    options = ScoringOptions(aggregate="prototype", batch_size=2, num_workers=1, progress=False)
+    score_plan(tiny_model, plan, out, RunSettings(options=options))
     rows = read_rows(out.rows)
     np.testing.assert_allclose([r.score for r in rows], _prototype_by_hand(tiny_model, refs, gens), atol=2e-6)
     assert json.loads(out.config.read_text())["aggregate"] == "prototype"

@@ -118,7 +118,8 @@ def test_json_mapping_in_both_shapes_and_merged_rows(tmp_path, rng):
 
 
 @pytest.mark.parametrize("content, message", [
-    ('{"dog": {"references": "refs/dog", "generated": "gen/dog", "weight": 2}}', "unknown \\['weight'\\]"),
+    ('{"dog": {"references": "refs/dog", "generated": "gen/dog", "weight": [2]}}', "weight: an extra column must hold text"),
+    ('{"dog": {"references": "refs/dog", "generated": "gen/dog", "rank": "1"}}', "column 'rank' clashes"),
     ('{"dog": {"references": "refs/dog"}}', "missing \\['generated'\\]"),
     ('[1, 2]', "entry 0"),
     ('{"dog": {"references": "refs/nope.png", "generated": "gen/dog"}}', "nope.png does not exist"),
@@ -135,7 +136,7 @@ def test_bad_json_mappings_name_the_problem(tmp_path, rng, content, message):
 def test_bad_csv_mapping_header_is_named(tmp_path, rng):
     _two_subject_tree(tmp_path, rng)
     (tmp_path / "map.csv").write_text("name,refs,gens\ndog,refs/dog,gen/dog\n")
-    with pytest.raises(DatasetError, match="header must be"):
+    with pytest.raises(DatasetError, match="header must hold"):
         plan_from_mapping(tmp_path / "map.csv")
     (tmp_path / "map.yaml").write_text("x")
     with pytest.raises(DatasetError, match="unknown format"):

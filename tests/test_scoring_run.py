@@ -20,6 +20,7 @@ from comfy_nearid.metrics.human import load_score_file
 from comfy_nearid.scoring import (
     ROW_FIELDS,
     OutputPaths,
+    RunSettings,
     ScoringOptions,
     plan_from_mapping,
     plan_single_subject,
@@ -55,8 +56,8 @@ def test_rows_equal_the_model_called_directly(tiny_model, tmp_path, one_subject,
     refs, gens = one_subject
     plan = plan_single_subject([tmp_path / "refs"], [tmp_path / "gen"])
     out = OutputPaths.for_rows(tmp_path / "out" / "scores.csv")
-    result = score_plan(tiny_model, plan, out, options=ScoringOptions(aggregate=aggregate, batch_size=4,
-                                                                      progress=False))
+    options = ScoringOptions(aggregate=aggregate, batch_size=4, progress=False)
+    result = score_plan(tiny_model, plan, out, RunSettings(options=options))
     rows = read_rows(out.rows)
     expected = cosines_direct(tiny_model, refs, gens)
     agg = expected.mean(axis=1) if aggregate == "mean" else expected.max(axis=1)
@@ -85,7 +86,7 @@ def test_many_subjects_each_scored_against_their_own_references(tiny_model, tmp_
     cat_gen = [write_image(tmp_path / "gen" / "cat" / f"{i}.png", rng) for i in range(4)]
     (tmp_path / "map.csv").write_text("subject,references,generated\ndog,refs/dog,gen/dog\ncat,refs/cat.png,gen/cat\n")
     out = OutputPaths.for_rows(tmp_path / "scores.jsonl", dreambench=tmp_path / "db" / "method.json")
-    score_plan(tiny_model, plan_from_mapping(tmp_path / "map.csv"), out, options=FAST)
+    score_plan(tiny_model, plan_from_mapping(tmp_path / "map.csv"), out, RunSettings(options=FAST))
     rows = read_rows(out.rows)
     assert [(r.subject, r.path) for r in rows] == [("dog", str(p)) for p in dog_gen] + [("cat", str(p)) for p in cat_gen]
     dog_cos = cosines_direct(tiny_model, dog_refs, dog_gen)
@@ -106,7 +107,7 @@ def test_broken_files_become_error_rows_and_the_run_goes_on(tiny_model, tmp_path
     refs, gens = one_subject
     reasons = write_broken_files(tmp_path / "gen", rng)
     out = OutputPaths.for_rows(tmp_path / "scores.csv", dreambench=tmp_path / "db.json")
-    result = score_plan(tiny_model, plan_single_subject(refs, [tmp_path / "gen"]), out, options=FAST)
+    result = score_plan(tiny_model, plan_single_subject(refs, [tmp_path / "gen"]), out, RunSettings(options=FAST))
     rows = {r.path.rsplit("/", 1)[-1]: r for r in read_rows(out.rows)}
     assert len(rows) == 14 and result.num_errors == 4 and result.num_scored == 10
     for name, words in reasons.items():
@@ -127,7 +128,7 @@ def test_strict_mode_fails_naming_the_file(tiny_model, tmp_path, rng, one_subjec
     out = OutputPaths.for_rows(tmp_path / "scores.csv")
     options = ScoringOptions(batch_size=4, progress=False, strict=True)
     with pytest.raises(ImageLoadError, match="b_corrupt.png.*--strict"):
-        score_plan(tiny_model, plan_single_subject(refs, [tmp_path / "gen"]), out, options=options)
+        score_plan(tiny_model, plan_single_subject(refs, [tmp_path / "gen"]), out, RunSettings(options=options))
     assert not out.summary.exists()  # a failed run is not finalised
 
 
@@ -137,7 +138,7 @@ def test_unreadable_reference_stops_before_any_row(tiny_model, tmp_path, rng):
     bad_ref.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     out = OutputPaths.for_rows(tmp_path / "scores.csv")
     with pytest.raises(ImageLoadError, match="ref.png"):
-        score_plan(tiny_model, plan_single_subject([bad_ref], [tmp_path / "gen"]), out, options=FAST)
+        score_plan(tiny_model, plan_single_subject([bad_ref], [tmp_path / "gen"]), out, RunSettings(options=FAST))
     assert not any(p.exists() for p in out.finals())
 
 
@@ -147,19 +148,19 @@ def test_outputs_are_never_overwritten_without_permission(tiny_model, tmp_path, 
     out = OutputPaths.for_rows(tmp_path / "scores.csv")
     out.rows.write_text("precious\n")
     with pytest.raises(InvalidInputError, match="scores.csv already exists.*--overwrite.*--resume"):
-        score_plan(tiny_model, plan, out, options=FAST)
+        score_plan(tiny_model, plan, out, RunSettings(options=FAST))
     assert out.rows.read_text() == "precious\n"
     other_summary = OutputPaths.for_rows(tmp_path / "other.csv", summary=tmp_path / "keep.json")
     other_summary.summary.write_text("{}")
     with pytest.raises(InvalidInputError, match="keep.json already exists"):
-        score_plan(tiny_model, plan, other_summary, options=FAST)
-    score_plan(tiny_model, plan, out, options=FAST, overwrite=True)
+        score_plan(tiny_model, plan, other_summary, RunSettings(options=FAST))
+    score_plan(tiny_model, plan, out, RunSettings(options=FAST, overwrite=True))
     assert len(read_rows(out.rows)) == 10
 
 
 def _full_run(model, plan, path, **kw):
     out = OutputPaths.for_rows(path, dreambench=path.with_suffix(".db.json"))
-    score_plan(model, plan, out, options=FAST, **kw)
+    score_plan(model, plan, out, RunSettings(options=FAST, **kw))
     return out
 
 
@@ -170,14 +171,14 @@ def test_resume_after_a_crash_mid_write_equals_an_uninterrupted_run(tiny_model, 
     reference = _full_run(tiny_model, plan, tmp_path / f"full.{fmt}")
     # What a crash leaves: the unranked rows of the first batches, then half a line.
     out = OutputPaths.for_rows(tmp_path / f"crashed.{fmt}", dreambench=tmp_path / "crashed.db.json")
-    score_plan(tiny_model, plan, out, options=FAST)
+    score_plan(tiny_model, plan, out, RunSettings(options=FAST))
     lines = out.rows.read_text().splitlines(keepends=True)
     header = lines[:1] if fmt == "csv" else []
     body = [_without_rank(line, fmt) for line in lines[len(header):]]
     out.rows.write_text("".join(header + body[:5] + [body[5][: len(body[5]) // 2]]))
     out.summary.unlink()
     out.dreambench.unlink()
-    result = score_plan(tiny_model, plan, out, options=FAST, resume=True)
+    result = score_plan(tiny_model, plan, out, RunSettings(options=FAST, resume=True))
     assert result.num_resumed == 5
     assert out.rows.read_text() == reference.rows.read_text()
     assert out.dreambench.read_text() == reference.dreambench.read_text()
@@ -204,7 +205,7 @@ def test_resume_never_duplicates_rows_already_written_twice(tiny_model, tmp_path
     out = OutputPaths.for_rows(tmp_path / "dup.csv")
     lines = reference.rows.read_text().splitlines(keepends=True)
     out.rows.write_text("".join(lines[:4] + lines[2:4]))  # a batch flushed twice
-    score_plan(tiny_model, plan, out, options=FAST, resume=True)
+    score_plan(tiny_model, plan, out, RunSettings(options=FAST, resume=True))
     assert out.rows.read_text() == reference.rows.read_text()
 
 
@@ -214,7 +215,7 @@ def test_resume_of_a_complete_run_touches_no_model(tiny_model, tmp_path, one_sub
     cache = EmbeddingCache(tmp_path / "cache.sqlite")
     out = _full_run(tiny_model, plan, tmp_path / "s.csv", cache=cache)
     before = out.rows.read_text()
-    score_plan(_NoForwardModel(tiny_model), plan, out, options=FAST, cache=cache, resume=True)
+    score_plan(_NoForwardModel(tiny_model), plan, out, RunSettings(options=FAST, cache=cache, resume=True))
     assert out.rows.read_text() == before
 
 
@@ -224,10 +225,10 @@ def test_resume_with_another_model_is_refused(tiny_model, tmp_path, one_subject)
     out = _full_run(tiny_model, plan, tmp_path / "s.csv")
     other = load_model(backbone="tiny-siglip", pretrained=False, device="cpu", dtype="fp32", seed=3)
     with pytest.raises(ConfigError, match="model_identity"):
-        score_plan(other, plan, out, options=FAST, resume=True)
+        score_plan(other, plan, out, RunSettings(options=FAST, resume=True))
     with pytest.raises(ConfigError, match="aggregate"):
-        score_plan(tiny_model, plan, out, options=ScoringOptions(aggregate="max", batch_size=4, progress=False),
-                   resume=True)
+        score_plan(tiny_model, plan, out,
+                   RunSettings(options=ScoringOptions(aggregate="max", batch_size=4, progress=False), resume=True))
 
 
 class _NoForwardModel:
@@ -254,7 +255,7 @@ def test_a_cached_rerun_gives_the_same_rows_without_any_forward_pass(tiny_model,
     first = _full_run(tiny_model, plan, tmp_path / "first.csv", cache=cache)
     assert cache.count(tiny_model.identity) == 13  # 10 generated + 3 references
     second = OutputPaths.for_rows(tmp_path / "second.csv")
-    score_plan(_NoForwardModel(tiny_model), plan, second, options=FAST, cache=cache)
+    score_plan(_NoForwardModel(tiny_model), plan, second, RunSettings(options=FAST, cache=cache))
     assert second.rows.read_text() == first.rows.read_text()
 
 
@@ -317,7 +318,7 @@ def test_a_broken_file_in_a_batch_leaves_the_other_rows_exact(tiny_model, tmp_pa
     broken.write_bytes(b"not an image")
     plan = plan_single_subject([tmp_path / "refs"], [tmp_path / "gen"])
     out = OutputPaths.for_rows(tmp_path / "o.csv")
-    score_plan(tiny_model, plan, out, options=ScoringOptions(batch_size=4, num_workers=2, progress=False))
+    score_plan(tiny_model, plan, out, RunSettings(options=ScoringOptions(batch_size=4, num_workers=2, progress=False)))
     rows = read_rows(out.rows)
     good = [r for r in rows if r.error is None]
     assert [r.path for r in rows if r.error] == [str(broken)]

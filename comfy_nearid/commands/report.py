@@ -13,9 +13,10 @@ from pathlib import Path
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("rows", type=Path, metavar="ROWS_FILE", help="rows file (.csv or .jsonl) written by `nearid score`")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="report folder (index.html goes here)")
-    parser.add_argument("--group-by", default=None, metavar="LEVEL",
-                        help="compare sweep groups: 'subject' or the folder level above each image "
-                             "(1 = the folder holding it, 2 = its parent, ...)")
+    parser.add_argument("--group-by", default=None, metavar="LEVEL|COLUMN",
+                        help="compare sweep groups: 'subject', the folder level above each image "
+                             "(1 = the folder holding it, 2 = its parent, ...) or a column of the --mapping file "
+                             "(e.g. checkpoint)")
     parser.add_argument("--page-size", type=int, default=None, help="candidates per subject page (default: 200)")
 
 

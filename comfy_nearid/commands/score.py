@@ -4,7 +4,8 @@ Layouts (one of):
 
 - ``--reference REF [--reference REF2 ...] GEN_DIR [GEN_DIR ...]``: one subject; a reference
   is an image or a folder of images.
-- ``--mapping FILE``: many subjects from a CSV/JSON mapping (subject -> references, generated).
+- ``--mapping FILE``: many subjects from a CSV/JSON mapping (subject -> references, generated);
+  its further columns (``checkpoint``, ``method``, ...) become columns of the rows.
 - ``--references-root REFS GEN_DIR [...]``: DreamBench-style: each sub-folder of ``REFS`` with
   images is a subject; its generated images are in the folder of the same name in ``GEN_DIR``.
 
@@ -68,9 +69,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "thumbnails are made while scoring")
     out.add_argument("--report-heatmaps", type=int, default=0, metavar="N",
                      help="with --report: the head's attention over the top and bottom N images of each subject")
-    out.add_argument("--group-by", default=None, metavar="LEVEL",
-                     help="with --report: compare sweep groups: 'subject' or the folder level above each image "
-                          "(1 = the folder holding it, 2 = its parent, ...)")
+    out.add_argument("--group-by", default=None, metavar="LEVEL|COLUMN",
+                     help="with --report: compare sweep groups: 'subject', the folder level above each image "
+                          "(1 = the folder holding it, 2 = its parent, ...) or a column of the --mapping file "
+                          "(e.g. checkpoint)")
     out.add_argument("--strict", action="store_true",
                      help="stop at the first unreadable image instead of writing an error row")
 
@@ -270,6 +272,10 @@ def _partitions_and_references(args: argparse.Namespace):
 
     if not looks_like_shards([str(g) for g in args.generated]):
         layout, plan = _build_plan(args)
+        if plan.label_names:
+            logger.warning("the mapping columns %s are not written by partitioned runs (parquet rows keep the "
+                           "`nearid score` columns only); score without --partition-size/--engine ray to keep them",
+                           ", ".join(plan.label_names))
         references = {s.name: s.references for s in plan.subjects}
         size = DEFAULT_PARTITION_SIZE if args.partition_size is None else args.partition_size
         return layout, plan_partitions(plan, size), references, SubjectField(args.subject_field)
@@ -360,7 +366,7 @@ def _run_partitioned(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from ..embedding_cache import EmbeddingCache, default_cache_path
-    from ..scoring import OutputPaths, ScoringOptions, default_batch_size, score_plan_with_scorers
+    from ..scoring import OutputPaths, RunSettings, ScoringOptions, default_batch_size, score_plan_with_scorers
 
     if _partitioned(args):
         return _run_partitioned(args)
@@ -371,7 +377,7 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInputError("--group-by and --report-heatmaps shape the HTML report; add --report DIR")
     if args.report_heatmaps < 0:
         raise InvalidInputError(f"--report-heatmaps must be >= 0, got {args.report_heatmaps}")
-    check_group_by(args.group_by)
+    check_group_by(args.group_by, plan.label_names)  # before the model loads
     outputs = OutputPaths.for_rows(args.output, args.format, args.summary)
     options = ScoringOptions(
         aggregate=args.aggregate, batch_size=1 if args.batch_size is None else args.batch_size,  # None: set per device below
@@ -410,11 +416,9 @@ def run(args: argparse.Namespace) -> int:
     }
     thumbnails = ThumbnailSink(args.report) if args.report is not None else None
     try:
-        result = score_plan_with_scorers(
-            scorers, plan, outputs, dreambench_template=args.dreambench_json, options=options, cache=cache,
-            resume=args.resume, overwrite=args.overwrite, shard=shard, run_config=run_config,
-            on_decoded=thumbnails,
-        )
+        settings = RunSettings(options=options, cache=cache, resume=args.resume, overwrite=args.overwrite,
+                               shard=shard, run_config=run_config, on_decoded=thumbnails)
+        result = score_plan_with_scorers(scorers, plan, outputs, settings, dreambench_template=args.dreambench_json)
     finally:
         if cache is not None:
             cache.close()

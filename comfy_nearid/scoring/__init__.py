@@ -42,7 +42,7 @@ from .plan import (
     read_mapping,
 )
 from .rows import OUTPUT_FORMATS, ROW_FIELDS, ScoreRow, read_rows
-from .run import DEFAULT_BATCH_SIZE, ProcessShard, ScoringOptions, default_batch_size, prefetch, score_plan
+from .run import DEFAULT_BATCH_SIZE, ProcessShard, RunSettings, ScoringOptions, default_batch_size, prefetch, score_plan
 from .unit import ImageRef, ScoringUnit, embed_references
 
 __all__ = [
@@ -52,6 +52,7 @@ __all__ = [
     "ROW_FIELDS",
     "OutputPaths",
     "ProcessShard",
+    "RunSettings",
     "ScoreItem",
     "ScoreRow",
     "ScorerPass",

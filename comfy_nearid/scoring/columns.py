@@ -11,6 +11,7 @@ equals what that scorer writes when run alone.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -22,11 +23,10 @@ from ..errors import DatasetError, InvalidInputError
 from ..fileio import atomic_write_json
 from .outputs import OutputPaths, ScoringResult
 from .plan import ScoringPlan
-from .rows import csv_header, encode_row, scan_rows
-from .run import ImageHook, ProcessShard, ScoringOptions, score_plan
+from .rows import csv_header, encode_row, row_fields, scan_rows
+from .run import RunSettings, score_plan
 
 if TYPE_CHECKING:
-    from ..embedding_cache import EmbeddingCache
     from ..model import IdentityModel
 
 logger = logging.getLogger(__name__)
@@ -90,22 +90,17 @@ def score_plan_with_scorers(
     scorers: Sequence[ScorerPass],
     plan: ScoringPlan,
     outputs: OutputPaths,
+    settings: RunSettings = RunSettings(),
     *,
     dreambench_template: Path | None = None,
-    options: ScoringOptions = ScoringOptions(),
-    cache: "EmbeddingCache | None" = None,
-    resume: bool = False,
-    overwrite: bool = False,
-    shard: ProcessShard = ProcessShard(),
-    run_config: dict[str, Any] | None = None,
-    on_decoded: ImageHook | None = None,
 ) -> ScoringResult | None:
     """Score ``plan`` with every scorer; the rows file gets ``score:<name>`` per further scorer.
 
-    ``outputs.dreambench`` is ignored: ``dreambench_template`` (see :func:`dreambench_path`)
-    gives each scorer's DreamBench++ JSON. Returns the first scorer's
-    :class:`ScoringResult` with ``scorers`` = the further scorers' per-subject summaries (main
-    process; ``None`` on the others). ``on_decoded`` sees the images the first pass decodes.
+    ``settings`` are :func:`~comfy_nearid.scoring.run.score_plan`'s, used by every pass
+    (``settings.on_decoded`` sees the images the first pass decodes). ``outputs.dreambench`` is
+    ignored: ``dreambench_template`` (see :func:`dreambench_path`) gives each scorer's
+    DreamBench++ JSON. Returns the first scorer's :class:`ScoringResult` with ``scorers`` = the
+    further scorers' per-subject summaries (main process; ``None`` on the others).
     """
     if not scorers:
         raise InvalidInputError("give at least one scorer")
@@ -118,42 +113,36 @@ def score_plan_with_scorers(
         own = scorer_outputs(outputs, name)
         passes.append(OutputPaths(own.rows, own.fmt, own.summary, own.config,
                                   dreambench_path(dreambench_template, name, several)))
-    for paths in passes[1:] if dreambench_template is None else passes:
-        paths.check_writable(resume)  # every pass's files, before the first pass starts
-    if not (resume or overwrite):  # refuse before the first pass, not after it
-        existing = [p for paths in passes for p in [*paths.finals(), *paths.shards()] if p.exists()]
-        if existing:
-            raise InvalidInputError(
-                f"output {existing[0]} already exists; pass --overwrite to replace it or --resume to continue it"
-            )
+    settings.check_outputs(passes)  # every pass's files, before the first pass starts
     results: list[ScoringResult | None] = []
     for i, (scorer, paths) in enumerate(zip(scorers, passes)):
         logger.info("scorer %s -> %s", scorer.name, paths.rows)
         model = scorer.load()
-        config = {**(run_config or {}), "scorer": scorer.name, "scorers": names,
+        config = {**(settings.run_config or {}), "scorer": scorer.name, "scorers": names,
                   "device": str(model.device), "dtype": str(model.dtype)}
-        results.append(score_plan(model, plan, paths, options=options, cache=cache, resume=resume,
-                                  overwrite=overwrite, shard=shard, run_config=config,
-                                  on_decoded=on_decoded if i == 0 else None))
+        results.append(score_plan(model, plan, paths, dataclasses.replace(
+            settings, run_config=config, on_decoded=settings.on_decoded if i == 0 else None)))
         del model
-    if not shard.is_main:
+    if not settings.shard.is_main:
         return None
     primary = results[0]
     assert primary is not None
     if several:
-        _join_score_columns(outputs, passes[1:], names[1:])
+        _join_score_columns(outputs, passes[1:], names[1:], plan.label_names)
         primary.scorers = _join_summaries(outputs.summary, passes, names)
     return primary
 
 
-def _join_score_columns(outputs: OutputPaths, extra: Sequence[OutputPaths], names: Sequence[str]) -> None:
+def _join_score_columns(outputs: OutputPaths, extra: Sequence[OutputPaths], names: Sequence[str],
+                        label_names: Sequence[str]) -> None:
     """Rewrite the rows file with a ``score:<name>`` column per further scorer. Every pass
     wrote its final rows in plan order, so the files are read side by side (flat memory)."""
     tmp = outputs.rows.with_name(outputs.rows.name + ".tmp")
     readers = [scan_rows(p.rows, p.fmt) for p in extra]
+    fields = row_fields(label_names, names)
     with open(tmp, "w", encoding="utf-8", newline="") as out:
         if outputs.fmt == "csv":
-            out.write(csv_header(names))
+            out.write(csv_header(fields))
         for line, (_, row) in enumerate(scan_rows(outputs.rows, outputs.fmt), start=1):
             for name, paths, reader in zip(names, extra, readers):
                 other = next(reader, None)
@@ -163,7 +152,7 @@ def _join_score_columns(outputs: OutputPaths, extra: Sequence[OutputPaths], name
                         "run again with --overwrite"
                     )
                 row.scorer_scores[name] = other[1].score
-            out.write(encode_row(row, outputs.fmt, names))
+            out.write(encode_row(row, outputs.fmt, fields))
     os.replace(tmp, outputs.rows)
 
 

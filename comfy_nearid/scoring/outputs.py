@@ -15,7 +15,8 @@ from ..errors import DatasetError, InvalidInputError
 from ..fileio import atomic_write_json
 from .plan import ScoringPlan, natural_sort_key
 from .rows import (
-    CSV_HEADER, OUTPUT_FORMATS, decode_row, encode_row, file_fields, format_from_suffix, scan_rows, short_float,
+    OUTPUT_FORMATS, csv_header, decode_row, encode_row, file_fields, format_from_suffix, row_fields, scan_rows,
+    short_float,
 )
 
 if TYPE_CHECKING:
@@ -130,7 +131,7 @@ def finalize_run(model: Any, plan: ScoringPlan, outputs: OutputPaths, aggregate:
         raise DatasetError(f"{missing.size} image(s) have no row after the run (first: {first.path}); run again with --resume")
     subject_ids = _subject_ids(plan)
     ranks = _ranks_within_subjects(subject_ids, scores, [str(it.path) for it in plan.items])
-    _write_final_rows(outputs, sources, source_of, offset_of, ranks)
+    _write_final_rows(plan, outputs, sources, source_of, offset_of, ranks)
     for path in outputs.shards():
         path.unlink()
     summaries = _subject_summaries(plan, subject_ids, scores, calibrated, ranks)
@@ -179,15 +180,18 @@ def _ranks_within_subjects(subject_ids: np.ndarray, scores: np.ndarray, paths: l
     return ranks
 
 
-def _write_final_rows(outputs: OutputPaths, sources: list[tuple[Path, str]], source_of: np.ndarray,
-                      offset_of: np.ndarray, ranks: np.ndarray) -> None:
+def _write_final_rows(plan: ScoringPlan, outputs: OutputPaths, sources: list[tuple[Path, str]],
+                      source_of: np.ndarray, offset_of: np.ndarray, ranks: np.ndarray) -> None:
+    """The rows in plan order with their ranks; each row's labels are its plan item's (the
+    mapping file of this run decides them, whatever a resumed file held)."""
     tmp = outputs.rows.with_name(outputs.rows.name + ".tmp")
     handles = [open(path, "rb") for path, _ in sources]
     fields = [file_fields(path, fmt) for path, fmt in sources]  # a joined rows file has score:<name> columns
+    final_fields = row_fields(plan.label_names)
     try:
         with open(tmp, "w", encoding="utf-8", newline="") as out:
             if outputs.fmt == "csv":
-                out.write(CSV_HEADER)
+                out.write(csv_header(final_fields))
             for idx in range(len(source_of)):
                 s = int(source_of[idx])
                 handles[s].seek(int(offset_of[idx]))
@@ -195,7 +199,8 @@ def _write_final_rows(outputs: OutputPaths, sources: list[tuple[Path, str]], sou
                 row = decode_row(handles[s].readline().decode("utf-8"), fmt, f"{path} at byte {offset_of[idx]}",
                                  fields[s])
                 row.rank = int(ranks[idx]) or None
-                out.write(encode_row(row, outputs.fmt))
+                row.labels = dict(plan.items[idx].labels)
+                out.write(encode_row(row, outputs.fmt, final_fields))
     finally:
         for h in handles:
             h.close()

@@ -9,8 +9,13 @@ Engines are callables ``engine(partitions, references, options, model_identity)`
 ``(partition name, rows)``: :class:`LocalEngine` scores in this process, the Ray adapter
 (:class:`comfy_nearid.ray.RayEngine`) on a Ray cluster. Both score through
 :class:`~comfy_nearid.scoring.unit.ScoringUnit` and :func:`score_partition`. An engine may
-also offer ``embed_references(references, batch_size) -> (model identity, embeddings)`` (its
-workers embed the references once, in their own dtype) and ``close()``.
+also offer ``embed_references(references, batch_size, driver_model) -> (model identity,
+embeddings) | None`` (its workers embed the references once, in their own dtype; ``None``:
+the driver's model is like the workers', embed on the driver) and ``close()``.
+
+:class:`PartitionRunResult` ``.timings`` holds the driver's phases in seconds
+(``references``, ``scoring`` = waiting for the engine, ``writing`` = partition files,
+``ranks`` = ranks and summary), which ``benchmarks/bench_ray.py`` prints.
 
 Output folder: ``<name>.parquet`` per partition (columns of ``nearid score``: path, subject,
 cosines, score, match, calibrated, rank, error), ``_summary.json`` and ``_config.json``; a parquet
@@ -22,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -76,6 +82,7 @@ class PartitionRunResult:
     num_scored: int
     num_errors: int
     subjects: dict[str, dict[str, Any]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds on the driver
 
 
 Engine = Callable[[Sequence[Partition], Mapping[str, np.ndarray], PartitionOptions, str],
@@ -204,11 +211,14 @@ def _score_partitions(model: "IdentityModel", partitions: Sequence[Partition], r
     from ..embedding_cache import model_cache_identity
 
     names = [p.name for p in partitions]
+    timings = {"references": 0.0, "scoring": 0.0, "writing": 0.0, "ranks": 0.0}
+    clock = time.perf_counter()
     # An engine whose workers differ from this process (GPU actors: bf16 by default) embeds
     # the references on a worker like its actors, so every embedding comes from one model.
     embed_on_workers = getattr(engine, "embed_references", None)
-    if embed_on_workers is not None:
-        identity, reference_embeddings = embed_on_workers(references, options.batch_size)
+    embedded = None if embed_on_workers is None else embed_on_workers(references, options.batch_size, model)
+    if embedded is not None:
+        identity, reference_embeddings = embedded
     else:
         identity = model_cache_identity(model)
         reference_embeddings = None
@@ -223,6 +233,7 @@ def _score_partitions(model: "IdentityModel", partitions: Sequence[Partition], r
     _prepare_output_dir(output_dir, names, resume, overwrite, config)
     if reference_embeddings is None:
         reference_embeddings = embed_references(model, references, cache, options.batch_size)
+    timings["references"] = time.perf_counter() - clock
     atomic_write_json(output_dir / CONFIG_NAME, config)
     todo = [p for p in partitions if not partition_path(output_dir, p.name).exists()]
     resumed = len(partitions) - len(todo)
@@ -233,17 +244,27 @@ def _score_partitions(model: "IdentityModel", partitions: Sequence[Partition], r
     images = 0
     pending = {p.name for p in todo}
     if todo:
+        clock = time.perf_counter()
         for name, rows in engine(todo, reference_embeddings, options, identity):
+            written = time.perf_counter()
+            timings["scoring"] += written - clock
             write_table_atomic(partition_path(output_dir, name), rows_table(rows))
+            clock = time.perf_counter()
+            timings["writing"] += clock - written
             pending.discard(name)
             images += len(rows)
             bar.update(1)
             bar.set_postfix(images=images)
+        timings["scoring"] += time.perf_counter() - clock  # the engine's end (its last partition's tail)
     bar.close()
+    clock = time.perf_counter()
     for name in sorted(pending):  # a partition without any sample yields no rows
         write_table_atomic(partition_path(output_dir, name), rows_table([]))
     result = finalize_partitions(identity, options.aggregate, names, references, output_dir)
     result.num_resumed_partitions = resumed
+    timings["ranks"] = time.perf_counter() - clock
+    result.timings = timings
+    logger.info("driver phases: %s", ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
     return result
 
 

@@ -6,27 +6,20 @@ here, before any work.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 
 from ..errors import DatasetError, InvalidInputError
-from ..fileio import read_json, read_text, regular_file_problem
+from ..fileio import regular_file_problem
 from ..images import IMAGE_EXTENSIONS
-
-if TYPE_CHECKING:
-    pass
-
 
 logger = logging.getLogger(__name__)
 
-_MAPPING_PATH_SEPARATOR = ";"
 # ============================================================================ discovery
 def natural_sort_key(text: str) -> tuple:
     """Sort key that orders digit runs by value: ``img2`` before ``img10``."""
@@ -132,22 +125,28 @@ def expand_references(entries: Sequence[str | Path], subject: str) -> tuple[Path
 
 @dataclass(frozen=True)
 class Subject:
-    """One subject: its reference images and the folders (or files) of its generated images."""
+    """One subject: its reference images and the folders (or files) of its generated images.
+
+    ``labels``: empty, or one ``{column: value}`` per entry of ``generated`` (a mapping file's
+    extra columns, e.g. ``{"checkpoint": "ckpt-100"}``); every image found there carries them."""
 
     name: str
     references: tuple[Path, ...]
     generated: tuple[Path, ...]
     exclude: tuple[Path, ...] = ()  # folders inside ``generated`` that belong to other subjects
+    labels: tuple[Mapping[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
 class ScoreItem:
-    """One generated image scored for one subject; ``index`` is its position in the plan."""
+    """One generated image scored for one subject; ``index`` is its position in the plan;
+    ``labels``: its mapping file's extra columns (``{}`` without any)."""
 
     index: int
     subject: str
     path: Path
     key_path: str  # path relative to the plan's key root, '/'-separated
+    labels: Mapping[str, str] = field(default_factory=dict)
 
 
 def dreambench_key(key_path: str) -> str:
@@ -166,6 +165,7 @@ class ScoringPlan:
     subjects: tuple[Subject, ...]
     items: tuple[ScoreItem, ...]
     key_root: Path  # deepest folder holding every generated folder (DreamBench keys are relative to it)
+    label_names: tuple[str, ...] = ()  # the mapping file's extra columns, in its order (every item has each)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -229,12 +229,16 @@ def build_plan(subjects: Sequence[Subject]) -> ScoringPlan:
                 raise DatasetError(f"subject {s.name!r}: reference image {ref}: {problem}")
     items: list[ScoreItem] = []
     roots: list[Path] = []
-    per_subject: list[tuple[Subject, list[Path]]] = []
+    per_subject: list[tuple[Subject, list[tuple[Path, Mapping[str, str]]]]] = []
+    label_names = tuple(dict.fromkeys(name for s in subjects for labels in s.labels for name in labels))
     for s in subjects:
         if not s.generated:
             raise DatasetError(f"subject {s.name!r}: no folder of generated images given")
-        paths: list[Path] = []
-        for gen in s.generated:
+        if s.labels and len(s.labels) != len(s.generated):
+            raise InvalidInputError(f"subject {s.name!r}: {len(s.labels)} label sets for {len(s.generated)} generated entries")
+        paths: list[tuple[Path, Mapping[str, str]]] = []
+        for g, gen in enumerate(s.generated):
+            labels = {name: (s.labels[g].get(name, "") if s.labels else "") for name in label_names}
             if not gen.exists():
                 raise DatasetError(f"subject {s.name!r}: generated folder {gen} does not exist")
             images = list_images(gen, exclude=s.exclude)
@@ -243,18 +247,25 @@ def build_plan(subjects: Sequence[Subject]) -> ScoringPlan:
                     f"subject {s.name!r}: {gen} holds no image (looked recursively for "
                     f"{', '.join(IMAGE_EXTENSIONS)})"
                 )
-            paths.extend(images)
+            paths.extend((image, labels) for image in images)
             absolute = Path(os.path.abspath(gen))  # links kept: keys are paths as found
             roots.append(absolute if gen.is_dir() else absolute.parent)
         # a path listed twice (overlapping folders) is scored once; two links to one file are two rows
-        unique = list({os.path.abspath(p): p for p in paths}.values())
-        per_subject.append((s, unique))
+        unique: dict[str, tuple[Path, Mapping[str, str]]] = {}
+        for path, labels in paths:
+            first = unique.setdefault(os.path.abspath(path), (path, labels))
+            if first[1] != labels:
+                raise DatasetError(
+                    f"subject {s.name!r}: {path} lies in two generated folders with other labels "
+                    f"({dict(first[1])} and {dict(labels)}); give each image one set of labels"
+                )
+        per_subject.append((s, list(unique.values())))
     key_root = Path(os.path.commonpath([str(r) for r in roots]))
     for s, paths in per_subject:
-        for path in paths:
+        for path, labels in paths:
             key_path = Path(os.path.abspath(path)).relative_to(key_root).as_posix()
-            items.append(ScoreItem(len(items), s.name, path, key_path))
-    return ScoringPlan(tuple(subjects), tuple(items), key_root)
+            items.append(ScoreItem(len(items), s.name, path, key_path, labels))
+    return ScoringPlan(tuple(subjects), tuple(items), key_root, label_names)
 
 
 def plan_single_subject(
@@ -274,13 +285,7 @@ def plan_single_subject(
     return build_plan([Subject(subject, ref_files, tuple(Path(g) for g in generated))])
 
 
-def _as_path_list(value: Any, where: str) -> list[str]:
-    if isinstance(value, str):
-        parts = [p.strip() for p in value.split(_MAPPING_PATH_SEPARATOR)]
-        return [p for p in parts if p]
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return [v.strip() for v in value if v.strip()]
-    raise DatasetError(f"{where}: expected a path or a list of paths, got {value!r}")
+MAPPING_FIELDS = ("subject", "references", "generated")
 
 
 def read_mapping(path: str | Path) -> list[Subject]:
@@ -291,84 +296,38 @@ def read_mapping(path: str | Path) -> list[Subject]:
     - CSV: header ``subject,references,generated``; several paths in a cell are separated by
       ``;``; rows naming the same subject are merged.
 
+    Any further column (``checkpoint``, ``method``, ``prompt_set``, ...) labels the generated
+    images of its line: it becomes a column of the rows (see
+    :func:`~comfy_nearid.scoring.rows.check_label_columns` for the names allowed) and a
+    ``--group-by`` choice of the report.
+
     Raises:
-        DatasetError: unreadable file, unknown format, missing or unknown fields.
+        DatasetError: unreadable file, unknown format, missing fields, a column name that
+            clashes with the rows' columns, one generated folder given two labels.
     """
+    from ..fileio import read_mapping_records
+    from .rows import check_label_columns
+
     path = Path(path)
-    if not path.exists():
-        raise DatasetError(f"mapping file {path} does not exist")
-    suffix = path.suffix.lower()
-    if suffix == ".json":
-        entries = _read_mapping_json(path)
-    elif suffix == ".csv":
-        entries = _read_mapping_csv(path)
-    else:
-        raise DatasetError(f"mapping file {path}: unknown format {suffix!r}; use .json or .csv")
-    merged: dict[str, tuple[list[str], list[str]]] = {}
-    for name, refs, gens in entries:
-        slot = merged.setdefault(name, ([], []))
-        slot[0].extend(refs)
-        slot[1].extend(gens)
-    base = path.parent
-    subjects = []
-    for name, (refs, gens) in merged.items():
-        ref_paths = [p if Path(p).is_absolute() else base / p for p in refs]
-        gen_paths = tuple(Path(p) if Path(p).is_absolute() else base / p for p in dict.fromkeys(gens))
-        subjects.append(Subject(name, expand_references(ref_paths, name), gen_paths))
-    if not subjects:
-        raise DatasetError(f"mapping file {path} lists no subject")
-    return subjects
-
-
-_MAPPING_FIELDS = {"subject", "references", "generated"}
-
-
-def _read_mapping_json(path: Path) -> list[tuple[str, list[str], list[str]]]:
-    data = read_json(path, "mapping file")
-    if isinstance(data, dict):
-        records = [dict(v, subject=k) if isinstance(v, dict) else v for k, v in data.items()]
-    elif isinstance(data, list):
-        records = data
-    else:
-        raise DatasetError(f"mapping file {path}: expected a JSON object or list, got {type(data).__name__}")
-    out = []
-    for i, rec in enumerate(records):
-        where = f"mapping file {path}, entry {i}"
-        if not isinstance(rec, dict):
-            raise DatasetError(f"{where}: expected an object with 'references' and 'generated', got {rec!r}")
-        unknown = set(rec) - _MAPPING_FIELDS
-        missing = _MAPPING_FIELDS - set(rec)
-        if unknown or missing:
-            raise DatasetError(
-                f"{where}: fields must be {sorted(_MAPPING_FIELDS)}; missing {sorted(missing)}, unknown {sorted(unknown)}"
-            )
-        name = rec["subject"]
-        if not isinstance(name, str) or not name:
-            raise DatasetError(f"{where}: 'subject' must be a non-empty string, got {name!r}")
-        out.append((name, _as_path_list(rec["references"], f"{where}.references"),
-                    _as_path_list(rec["generated"], f"{where}.generated")))
-    return out
-
-
-def _read_mapping_csv(path: Path) -> list[tuple[str, list[str], list[str]]]:
-    reader = csv.DictReader(io.StringIO(read_text(path, "mapping file"), newline=""))
-    try:
-        header = [h.strip() for h in reader.fieldnames or []]
-        if set(header) != _MAPPING_FIELDS or len(header) != len(_MAPPING_FIELDS):
-            raise DatasetError(f"mapping file {path}: header must be {sorted(_MAPPING_FIELDS)}, got {reader.fieldnames}")
-        reader.fieldnames = header
-        rows = list(reader)
-    except csv.Error as e:
-        raise DatasetError(f"mapping file {path}, line {reader.line_num}: cannot read CSV ({e})") from e
-    out = []
-    for line, row in enumerate(rows, start=2):
-        where = f"mapping file {path}, line {line}"
-        name = (row["subject"] or "").strip()
-        if not name:
-            raise DatasetError(f"{where}: empty 'subject'")
-        out.append((name, _as_path_list(row["references"] or "", f"{where}.references"),
-                    _as_path_list(row["generated"] or "", f"{where}.generated")))
-    return out
+    records, label_names = read_mapping_records(path, key="subject", path_fields=MAPPING_FIELDS[1:], extra="keep")
+    check_label_columns(label_names, f"mapping file {path}")
+    merged: dict[str, tuple[list[Path], dict[Path, tuple[dict[str, str], str]]]] = {}
+    for rec in records:
+        refs, gens = merged.setdefault(rec.name, ([], {}))
+        refs.extend(rec.paths["references"])
+        for gen in rec.paths["generated"]:
+            labels = dict(rec.extra)
+            if gen in gens and gens[gen][0] != labels:
+                raise DatasetError(
+                    f"{rec.where}: subject {rec.name!r}, generated {gen} is also listed at {gens[gen][1]} "
+                    f"with other labels ({gens[gen][0]} there, {labels} here); give each folder one set of labels"
+                )
+            gens.setdefault(gen, (labels, rec.where))
+    return [
+        Subject(name, expand_references(refs, name), tuple(gens),
+                labels=tuple(labels for labels, _ in gens.values()) if label_names else ())
+        for name, (refs, gens) in merged.items()
+    ]
 
 
 def plan_from_mapping(path: str | Path) -> ScoringPlan:

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
@@ -23,10 +24,16 @@ logger = logging.getLogger(__name__)
 
 OUTPUT_FORMATS = ("csv", "jsonl")
 ROW_FIELDS = ("path", "subject", "cosines", "score", "match", "calibrated", "rank", "error")
-# A run with several scorers (``nearid score --scorer A --scorer B``) adds one column per
-# further scorer after ROW_FIELDS: "score:<name>" (its reference-combined cosine); ``score``,
-# ``match``, ``calibrated`` and ``rank`` stay the first scorer's, so single-scorer readers are unaffected.
+# Columns of a rows file, in this order:
+# 1. ROW_FIELDS;
+# 2. label columns: a mapping file's extra columns (``checkpoint``, ``method``, ...), named as
+#    in the mapping; a name starts with a letter or ``_``, holds letters, digits, ``_ . -``
+#    and is none of ROW_FIELDS (see check_label_columns), so it never clashes with a score column;
+# 3. a run with several scorers (``nearid score --scorer A --scorer B``) adds one column per
+#    further scorer: "score:<name>" (its reference-combined cosine); ``score``, ``match``,
+#    ``calibrated`` and ``rank`` stay the first scorer's, so single-scorer readers are unaffected.
 SCORE_COLUMN_PREFIX = "score:"
+_LABEL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
 _COSINE_SEPARATOR = ";"
 # ============================================================================ rows
 @dataclass
@@ -35,7 +42,9 @@ class ScoreRow:
     cosine to the prototype; see :func:`combine_references`),
     ``match`` its 0..100 identity match, ``calibrated`` whether that match comes from a curve
     fitted for this head (False: the uncalibrated default curve), ``rank`` 1 = best within the subject (filled in
-    when the run completes); error rows carry ``error`` and no numbers."""
+    when the run completes); error rows carry ``error`` and no numbers. ``labels``: the mapping
+    file's extra columns for this image (``{"checkpoint": "ckpt-100"}``), ``scorer_scores``:
+    the further scorers' ``score:<name>`` columns."""
 
     path: str
     subject: str
@@ -46,13 +55,22 @@ class ScoreRow:
     rank: int | None = None
     error: str | None = None
     scorer_scores: dict[str, float | None] = field(default_factory=dict)  # further scorers, by name
+    labels: dict[str, str] = field(default_factory=dict)  # mapping file columns, by name
 
-    def to_record(self) -> dict[str, Any]:
-        return {
+    def to_record(self, fields: Sequence[str] | None = None) -> dict[str, Any]:
+        """The row as a JSON-ready dict with ``fields`` (default: every column it has)."""
+        rec = {
             "path": self.path, "subject": self.subject, "cosines": list(self.cosines), "score": self.score,
             "match": self.match, "calibrated": self.calibrated, "rank": self.rank, "error": self.error,
-            **{SCORE_COLUMN_PREFIX + name: value for name, value in self.scorer_scores.items()},
         }
+        if fields is None:
+            fields = row_fields(tuple(self.labels), tuple(self.scorer_scores))
+        for name in fields[len(ROW_FIELDS):]:
+            if name.startswith(SCORE_COLUMN_PREFIX):
+                rec[name] = self.scorer_scores.get(name[len(SCORE_COLUMN_PREFIX):])
+            else:
+                rec[name] = self.labels.get(name, "")
+        return rec
 
     @classmethod
     def from_record(cls, rec: dict[str, Any], where: str) -> "ScoreRow":
@@ -69,6 +87,8 @@ class ScoreRow:
                     key[len(SCORE_COLUMN_PREFIX):]: None if value in (None, "") else float(value)
                     for key, value in rec.items() if key.startswith(SCORE_COLUMN_PREFIX)
                 },
+                labels={key: "" if value is None else str(value) for key, value in rec.items()
+                        if key not in ROW_FIELDS and not key.startswith(SCORE_COLUMN_PREFIX)},
             )
         except (KeyError, TypeError, ValueError) as e:
             raise DatasetError(f"{where}: not a score row ({e}); expected fields {list(ROW_FIELDS)}") from e
@@ -100,30 +120,53 @@ def _csv_line(values: Sequence[str]) -> str:
 CSV_HEADER = _csv_line(ROW_FIELDS)
 
 
-def row_fields(scorer_names: Sequence[str] = ()) -> tuple[str, ...]:
-    """The columns of a rows file: ROW_FIELDS plus ``score:<name>`` per further scorer."""
-    return (*ROW_FIELDS, *(SCORE_COLUMN_PREFIX + name for name in scorer_names))
+def check_label_columns(names: Sequence[str], where: str) -> None:
+    """Refuse label column names that are not usable as rows columns (see the column layout above).
+
+    Raises:
+        DatasetError: a name clashes with a score column (one of ROW_FIELDS or ``score:...``) or
+            is not a plain name; the message names the column and ``where`` (the mapping file).
+    """
+    for name in names:
+        if name in ROW_FIELDS or name.startswith(SCORE_COLUMN_PREFIX):
+            raise DatasetError(
+                f"{where}: column {name!r} clashes with a column of the score rows ({', '.join(ROW_FIELDS)}, "
+                f"{SCORE_COLUMN_PREFIX}<scorer>); rename it (e.g. {'source_' + name.replace(':', '_')!r})"
+            )
+        if not _LABEL_NAME.fullmatch(name):
+            raise DatasetError(
+                f"{where}: column {name!r} cannot become a rows column; a column name starts with a letter or _ "
+                "and holds only letters, digits and _ . -"
+            )
 
 
-def csv_header(scorer_names: Sequence[str] = ()) -> str:
-    return _csv_line(row_fields(scorer_names))
+def row_fields(label_names: Sequence[str] = (), scorer_names: Sequence[str] = ()) -> tuple[str, ...]:
+    """The columns of a rows file: ROW_FIELDS, the label columns, ``score:<name>`` per further scorer."""
+    return (*ROW_FIELDS, *label_names, *(SCORE_COLUMN_PREFIX + name for name in scorer_names))
 
 
-def encode_row(row: ScoreRow, fmt: str, scorer_names: Sequence[str] = ()) -> str:
-    """One row as one line of CSV or JSONL (ending in a newline); ``scorer_names``: the
-    further scorers' columns, in the header's order (a row without a value writes it empty)."""
+def csv_header(fields: Sequence[str] = ROW_FIELDS) -> str:
+    """The CSV header line of a rows file with these columns (see :func:`row_fields`)."""
+    return _csv_line(fields)
+
+
+def label_columns(fields: Sequence[str]) -> tuple[str, ...]:
+    """The label columns among a rows file's columns."""
+    return tuple(f for f in fields[len(ROW_FIELDS):] if not f.startswith(SCORE_COLUMN_PREFIX))
+
+
+def encode_row(row: ScoreRow, fmt: str, fields: Sequence[str] = ROW_FIELDS) -> str:
+    """One row as one line of CSV or JSONL (ending in a newline) with the columns ``fields``
+    (see :func:`row_fields`; a label or score column the row has no value for is written empty)."""
     if fmt == "jsonl":
-        rec = row.to_record()
-        for key in [k for k in rec if k.startswith(SCORE_COLUMN_PREFIX)]:
-            del rec[key]
-        rec.update({SCORE_COLUMN_PREFIX + n: row.scorer_scores.get(n) for n in scorer_names})
-        return json.dumps(rec, ensure_ascii=False) + "\n"
+        return json.dumps(row.to_record(fields), ensure_ascii=False) + "\n"
     num = lambda v: "" if v is None else repr(v)  # noqa: E731
+    extra = [num(row.scorer_scores.get(f[len(SCORE_COLUMN_PREFIX):])) if f.startswith(SCORE_COLUMN_PREFIX)
+             else row.labels.get(f, "") for f in fields[len(ROW_FIELDS):]]
     return _csv_line([
         row.path, row.subject, _COSINE_SEPARATOR.join(repr(c) for c in row.cosines), num(row.score),
         num(row.match), "" if row.calibrated is None else str(row.calibrated).lower(),
-        "" if row.rank is None else str(row.rank), row.error or "",
-        *(num(row.scorer_scores.get(n)) for n in scorer_names),
+        "" if row.rank is None else str(row.rank), row.error or "", *extra,
     ])
 
 
@@ -177,15 +220,17 @@ def scan_rows(path: Path, fmt: str) -> Iterator[tuple[int, ScoreRow]]:
 
 
 def _header_fields(header: str, path: Path) -> tuple[str, ...]:
-    """The columns of a CSV rows header: ROW_FIELDS, then any ``score:<name>`` columns."""
+    """The columns of a CSV rows header: ROW_FIELDS, label columns, then ``score:<name>`` columns."""
     fields = tuple(next(csv.reader([header])))
     extra = fields[len(ROW_FIELDS):]
-    if fields[: len(ROW_FIELDS)] != ROW_FIELDS or not all(
-        f.startswith(SCORE_COLUMN_PREFIX) and len(f) > len(SCORE_COLUMN_PREFIX) for f in extra
-    ):
+    labels = label_columns(fields)
+    scores = extra[len(labels):]
+    if (fields[: len(ROW_FIELDS)] != ROW_FIELDS or len(set(fields)) != len(fields)
+            or not all(_LABEL_NAME.fullmatch(f) for f in labels)
+            or not all(f.startswith(SCORE_COLUMN_PREFIX) and len(f) > len(SCORE_COLUMN_PREFIX) for f in scores)):
         raise DatasetError(
             f"{path}: header is {header.strip()!r}, expected {CSV_HEADER.strip()!r} (optionally followed by "
-            f"{SCORE_COLUMN_PREFIX}<name> columns); it was not written by `nearid score`"
+            f"label columns and {SCORE_COLUMN_PREFIX}<name> columns); it was not written by `nearid score`"
         )
     return fields
 
@@ -212,8 +257,9 @@ def format_from_suffix(path: Path) -> str:
     raise InvalidInputError(f"output {path}: cannot tell the format from {path.suffix!r}; use .csv or .jsonl")
 
 
-def open_for_append(path: Path, fmt: str) -> io.TextIOWrapper:
-    """Open a row file to append: drop a crash's partial last line, write the CSV header if new."""
+def open_for_append(path: Path, fmt: str, fields: Sequence[str] = ROW_FIELDS) -> io.TextIOWrapper:
+    """Open a row file to append: drop a crash's partial last line, write the CSV header
+    (``fields``, see :func:`row_fields`) if new."""
     if path.exists():
         with open(path, "rb+") as f:
             data_end = f.seek(0, os.SEEK_END)
@@ -234,7 +280,7 @@ def open_for_append(path: Path, fmt: str) -> io.TextIOWrapper:
     new = not path.exists() or path.stat().st_size == 0
     handle = open(path, "a", encoding="utf-8", newline="")
     if new and fmt == "csv":
-        handle.write(CSV_HEADER)
+        handle.write(csv_header(fields))
         handle.flush()
     return handle
 

@@ -13,7 +13,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -23,7 +23,7 @@ from ..fileio import atomic_write_json
 from .outputs import OutputPaths, ScoringResult, finalize_run
 from .plan import ScoreItem, ScoringPlan
 from ..launch import hold_if_requested
-from .rows import ScoreRow, open_for_append, scan_rows, short_float, encode_row
+from .rows import ScoreRow, encode_row, file_fields, open_for_append, row_fields, scan_rows, short_float
 
 if TYPE_CHECKING:
     import torch
@@ -242,18 +242,60 @@ def check_scoring_options(options: Any) -> None:
         )
 
 
+@dataclass(frozen=True)
+class RunSettings:
+    """How a run scores and treats existing outputs, besides the model, the plan and the
+    output paths: the one set of settings of :func:`score_plan` and
+    :func:`~comfy_nearid.scoring.columns.score_plan_with_scorers`.
+
+    Attributes:
+        options: aggregate, batching, threads, strict mode, progress bar.
+        cache: embedding cache (``None``: no cache).
+        resume: continue the rows already in the outputs (and any per-process parts).
+        overwrite: replace existing outputs.
+        shard: this process's place in a multi-process run.
+        run_config: extra resolved settings recorded in the config file.
+        on_decoded: called in the decode threads with each image read (the report's thumbnails).
+    """
+
+    options: ScoringOptions = ScoringOptions()
+    cache: "EmbeddingCache | None" = None
+    resume: bool = False
+    overwrite: bool = False
+    shard: ProcessShard = ProcessShard()
+    run_config: dict[str, Any] | None = None
+    on_decoded: ImageHook | None = None
+
+    def __post_init__(self) -> None:
+        if self.resume and self.overwrite:
+            raise InvalidInputError("resume and overwrite exclude each other: resume keeps the rows, "
+                                    "overwrite discards them")
+
+    def check_outputs(self, passes: Sequence[OutputPaths]) -> None:
+        """Before any work: every file of every pass is writable, none is a folder, and none
+        exists unless ``resume`` or ``overwrite`` is set.
+
+        Raises:
+            InvalidInputError: names the path and what to do.
+        """
+        for outputs in passes:
+            for path in outputs.finals():
+                if path.is_dir():
+                    raise InvalidInputError(f"output {path} is a directory; give a file path")
+            outputs.check_writable(self.resume)
+        existing = [p for outputs in passes for p in [*outputs.finals(), *outputs.shards()] if p.exists()]
+        if existing and not (self.resume or self.overwrite):
+            raise InvalidInputError(
+                f"output {existing[0]} already exists{f' (and {len(existing) - 1} more)' if len(existing) > 1 else ''}; "
+                "pass --overwrite to replace it or --resume to continue it"
+            )
+
+
 def score_plan(
     model: "IdentityModel",
     plan: ScoringPlan,
     outputs: OutputPaths,
-    *,
-    options: ScoringOptions = ScoringOptions(),
-    cache: "EmbeddingCache | None" = None,
-    resume: bool = False,
-    overwrite: bool = False,
-    shard: ProcessShard = ProcessShard(),
-    run_config: dict[str, Any] | None = None,
-    on_decoded: ImageHook | None = None,
+    settings: RunSettings = RunSettings(),
 ) -> ScoringResult | None:
     """Score every item of ``plan`` and write the outputs.
 
@@ -261,13 +303,7 @@ def score_plan(
         model: the identity model (``preprocess``, ``embed_pixels``, ``identity``).
         plan: what to score (see :func:`plan_single_subject` and friends).
         outputs: where rows, summary, resolved config and the optional DreamBench JSON go.
-        options: aggregate, batching, threads, strict mode, progress bar.
-        cache: embedding cache (``None``: no cache).
-        resume: continue the rows already in ``outputs`` (and any per-process parts).
-        overwrite: replace existing outputs.
-        shard: this process's place in a multi-process run.
-        run_config: extra resolved settings recorded in the config file.
-        on_decoded: called in the decode threads with each image read (the report's thumbnails).
+        settings: options, cache, resume/overwrite, process shard, recorded config, decode hook.
 
     Returns:
         The :class:`ScoringResult` on the main process, ``None`` on the others.
@@ -277,16 +313,17 @@ def score_plan(
         ConfigError: ``resume`` of outputs written by another model or aggregate.
         ImageLoadError: a reference cannot be read, or (``strict``) a generated image.
     """
-    if resume and overwrite:
-        raise InvalidInputError("resume and overwrite exclude each other: resume keeps the rows, overwrite discards them")
-    config = _resolved_config(model, plan, outputs, options, run_config)
-    _check_outputs(outputs, resume, overwrite, config)
+    options, cache, shard = settings.options, settings.cache, settings.shard
+    config = _resolved_config(model, plan, outputs, options, settings.run_config)
+    settings.check_outputs([outputs])
+    if settings.resume:
+        _check_resumable(outputs, config)
     if outputs.dreambench is not None:
         plan.dreambench_keys()  # a key collision stops the run before any work
     references = _embed_references(model, plan, cache, options.batch_size)
     shard.barrier()
     if shard.is_main:
-        if overwrite:
+        if settings.overwrite:
             for path in [*outputs.finals(), *outputs.shards()]:
                 path.unlink(missing_ok=True)
         atomic_write_json(outputs.config, config)
@@ -298,13 +335,22 @@ def score_plan(
     fmt = outputs.fmt if shard.count == 1 else "jsonl"
     logger.info("scoring %d image(s) of %d subject(s); %d already done%s", len(plan), len(plan.subjects),
                 len(done), "" if shard.count == 1 else f"; process {shard.index}/{shard.count}")
-    _run_chunks(model, todo, done, references, journal, fmt, options, cache, shard, on_decoded)
+    fields = _journal_fields(journal, fmt, plan)
+    _run_chunks(model, todo, done, references, journal, fmt, fields, options, cache, shard, settings.on_decoded)
     shard.barrier()
     if not shard.is_main:
         return None
     result = finalize_run(model, plan, outputs, options.aggregate)
     result.num_resumed = len(done)
     return result
+
+
+def _journal_fields(journal: Path, fmt: str, plan: ScoringPlan) -> tuple[str, ...]:
+    """The columns rows are appended with: a CSV file's own header when it has one (a resumed
+    finished file may hold ``score:<name>`` columns), else ROW_FIELDS + the plan's labels."""
+    if fmt == "csv" and journal.is_file() and journal.stat().st_size > 0:
+        return file_fields(journal, fmt)
+    return row_fields(plan.label_names)
 
 
 def _resolved_config(
@@ -327,22 +373,14 @@ def _resolved_config(
             "dreambench": None if outputs.dreambench is None else str(outputs.dreambench),
         },
         "subjects": plan.describe(),
+        "label_columns": list(plan.label_names),
         **(extra or {}),
     }
 
 
-def _check_outputs(outputs: OutputPaths, resume: bool, overwrite: bool, config: dict[str, Any]) -> None:
-    for path in outputs.finals():
-        if path.is_dir():
-            raise InvalidInputError(f"output {path} is a directory; give a file path")
-    outputs.check_writable(resume)
-    existing = [p for p in [*outputs.finals(), *outputs.shards()] if p.exists()]
-    if existing and not (resume or overwrite):
-        raise InvalidInputError(
-            f"output {existing[0]} already exists{f' (and {len(existing) - 1} more)' if len(existing) > 1 else ''}; "
-            "pass --overwrite to replace it or --resume to continue it"
-        )
-    if resume and outputs.config.exists():
+def _check_resumable(outputs: OutputPaths, config: dict[str, Any]) -> None:
+    """A resumed run continues rows written with the same model and settings only."""
+    if outputs.config.exists():
         try:
             previous = json.loads(outputs.config.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
@@ -403,11 +441,11 @@ def _chunks_for(plan: ScoringPlan, done: set[int], batch_size: int, shard: Proce
 
 def _run_chunks(
     model: Any, chunks: list[list[ScoreItem]], done: set[int], references: dict[str, np.ndarray],
-    journal: Path, fmt: str, options: ScoringOptions, cache: "EmbeddingCache | None", shard: ProcessShard,
-    on_decoded: ImageHook | None = None,
+    journal: Path, fmt: str, fields: Sequence[str], options: ScoringOptions, cache: "EmbeddingCache | None",
+    shard: ProcessShard, on_decoded: ImageHook | None = None,
 ) -> None:
-    """The streaming loop: prefetched batches -> model -> rows appended and flushed per batch
-    (rows of items in ``done`` are not written again)."""
+    """The streaming loop: prefetched batches -> model -> rows appended (with the columns
+    ``fields``) and flushed per batch (rows of items in ``done`` are not written again)."""
     from tqdm.auto import tqdm
 
     from .unit import ScoringUnit
@@ -419,10 +457,10 @@ def _run_chunks(
     bar = tqdm(total=total, unit="img", desc="scoring" if shard.count == 1 else f"scoring [{shard.index}]",
                disable=not options.progress, dynamic_ncols=True, smoothing=0.1)
     written = 0
-    with open_for_append(journal, fmt) as out:
+    with open_for_append(journal, fmt, fields) as out:
         for batch, batch_rows in unit.score_batches(chunks, options.num_workers, options.prefetch_batches):
             rows = [row for item, row in zip(batch, batch_rows) if item.index not in done]
-            out.write("".join(encode_row(r, fmt) for r in rows))
+            out.write("".join(encode_row(r, fmt, fields) for r in rows))
             out.flush()  # rows survive a crash of this process from here on
             bar.update(len(rows))
             written += len(rows)
@@ -467,10 +505,11 @@ def _make_row(item: "ScoreItem | ImageRef", prepared: _Prepared, embedding: np.n
               references: dict[str, np.ndarray], aggregate: str) -> ScoreRow:
     if prepared.error is not None or embedding is None:
         reason = (prepared.error or "no embedding").replace("\n", " ").replace("\r", " ")
-        return ScoreRow(str(item.path), item.subject, error=reason)
+        return ScoreRow(str(item.path), item.subject, error=reason, labels=dict(getattr(item, "labels", None) or {}))
     cosines = references[item.subject] @ np.asarray(embedding, dtype=np.float32)
     score = combine_references(np.asarray(embedding)[None, :], references[item.subject], aggregate)[0]
-    return ScoreRow(str(item.path), item.subject, tuple(short_float(c) for c in cosines), short_float(score))
+    return ScoreRow(str(item.path), item.subject, tuple(short_float(c) for c in cosines), short_float(score),
+                    labels=dict(getattr(item, "labels", None) or {}))
 
 
 def _fill_calibration(model: Any, rows: list[ScoreRow]) -> None:

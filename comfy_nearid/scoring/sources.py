@@ -11,7 +11,6 @@ Shards are opened with fsspec: local paths and any URL the environment supports
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import posixpath
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from ..errors import DatasetError
-from .plan import ScoringPlan, _as_path_list, expand_references, natural_sort_key, reference_subjects_in
+from .plan import ScoringPlan, expand_references, natural_sort_key, reference_subjects_in
 from .unit import ImageRef
 
 logger = logging.getLogger(__name__)
@@ -122,51 +121,23 @@ def plan_partitions(plan: ScoringPlan, partition_size: int) -> list[Partition]:
 def read_reference_mapping(path: str | Path) -> dict[str, tuple[Path, ...]]:
     """Subjects' references for shard inputs (paths relative to the file's folder).
 
-    - JSON: ``{"<subject>": PATHS}`` or ``{"<subject>": {"references": PATHS, ...}}`` or a
-      list of ``{"subject": ..., "references": PATHS}``; PATHS is a path or a list of paths
-      (files or folders). Other fields (``generated``) are ignored, so a ``nearid score
-      --mapping`` file works too.
-    - CSV: a header with ``subject`` and ``references`` (several paths separated by ``;``).
+    The mapping file of ``nearid score --mapping`` (see
+    :func:`~comfy_nearid.fileio.read_mapping_records`) with ``subject`` and ``references``:
+    JSON ``{"<subject>": PATHS}``, ``{"<subject>": {"references": PATHS, ...}}`` or a list of
+    ``{"subject": ..., "references": PATHS}``; CSV with a header holding ``subject`` and
+    ``references``. Other columns (``generated``, labels) are ignored, so a ``nearid score
+    --mapping`` file works too; rows naming the same subject are merged.
 
     Raises:
         DatasetError: unreadable file, missing fields, missing reference files.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"references mapping {path} does not exist")
-    entries: list[tuple[str, list[str]]] = []
-    try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
-            records = ([{"subject": k, "references": v.get("references") if isinstance(v, dict) else v}
-                        for k, v in data.items()] if isinstance(data, dict) else data)
-            if not isinstance(records, list):
-                raise DatasetError(f"references mapping {path}: expected a JSON object or list")
-            for i, rec in enumerate(records):
-                if not isinstance(rec, dict) or not isinstance(rec.get("subject"), str) or rec.get("references") is None:
-                    raise DatasetError(f"references mapping {path}, entry {i}: expected 'subject' and 'references', "
-                                       f"got {rec!r}")
-                entries.append((rec["subject"], _as_path_list(rec["references"], f"{path}, entry {i}")))
-        elif path.suffix.lower() == ".csv":
-            with open(path, newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f)
-                if not {"subject", "references"} <= set(reader.fieldnames or []):
-                    raise DatasetError(f"references mapping {path}: header must hold 'subject' and 'references', "
-                                       f"got {reader.fieldnames}")
-                for line, row in enumerate(reader, start=2):
-                    entries.append(((row["subject"] or "").strip(),
-                                    _as_path_list(row["references"] or "", f"{path}, line {line}")))
-        else:
-            raise DatasetError(f"references mapping {path}: unknown format {path.suffix!r}; use .json or .csv")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
-        raise DatasetError(f"references mapping {path}: cannot read it ({e})") from e
+    from ..fileio import read_mapping_records
+
+    records, _ = read_mapping_records(path, key="subject", path_fields=("references",), extra="ignore",
+                                      what="references mapping")
     merged: dict[str, list[Path]] = {}
-    for name, refs in entries:
-        if not name:
-            raise DatasetError(f"references mapping {path}: a subject name is empty")
-        merged.setdefault(name, []).extend(p if Path(p).is_absolute() else path.parent / p for p in map(Path, refs))
-    if not merged:
-        raise DatasetError(f"references mapping {path} lists no subject")
+    for rec in records:
+        merged.setdefault(rec.name, []).extend(rec.paths["references"])
     return {name: expand_references(refs, name) for name, refs in merged.items()}
 
 
