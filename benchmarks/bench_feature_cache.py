@@ -16,7 +16,7 @@ The synthetic benchmark is generated into ``--data`` when that folder does not e
 path (the head in its former ``nn.MultiheadAttention`` form, ``mha_head_forward`` below, same
 parameters; one cache read per example stacked by ``default_collate``; the per-tensor AdamW
 loop; glibc's default malloc), the single-query head on that same data path, and the library's
-path (single-query head, whole-batch cache reads straight into float32, fused AdamW, freed
+path (single-query head, whole-batch cache reads, fused AdamW, freed
 large blocks kept for reuse: ``trainer.loop.keep_freed_memory``). It prints each speed-up per epoch against the
 original (target >= 3x).
 """
