@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import traceback
 from typing import Sequence
@@ -96,5 +97,21 @@ def _one_line(e: BaseException) -> str:
     return text or type(e).__name__
 
 
+#: OpenMP's wait policy in a ``nearid`` process when the environment names none: idle OpenMP
+#: threads sleep instead of spinning. The commands decode images in threads beside torch's
+#: own; spinning threads burn the cycles those need (and any other process's). Measured with
+#: ``benchmarks/bench_scoring.py --only throughput`` (which prints both policies side by side).
+OMP_WAIT_POLICY_DEFAULT = "PASSIVE"
+
+
+def default_openmp_policy(environ: "os._Environ[str] | dict[str, str]", torch_loaded: bool) -> None:
+    """Set ``OMP_WAIT_POLICY`` to :data:`OMP_WAIT_POLICY_DEFAULT` unless ``environ`` already
+    names one (the user's choice wins) or torch is already loaded (its OpenMP runtime read the
+    policy when it loaded; setting it later would only mislead)."""
+    if not torch_loaded:
+        environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY_DEFAULT)
+
+
 def entry_point() -> None:
+    default_openmp_policy(os.environ, "torch" in sys.modules)
     sys.exit(main())

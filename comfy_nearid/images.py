@@ -267,6 +267,9 @@ def as_mask_arrays(masks: Any, count: int) -> list[np.ndarray]:
 
 RESIZE_MODES = ("squash", "shorter")
 
+# (mean, std) -> the [3, 256] value table of Preprocess.value_table (a few per process)
+_VALUE_TABLES: dict[tuple[tuple[float, ...], tuple[float, ...]], np.ndarray] = {}
+
 
 @dataclass(frozen=True)
 class Preprocess:
@@ -325,22 +328,44 @@ class Preprocess:
 
     def __call__(self, image: Image.Image, out: torch.Tensor | None = None) -> torch.Tensor:
         """RGB PIL image -> float32 ``[3, S, S]`` normalised pixels, written into ``out`` (a
-        contiguous float32 ``[3, S, S]`` CPU tensor, e.g. a row of a batch) when given, with the
-        same operations in the same order, so the values are identical either way."""
-        img = self.geometry(image if image.mode == "RGB" else _to_rgb(image))
-        arr = np.asarray(img, dtype=np.float32) / np.float32(255.0)
-        mean = np.asarray(self.mean, dtype=np.float32)
-        std = np.asarray(self.std, dtype=np.float32)
-        if out is not None:
-            np.subtract(arr, mean, out=arr)
-            np.divide(arr, std, out=out.numpy().transpose(1, 2, 0))
-            return out
-        arr = (arr - mean) / std
-        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+        contiguous float32 ``[3, S, S]`` CPU tensor, e.g. a row of a batch) when given.
 
-    def batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """List of RGB PIL images -> ``[B, 3, S, S]``."""
-        return torch.stack([self(im) for im in images])
+        The normalisation ``(v / 255 - mean) / std`` is looked up per 8-bit value and channel
+        (:meth:`value_table`): the table holds the same float32 operations on each of the 256
+        values, so the pixels are bit-identical to computing them per pixel, at a fifth of the cost.
+        """
+        img = self.geometry(image if image.mode == "RGB" else _to_rgb(image))
+        values = np.asarray(img)  # [S, S, 3] uint8
+        if out is None:
+            out = torch.empty((3, self.image_size, self.image_size), dtype=torch.float32)
+        planes = out.numpy()
+        table = self.value_table()
+        for c in range(3):
+            np.take(table[c], values[:, :, c], out=planes[c])
+        return out
+
+    def value_table(self) -> np.ndarray:
+        """float32 ``[3, 256]``: the normalised value of each 8-bit value per channel,
+        ``(v / 255 - mean[c]) / std[c]`` computed in float32 in that order (the reference's)."""
+        key = (tuple(self.mean), tuple(self.std))
+        table = _VALUE_TABLES.get(key)
+        if table is None:
+            values = np.arange(256, dtype=np.float32)[None, :] / np.float32(255.0)
+            mean = np.asarray(self.mean, dtype=np.float32)[:, None]
+            std = np.asarray(self.std, dtype=np.float32)[:, None]
+            table = (values - mean) / std
+            table.setflags(write=False)
+            _VALUE_TABLES[key] = table
+        return table
+
+    def batch(self, images: Sequence[Image.Image], out: torch.Tensor | None = None) -> torch.Tensor:
+        """List of RGB PIL images -> ``[B, 3, S, S]``, each image written straight into its row
+        (of ``out`` when given, e.g. a pinned buffer)."""
+        if out is None:
+            out = torch.empty((len(images), 3, self.image_size, self.image_size), dtype=torch.float32)
+        for row, image in zip(out, images):
+            self(image, out=row)
+        return out
 
     def describe(self) -> str:
         """A stable description (part of cache keys); the squash default's is unchanged."""

@@ -106,3 +106,27 @@ def test_preprocess_into_a_batch_row_gives_the_same_pixels(resize, mode):
     got = pre(image, out=batch[1])
     assert got.data_ptr() == batch[1].data_ptr()
     assert torch.equal(batch[1], pre(image)) and batch[0].isnan().all()
+
+
+@pytest.mark.parametrize("mean, std", [((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+                                       ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))])
+def test_preprocess_is_bit_identical_to_the_per_pixel_reference_for_every_8_bit_value(mean, std):
+    """The value table must give exactly the reference's float32 arithmetic, for all 256 values
+    in every channel, alone and written into a batch row."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from comfy_nearid.images import Preprocess
+
+    values = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    arr = np.stack([values, values.T, 255 - values], axis=-1)  # every value in every channel
+    image = Image.fromarray(arr, "RGB")
+    # the reference SigLIP / CLIP processors: float32 pixels / 255, minus mean, over std
+    expected = (np.asarray(image, dtype=np.float32) / np.float32(255.0) - np.asarray(mean, dtype=np.float32)) \
+        / np.asarray(std, dtype=np.float32)
+    expected = torch.from_numpy(np.ascontiguousarray(expected.transpose(2, 0, 1)))
+    pre = Preprocess(image_size=16, mean=mean, std=std)
+    assert torch.equal(pre(image), expected)
+    batch = pre.batch([image, image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)])
+    assert torch.equal(batch[0], expected) and torch.equal(batch[1], expected.flip(-1))

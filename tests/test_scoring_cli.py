@@ -152,3 +152,17 @@ def test_two_accelerate_processes_give_the_same_rows_as_one(tmp_path):
     assert not list(tmp_path.glob("two.csv.part-*"))  # per-process parts merged and removed
     config = json.loads((tmp_path / "two.config.json").read_text())
     assert config["num_processes"] == 2
+
+
+def test_the_console_entry_makes_idle_openmp_threads_sleep_unless_told_otherwise():
+    from comfy_nearid.cli import default_openmp_policy
+
+    environ: dict[str, str] = {}
+    default_openmp_policy(environ, torch_loaded=False)
+    assert environ == {"OMP_WAIT_POLICY": "PASSIVE"}
+    chosen = {"OMP_WAIT_POLICY": "ACTIVE"}  # the user's environment wins
+    default_openmp_policy(chosen, torch_loaded=False)
+    assert chosen == {"OMP_WAIT_POLICY": "ACTIVE"}
+    late: dict[str, str] = {}  # torch's OpenMP already read the policy: nothing pretends otherwise
+    default_openmp_policy(late, torch_loaded=True)
+    assert late == {}

@@ -236,7 +236,7 @@ class _NoForwardModel:
 
     def __init__(self, model) -> None:
         self.identity = model.identity
-        self.dtype = model.dtype
+        self.dtype, self.device = model.dtype, model.device
         self.preprocess = model.preprocess
         self.head_metadata = model.head_metadata
         self.head_source = model.head_source
@@ -273,14 +273,43 @@ def test_prefetch_keeps_order_and_bounds_the_batches_in_memory():
 
     batches = [list(range(k * 5, k * 5 + 5)) for k in range(12)]
     seen = []
-    for batch, results in prefetch(prepare, batches, num_workers=3, depth=2):
-        assert results == [i * 10 for i in batch]
+    for batch, results, pixels in prefetch(prepare, batches, num_workers=3, depth=2):
+        assert results == [i * 10 for i in batch] and pixels is None
         seen.extend(batch)
         with lock:
             for i in batch:
                 prepared_not_consumed.remove(i)
     assert seen == list(range(60))
     assert peak[0] <= 3 * 5  # the batch in hand plus `depth` batches ahead
+
+
+def test_decode_threads_write_the_pixels_into_the_batch_the_model_reads(tiny_model, tmp_path, one_subject):
+    """The in-place batch fill: each batch's buffer is what the forward pass gets (no stacking
+    of per-image tensors), holding exactly the preprocessed pixels, and the rows are exact."""
+    import torch
+
+    from comfy_nearid.images import load_image
+    from comfy_nearid.scoring.unit import ScoringUnit
+
+    refs, gens = one_subject
+    references = {"s": tiny_model.embed(refs).numpy()}
+    unit = ScoringUnit(tiny_model, references)
+    buffers, forward_inputs = [], []
+    make_buffer, embed_pixels = unit.pixel_buffer, tiny_model.embed_pixels
+    unit.pixel_buffer = lambda n: buffers.append(make_buffer(n)) or buffers[-1]
+    tiny_model.embed_pixels = lambda pixels, *a, **k: forward_inputs.append(pixels) or embed_pixels(pixels, *a, **k)
+    try:
+        from comfy_nearid.scoring.unit import ImageRef
+
+        batches = [[ImageRef(str(p), "s") for p in gens[k : k + 4]] for k in range(0, len(gens), 4)]
+        rows = [r for _, batch_rows in unit.score_batches(batches, num_workers=2, prefetch_batches=1) for r in batch_rows]
+    finally:
+        del tiny_model.embed_pixels
+    assert len(forward_inputs) == len(buffers) == 3
+    for batch, buffer, given in zip(batches, buffers, forward_inputs):
+        assert given.data_ptr() == buffer.data_ptr()
+        assert torch.equal(given, tiny_model.preprocess_batch([load_image(ref.path) for ref in batch]))
+    np.testing.assert_allclose([r.cosines for r in rows], cosines_direct(tiny_model, refs, gens), atol=2e-6, rtol=0)
 
 
 def test_a_broken_file_in_a_batch_leaves_the_other_rows_exact(tiny_model, tmp_path, one_subject):

@@ -793,4 +793,24 @@ def train(config: TrainConfig, model: Any = None) -> TrainResult:
             f"the model passed to train() has backbone {model.spec.name!r} but model.backbone is "
             f"{config.model.backbone!r}"
         )
+    keep_freed_memory()
     return _Run(config, model).run()
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's malloc keep and reuse large freed blocks instead of handing them back to the
+    kernel (returns whether it applied). Every step allocates the same tens of MB (the batch's
+    tokens, their float32 copy, activations); by default glibc serves blocks past 32 MB with
+    fresh ``mmap`` pages and unmaps them when freed, so each step page-faults and zeroes them
+    anew, which cost about a third of a step from the feature cache on CPU. Memory use stays
+    the step's peak. A no-op where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h> parameter numbers
+    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, (1 << 31) - 1))

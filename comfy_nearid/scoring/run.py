@@ -50,7 +50,7 @@ class _Prepared:
 
     key: str | None = None
     embedding: np.ndarray | None = None  # a cache hit
-    pixels: "torch.Tensor | None" = None  # [3, S, S], to embed
+    pixels: "torch.Tensor | None" = None  # [3, S, S], to embed (a row of the batch's pixel buffer, when given one)
     error: str | None = None
     file_key: tuple[str, int, int, str] | None = None  # (path, size, mtime_ns, key) to remember
 
@@ -62,21 +62,22 @@ class _ItemPreparer:
     the nodes' key too); an unchanged file (same path, size, mtime) is looked up by the key
     remembered for it, without being read or decoded."""
 
-    def __init__(self, preprocess: Callable[[Any], "torch.Tensor"], cache: "EmbeddingCache | None", identity: str,
+    def __init__(self, preprocess: Callable[..., "torch.Tensor"], cache: "EmbeddingCache | None", identity: str,
                  on_decoded: "ImageHook | None" = None):
         self.preprocess = preprocess
         self.cache = cache
         self.identity = identity
         self.on_decoded = on_decoded
 
-    def __call__(self, item: "ScoreItem | ImageRef") -> _Prepared:
+    def __call__(self, item: "ScoreItem | ImageRef", out: "torch.Tensor | None" = None) -> _Prepared:
         """A :class:`ScoreItem` is read from its file; an :class:`ImageRef` may carry its bytes.
+        ``out``: the float32 ``[3, S, S]`` row of the batch's pixel buffer the pixels go to.
 
         For files, an unchanged file's pixel key is remembered by (path, size, mtime), so a cache
         hit needs neither a decode nor (without an ``on_decoded`` hook) a read."""
         data = getattr(item, "data", None)
         if data is not None:
-            return self.prepare_bytes(data, item.path)
+            return self.prepare_bytes(data, item.path, out=out)
         from ..embedding_cache import file_stat_key
         from ..fileio import regular_file_problem
 
@@ -95,12 +96,14 @@ class _ItemPreparer:
             data = Path(item.path).read_bytes()
         except OSError as e:
             return _Prepared(error=f"cannot read file ({e.strerror or e})")
-        return self.prepare_bytes(data, item.path, stat=stat)
+        return self.prepare_bytes(data, item.path, stat=stat, out=out)
 
-    def prepare_bytes(self, data: bytes, path: "Path | str", stat: "tuple[str, int, int] | None" = None) -> _Prepared:
+    def prepare_bytes(self, data: bytes, path: "Path | str", stat: "tuple[str, int, int] | None" = None,
+                      out: "torch.Tensor | None" = None) -> _Prepared:
         """Decode, key (decoded 8-bit pixels), look up and (on a miss) preprocess one encoded image
         (``path``: its file path or sample key, for messages and the ``on_decoded`` hook;
-        ``stat``: the file's (path, size, mtime) when it came from a file, to remember its key)."""
+        ``stat``: the file's (path, size, mtime) when it came from a file, to remember its key;
+        ``out``: where the pixels go, see :meth:`__call__`)."""
         from ..embedding_cache import file_stat_key, pixels_content_hash
         from ..images import load_image_bytes
 
@@ -113,7 +116,7 @@ class _ItemPreparer:
         if self.on_decoded is not None:
             self.on_decoded(path, image, data)  # e.g. the report's thumbnail, from this one decode
         if self.cache is None:
-            return _Prepared(pixels=self.preprocess(image))
+            return _Prepared(pixels=self.preprocess(image, out=out))
         key = pixels_content_hash(np.asarray(image, dtype=np.uint8))
         file_key = None
         if stat is not None and stat[1] == len(data):
@@ -125,38 +128,53 @@ class _ItemPreparer:
         hit = self.cache.get_many(self.identity, [key]).get(key)
         if hit is not None:
             return _Prepared(key=key, embedding=hit, file_key=file_key)
-        return _Prepared(key=key, pixels=self.preprocess(image), file_key=file_key)
+        return _Prepared(key=key, pixels=self.preprocess(image, out=out), file_key=file_key)
 
 
 def prefetch(
-    prepare: Callable[[ScoreItem], _Prepared],
+    prepare: Callable[..., _Prepared],
     batches: Iterable[list[ScoreItem]],
     num_workers: int,
     depth: int,
-) -> Iterator[tuple[list[ScoreItem], list[_Prepared]]]:
-    """Yield ``(batch, prepared)`` in order while ``depth`` further batches are prepared in
-    ``num_workers`` threads (``num_workers=0``: prepare inline). At most ``depth + 1`` batches
-    of pixels exist at once, so memory does not grow with the number of images."""
+    pixel_buffer: "Callable[[int], torch.Tensor] | None" = None,
+) -> Iterator[tuple[list[ScoreItem], list[_Prepared], "torch.Tensor | None"]]:
+    """Yield ``(batch, prepared, pixels)`` in order while ``depth`` further batches are prepared
+    in ``num_workers`` threads (``num_workers=0``: prepare inline). At most ``depth + 1`` batches
+    of pixels exist at once, so memory does not grow with the number of images.
+
+    ``pixel_buffer(n)`` (optional) gives each batch its ``[n, 3, S, S]`` float32 buffer; item
+    ``i`` is then prepared as ``prepare(item, out=pixels[i])``, so the decode threads write the
+    pixels straight into the batch the model reads (no per-image tensors stacked afterwards).
+    Without it, ``pixels`` is ``None`` and items are prepared as ``prepare(item)``."""
+
+    def start(batch: list[ScoreItem]) -> "tuple[torch.Tensor | None, list[Callable[[], _Prepared]]]":
+        pixels = None if pixel_buffer is None else pixel_buffer(len(batch))
+        calls = [(lambda item=item: prepare(item)) if pixels is None else (lambda item=item, i=i: prepare(item, out=pixels[i]))
+                 for i, item in enumerate(batch)]
+        return pixels, calls
+
     if num_workers <= 0:
         for batch in batches:
-            yield batch, [prepare(item) for item in batch]
+            pixels, calls = start(batch)
+            yield batch, [call() for call in calls], pixels
         return
     pool = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="nearid-decode")
-    pending: deque[tuple[list[ScoreItem], list[Future]]] = deque()
+    pending: deque[tuple[list[ScoreItem], "torch.Tensor | None", list[Future]]] = deque()
     source = iter(batches)
 
     def submit_next() -> None:
         batch = next(source, None)
         if batch is not None:
-            pending.append((batch, [pool.submit(prepare, item) for item in batch]))
+            pixels, calls = start(batch)
+            pending.append((batch, pixels, [pool.submit(call) for call in calls]))
 
     try:
         for _ in range(depth + 1):
             submit_next()
         while pending:
-            batch, futures = pending.popleft()
+            batch, pixels, futures = pending.popleft()
             prepared = [f.result() for f in futures]
-            yield batch, prepared
+            yield batch, prepared, pixels
             # Only once the consumer is done with this batch: the batch in hand plus `depth`
             # batches ahead, never `depth + 2`.
             submit_next()
@@ -455,16 +473,25 @@ def _run_chunks(
     bar.close()
 
 
-def _embed_batch(model: Any, prepared: list[_Prepared], cache: "EmbeddingCache | None", identity: str
-                 ) -> list[np.ndarray | None]:
-    """Embeddings for a batch: cache hits as they are, the rest in one forward pass."""
+def _embed_batch(model: Any, prepared: list[_Prepared], cache: "EmbeddingCache | None", identity: str,
+                 pixels: "torch.Tensor | None" = None) -> list[np.ndarray | None]:
+    """Embeddings for a batch: cache hits as they are, the rest in one forward pass.
+
+    ``pixels``: the batch's ``[B, 3, S, S]`` buffer that the items' pixels were written into
+    (see :func:`prefetch`); the forward pass reads it as it is when every item needs embedding
+    (the usual case), otherwise the rows that do."""
     import torch
 
     out: list[np.ndarray | None] = [p.embedding for p in prepared]
     todo = [i for i, p in enumerate(prepared) if p.pixels is not None]
     if todo:
-        pixels = torch.stack([prepared[i].pixels for i in todo])
-        fresh = model.embed_pixels(pixels).detach().float().cpu().numpy()
+        if pixels is None:
+            batch = torch.stack([prepared[i].pixels for i in todo])
+        elif len(todo) == len(pixels):
+            batch = pixels
+        else:
+            batch = pixels[todo]
+        fresh = model.embed_pixels(batch).detach().float().cpu().numpy()
         for j, i in enumerate(todo):
             out[i] = fresh[j]
         if cache is not None:

@@ -22,6 +22,8 @@ from .rows import ScoreRow
 from .run import ImageHook, _embed_batch, _fill_calibration, _ItemPreparer, _make_row, _Prepared, prefetch
 
 if TYPE_CHECKING:
+    import torch
+
     from ..embedding_cache import EmbeddingCache
     from ..model import IdentityModel
 
@@ -91,19 +93,31 @@ class ScoringUnit:
         self.identity = model_cache_identity(model)
         self._preparer = _ItemPreparer(model.preprocess, cache, self.identity, on_decoded)
 
-    def prepare(self, ref: Any) -> _Prepared:
-        """Read/decode/preprocess one item (thread-safe; runs in the decode threads)."""
+    def prepare(self, ref: Any, out: "torch.Tensor | None" = None) -> _Prepared:
+        """Read/decode/preprocess one item (thread-safe; runs in the decode threads); its pixels
+        go into ``out`` (a row of the batch's buffer, :meth:`pixel_buffer`) when given."""
         if isinstance(ref, ImageRef):
             if ref.error is not None:
                 return _Prepared(error=ref.error)
             if ref.subject not in self.references:
                 return _Prepared(error=f"subject {ref.subject!r} has no references "
                                        f"(known: {sorted(self.references)[:5]})")
-        return self._preparer(ref)
+        return self._preparer(ref, out=out)
 
-    def rows_for(self, batch: Sequence[Any], prepared: Sequence[_Prepared]) -> list[ScoreRow]:
-        """Rows for a prepared batch: one forward pass for the images that need one."""
-        embeddings = _embed_batch(self.model, list(prepared), self.cache, self.identity)
+    def pixel_buffer(self, count: int) -> "torch.Tensor":
+        """An uninitialised float32 ``[count, 3, S, S]`` batch the decode threads fill in place
+        (page-locked on CUDA, so its copy to the GPU can overlap)."""
+        import torch
+
+        size = self.model.preprocess.image_size
+        return torch.empty((count, 3, size, size), dtype=torch.float32,
+                           pin_memory=self.model.device.type == "cuda")
+
+    def rows_for(self, batch: Sequence[Any], prepared: Sequence[_Prepared],
+                 pixels: "torch.Tensor | None" = None) -> list[ScoreRow]:
+        """Rows for a prepared batch: one forward pass for the images that need one
+        (``pixels``: the batch's buffer the items were prepared into, if any)."""
+        embeddings = _embed_batch(self.model, list(prepared), self.cache, self.identity, pixels)
         rows = [_make_row(item, prep, emb, self.references, self.aggregate)
                 for item, prep, emb in zip(batch, prepared, embeddings)]
         _fill_calibration(self.model, rows)
@@ -111,12 +125,14 @@ class ScoringUnit:
 
     def score(self, batch: Sequence[Any]) -> list[ScoreRow]:
         """Rows (without ranks) for one batch of :class:`ImageRef` or plan items, in order."""
-        return self.rows_for(batch, [self.prepare(ref) for ref in batch])
+        pixels = self.pixel_buffer(len(batch))
+        return self.rows_for(batch, [self.prepare(ref, out=row) for ref, row in zip(batch, pixels)], pixels)
 
     def score_batches(
         self, batches: Iterable[Sequence[Any]], num_workers: int = 0, prefetch_batches: int = 2
     ) -> Iterator[tuple[Sequence[Any], list[ScoreRow]]]:
         """``(batch, rows)`` per batch, while ``num_workers`` threads decode ``prefetch_batches``
         batches ahead (see :func:`~comfy_nearid.scoring.run.prefetch`)."""
-        for batch, prepared in prefetch(self.prepare, batches, num_workers, prefetch_batches):
-            yield batch, self.rows_for(batch, prepared)
+        for batch, prepared, pixels in prefetch(self.prepare, batches, num_workers, prefetch_batches,
+                                                self.pixel_buffer):
+            yield batch, self.rows_for(batch, prepared, pixels)
