@@ -362,6 +362,32 @@ def load_backbone_state(
             raise CheckpointError(f"weights {source}: backbone {spec.name} has tensors no file holds: {left[:5]}")
 
 
+def fold_batch_norms(module: nn.Module) -> int:
+    """Fold every eval-mode ``BatchNorm2d`` that follows a ``Conv2d`` in an ``nn.Sequential``
+    into that convolution (in place; the norm becomes ``nn.Identity``); returns how many.
+
+    A frozen backbone never leaves eval mode, so the norm is a fixed per-channel affine map:
+    ``w' = w * g / sqrt(var + eps)``, ``b' = (b - mean) * g / sqrt(var + eps) + beta``. On CPU
+    this halves MobileNetV2's time per image (one pass over each activation instead of two);
+    the outputs differ from the unfolded network by float rounding only (issue 21).
+    Call it after the weights are loaded: the folded trunk no longer has the norms' keys.
+    """
+    folded = 0
+    for seq in [m for m in module.modules() if isinstance(m, nn.Sequential)]:
+        children = list(seq.named_children())
+        for (_, conv), (bn_name, bn) in zip(children, children[1:]):
+            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)) or bn.running_var is None:
+                continue
+            with torch.no_grad():
+                scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+                bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+                conv.weight.mul_(scale.view(-1, *([1] * (conv.weight.ndim - 1))))
+                conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias, requires_grad=False)
+            setattr(seq, bn_name, nn.Identity())
+            folded += 1
+    return folded
+
+
 def build_backbone(
     name: str | BackboneSpec,
     pretrained: bool = True,
@@ -388,6 +414,7 @@ def build_backbone(
         trunk = trunk.float()  # as a copy into the fp32 parameters would (files may be fp16)
         logger.info("loaded %s weights from %s", spec.name, path)
     if spec.family == "mobilenet_v2":
+        fold_batch_norms(trunk)
         trunk = trunk.to(memory_format=torch.channels_last)
     backbone = Backbone(spec, trunk)
     backbone.weights_path = path  # the file actually loaded (None: random weights)

@@ -69,6 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    # -v is for this package's own debug lines: PIL's decoder would log two lines per PNG read
+    # (tens of thousands in a demo run), matplotlib one per font it looks at
+    for noisy in ("PIL", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.INFO)
     if args.command is None:
         build_parser().print_help()
         return EXIT_BAD_INPUT

@@ -47,6 +47,36 @@ def test_tokens_have_the_registered_shape_version_and_groups(mobilenet):
     assert MOBILENET_TOKEN_GROUPS[-1] == ("colour", 6)
 
 
+def test_batch_norms_are_folded_without_changing_the_network(tmp_path):
+    """The registry folds MobileNetV2's batch norms into its convolutions: same maps and pooled
+    vector as torchvision's unfolded network with the same weights (non-trivial norm stats)."""
+    from torchvision.models import mobilenet_v2
+
+    torch.manual_seed(3)
+    reference = mobilenet_v2().eval()
+    norms = [m for m in reference.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for bn in norms:
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.3, 0.3)
+    weights = tmp_path / "mobilenet_v2.pth"
+    torch.save(reference.state_dict(), weights)
+    model = load_model(backbone="mobilenet-v2", backbone_weights=weights, device="cpu", readout="mean", seed=0)
+    trunk = model.backbone.trunk
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in trunk.modules()) and len(norms) == 52
+    pixels = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        tokens, pooled = model.backbone.tokens_and_pooled(pixels)
+        s8 = reference.features[:7](pixels)
+        s16 = reference.features[7:14](s8)
+        expected_pooled = reference.features[14:](s16).mean(dim=(2, 3))
+    x = s16.double().flatten(2).transpose(1, 2)
+    expected = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    assert torch.allclose(tokens[..., :96].double(), expected, atol=1e-3)
+    assert torch.allclose(pooled, expected_pooled, rtol=1e-4, atol=1e-4)
+
+
 def test_colour_group_is_the_mean_and_std_of_the_pixels_under_each_token(mobilenet):
     spec = mobilenet.spec
     rng = np.random.default_rng(0)

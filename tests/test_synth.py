@@ -256,3 +256,23 @@ def test_cli(tmp_path, capsys):
     assert not (out / "train/train-00000/object").exists() and (out / "train/train-00000/part").is_dir()
     assert main(["synth", "--out", str(tmp_path / "x"), "--levels", " , "]) == 2
     assert "--levels" in capsys.readouterr().err
+
+
+def test_verbose_cli_logs_this_package_not_the_png_decoder(tmp_path, caplog):
+    """`nearid -v` turns on the package's debug lines, not PIL's two lines per PNG read (a demo
+    run under -v logged tens of thousands of them)."""
+    import logging
+
+    from comfy_nearid.cli import main
+
+    caplog.set_level(logging.DEBUG)
+    out = tmp_path / "cli"
+    assert main(["-v", "synth", "--out", str(out), "--train", "2", "--test", "1", "--mtg", "1", "--size", "48",
+                 "--no-progress"]) == 0
+    first = sorted(out.rglob("*.png"))[0]
+    caplog.clear()
+    with Image.open(first) as im:
+        im.load()
+    logging.getLogger("comfy_nearid.data").debug("still on")
+    names = [r.name for r in caplog.records]
+    assert "comfy_nearid.data" in names and not [n for n in names if n.startswith("PIL")], names

@@ -17,6 +17,7 @@ from comfy_nearid.demo import (
     DEMO_LR,
     STEP_OVERHEAD,
     CALIBRATION_LEVEL,
+    CPU_IMAGE_BATCH,
     TRAIN_LEVELS,
     TRAIN_MODE,
     VAL_FRACTION,
@@ -51,7 +52,8 @@ def demo_train_config(settings: DemoSettings, out: Path, epochs: int, steps: int
         "data": {"format": "folder", "train": str(out / "data"), "train_split": "train",
                  "sources": list(TRAIN_LEVELS), "distractor_mode": TRAIN_MODE,
                  "val_fraction": VAL_FRACTION, "val_split_by": VAL_SPLIT_BY, "test": None},
-        "features": {"cache": True, "cache_dir": str(out / "train" / "feature_cache")},
+        "features": {"cache": True, "cache_dir": str(out / "train" / "feature_cache"),
+                     "batch_size": CPU_IMAGE_BATCH if device_type == "cpu" else base.features.batch_size},
         # the demo trains at batch <= 64, where lr 1e-3 is the recipe its recorded run used
         # (synth.yaml's 2e-3 is tuned for batch 128)
         "optim": {"lr": DEMO_LR, "warmup_steps": min(base.optim.warmup_steps, max(1, steps // 10))},
