@@ -318,14 +318,14 @@ def test_overwrite_replaces_a_previous_run(tmp_path):
     (out / "data").mkdir()
     (out / "data" / "stale.txt").write_text("old")
     (out / "keep.txt").write_text("the user's")  # not the demo's: left alone
-    # no time budget: the default preset's fixed plan of 12 epochs. 10 identities -> 2 test
+    # no time budget: the default preset's fixed plan of 24 epochs. 10 identities -> 2 test
     # (15%, at least 2), 8 train, 1 held out for validation: 7; batch 7 // 2 = 3, so
-    # 7 // 3 = 2 steps per epoch -> 24 steps
+    # 7 // 3 = 2 steps per epoch -> 48 steps
     result = run_demo(out, overwrite=True, **{**TINY, "identities": 10, "minutes": None})
     assert not (out / "data" / "stale.txt").exists()
     assert (out / "keep.txt").read_text() == "the user's"
     assert result.head_path.is_file() and result.settings.identities == 10
-    assert result.train.global_step == 24
+    assert result.train.global_step == 48
 
 
 def test_cli_rejects_bad_identities(capsys, tmp_path):

@@ -246,19 +246,33 @@ def _embed_into(
     masks_out: np.ndarray,
     batch_size: int,
     progress: bool,
+    decode_threads: int = 2,
 ) -> None:
-    from comfy_nearid.model import mask_token_grid
+    """Embed ``images`` in batches into the memory maps (row ``i`` = ``images[i]``); the next
+    batches' images and masks are decoded in ``decode_threads`` threads while the backbone
+    runs (:func:`comfy_nearid.prefetch.prefetch`)."""
+    import torch
 
+    from comfy_nearid.model import mask_token_grid
+    from comfy_nearid.prefetch import prefetch
+
+    side = model.spec.image_size
+
+    def prepare(im: _PendingImage, out: "torch.Tensor") -> "np.ndarray | None":
+        model.preprocess(im.ref.load(), out=out)
+        return None if im.mask is None else mask_token_grid(im.mask.load(), model.spec).numpy()
+
+    batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
     bar = tqdm(total=len(images), desc="feature cache", unit="img", disable=not progress)
-    for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size]
-        pixels = model.preprocess.batch([im.ref.load() for im in chunk])
+    start = 0
+    for chunk, masks, pixels in prefetch(prepare, batches, decode_threads, depth=2,
+                                         pixel_buffer=lambda n: torch.empty(n, 3, side, side)):
         tokens = model.tokens(pixels).cpu()
         tokens_out[start : start + len(chunk)] = tokens.numpy().astype(tokens_out.dtype)
-        for i, im in enumerate(chunk):
-            if im.mask is None:
-                continue
-            masks_out[start + i] = mask_token_grid(im.mask.load(), model.spec).numpy()
+        for i, mask in enumerate(masks):
+            if mask is not None:
+                masks_out[start + i] = mask
+        start += len(chunk)
         bar.update(len(chunk))
     bar.close()
 

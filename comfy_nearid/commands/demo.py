@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training + test identities; 15%% are held out for testing (default: 1300, quick: 300)")
     parser.add_argument("--minutes", type=float, default=None, metavar="M",
                         help="training time budget in minutes: the steps are scaled to what fits on this machine "
-                             "(default: a fixed plan of 12 epochs: the same head on any machine)")
+                             "(default: a fixed plan of 24 epochs, quick 12: the same head on any machine)")
     parser.add_argument("--quick", action="store_true", help="a smaller run of about 2 minutes on 2 CPU cores")
     parser.add_argument("--overwrite", action="store_true", help="replace the demo run already in --out")
     parser.add_argument("--seed", type=int, default=0, help="seed of the benchmark, head and training (default: %(default)s)")

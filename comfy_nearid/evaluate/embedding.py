@@ -155,8 +155,12 @@ def embed_images(
     desc: str = "embedding",
     mask_mode: MaskMode = "attention",
     mask_keep: MaskKeep = "foreground",
+    decode_threads: int = 2,
 ) -> np.ndarray:
     """Embed ``(image, mask)`` refs in batches; returns ``[N, D]`` float64 unit vectors.
+
+    ``decode_threads`` threads decode the next two batches while ``embed_fn`` runs (0: decode
+    inline).
 
     With ``use_masks``, ``mask_mode="attention"`` hands each image's mask (or ``None``) to
     ``embed_fn``; ``"pixels"`` hands it the reference's masked copy instead
@@ -171,12 +175,19 @@ def embed_images(
     if batch_size < 1:
         raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
     check_mask_options(mask_mode, mask_keep)
+    from ..prefetch import prefetch
+
+    def load(item: tuple["ImageRef", "ImageRef | None"]) -> tuple[Any, Any]:
+        ref, mask = item
+        return ref.load(), (None if mask is None or not use_masks else mask.load())
+
     chunks: list[np.ndarray] = []
+    batches = [items[start : start + batch_size] for start in range(0, len(items), batch_size)]
     with tqdm(total=len(items), desc=desc, unit="img", disable=not progress) as bar:
-        for start in range(0, len(items), batch_size):
-            batch = items[start : start + batch_size]
-            images = [ref.load() for ref, _ in batch]
-            masks = [None if m is None else m.load() for _, m in batch] if use_masks else None
+        # the next batches' images are decoded in threads while embed_fn runs on this one
+        for batch, loaded, _ in prefetch(load, batches, decode_threads, depth=2):
+            images = [image for image, _ in loaded]
+            masks = [mask for _, mask in loaded] if use_masks else None
             if masks is not None and mask_mode == "pixels":
                 images = [im if m is None else apply_pixel_mask(im, m, mask_keep) for im, m in zip(images, masks)]
                 masks = None

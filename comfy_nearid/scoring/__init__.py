@@ -42,7 +42,8 @@ from .plan import (
     read_mapping,
 )
 from .rows import OUTPUT_FORMATS, ROW_FIELDS, ScoreRow, read_rows
-from .run import DEFAULT_BATCH_SIZE, ProcessShard, RunSettings, ScoringOptions, default_batch_size, prefetch, score_plan
+from ..prefetch import prefetch
+from .run import DEFAULT_BATCH_SIZE, ProcessShard, RunSettings, ScoringOptions, default_batch_size, score_plan
 from .unit import ImageRef, ScoringUnit, embed_references
 
 __all__ = [

@@ -19,7 +19,8 @@ import numpy as np
 from ..errors import InvalidInputError
 from .combine import REFERENCE_COMBINATIONS
 from .rows import ScoreRow
-from .run import ImageHook, _embed_batch, _fill_calibration, _ItemPreparer, _make_row, _Prepared, prefetch
+from ..prefetch import prefetch
+from .run import ImageHook, _embed_batch, _fill_calibration, _ItemPreparer, _make_row, _Prepared
 
 if TYPE_CHECKING:
     import torch
