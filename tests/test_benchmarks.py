@@ -56,3 +56,51 @@ def test_gpu_suite_refuses_cuda_without_a_device(capsys):
         pytest.skip("CUDA is available here")
     assert bench_gpu.main(["--device", "cuda"]) == 2
     assert "no CUDA device" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("variant", ["s8cells", "rgbcells"])
+def test_demo_recipe_token_variants_change_only_their_group(variant):
+    """bench_demo_recipe's token variants: the registered width, the stride-16/32 groups
+    unchanged, and the changed group recomputed here from the stride-8 map / the pixels."""
+    import torch.nn.functional as F
+
+    import bench_demo_recipe
+    import comfy_nearid.backbones as backbones
+    from comfy_nearid.model import load_model
+
+    registry = backbones._registry()
+    saved_spec, saved_tokens = registry["mobilenet-v2"], backbones.Backbone._mobilenet_tokens
+    pixels = torch.randn(2, 3, 224, 224)
+    try:
+        v2 = load_model(backbone="mobilenet-v2", pretrained=False, device="cpu", readout="mean", seed=0)
+        expected_v2 = v2.backbone(pixels)
+        bench_demo_recipe.use_token_variant(variant)
+        model = load_model(backbone="mobilenet-v2", pretrained=False, device="cpu", readout="mean", seed=0)
+        tokens = model.backbone(pixels)
+        width = bench_demo_recipe.TOKEN_WIDTHS[variant]
+        assert tokens.shape == (2, 196, width) and model.spec.head.dim == width
+        assert torch.allclose(tokens[..., :256], expected_v2[..., :256], atol=1e-5)
+        if variant == "s8cells":
+            with torch.no_grad():
+                s8 = model.backbone.trunk.features[:7](pixels)  # [2, 32, 28, 28]
+            cells = s8.reshape(2, 32, 14, 2, 14, 2).permute(0, 2, 4, 1, 3, 5).reshape(2, 196, 128)
+            assert torch.allclose(tokens[..., 256:384], F.layer_norm(cells, (128,)), atol=1e-4)
+        else:
+            rgb = pixels * torch.tensor(model.spec.std).view(1, 3, 1, 1) + torch.tensor(model.spec.mean).view(1, 3, 1, 1)
+            cell = rgb[0, :, 8:16, 16:24]  # token (0, 1), its sub-cell (row 1, column 0)
+            got = tokens[0, 1, 288:].reshape(6, 4)[:, 2]  # channel-major, 2x2 sub-cells row-major
+            want = torch.cat([cell.mean(dim=(1, 2)), cell.std(dim=(1, 2), unbiased=False)])
+            assert torch.allclose(got, want, atol=1e-4)
+    finally:
+        registry["mobilenet-v2"] = saved_spec
+        backbones.Backbone._mobilenet_tokens = saved_tokens
+
+
+def test_mobilenet_fold_benchmark_runs_and_compares_the_same_network(capsys):
+    import bench_mobilenet
+
+    assert bench_mobilenet.main(["--batches", "2", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    diff = float(out.split("folded vs unfolded: ")[1].split()[0])
+    assert diff < 1e-3  # the same weights, folded: float rounding only
+    assert "folded / unfolded" in out and out.strip().splitlines()[-1].startswith("    2 |")
