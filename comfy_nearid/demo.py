@@ -116,7 +116,7 @@ PRESETS = {
     "quick": _Preset(identities=300, epochs=12, bootstrap=500),
 }
 # AdamW learning rate of the demo (batch <= 64, 24 epochs): 2e-3 against 1e-3, held-out object /
-# colour / part SSR averaged over seeds 0-2: 74.7 / 58.5 / 2.4 against 74.5 / 57.6 / 1.4, part
+# colour / part SSR averaged over seeds 0-2: 74.7 / 58.5 / 2.4 against 74.5 / 57.2 / 1.4, part
 # above 0 at every seed (docs/demo.md, lever table)
 DEMO_LR = 2.0e-3
 MAX_EPOCHS = 60  # with a time budget (--minutes): the most epochs it may buy
