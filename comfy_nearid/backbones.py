@@ -177,7 +177,17 @@ class Backbone(nn.Module):
 
     @torch.no_grad()
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Normalised pixels ``[B, 3, S, S]`` -> patch tokens ``[B, N, D]``."""
+        """Normalised pixels ``[B, 3, S, S]`` -> patch tokens ``[B, N, D]``.
+
+        Tokens only: the layers that serve only the own pooled readout are not run (for
+        MobileNetV2 its last block and the 1x1 convolution to 1280 channels, about a seventh of
+        its work; for SigLIP the attention-pooling head)."""
+        if self.spec.family == "mobilenet_v2":
+            self._check_pixels(pixels)
+            return self._mobilenet_tokens(pixels)[0]
+        if self.spec.family == "siglip":
+            self._check_pixels(pixels)
+            return self.trunk.forward_features(pixels)
         return self.tokens_and_pooled(pixels)[0]
 
     @torch.no_grad()

@@ -381,3 +381,18 @@ def test_ctrl_c_during_training_leaves_no_partial_head(tmp_path):
 
     with pytest.raises(InvalidInputError, match="unfinished"):
         check_output_dir(out, overwrite=False)
+
+
+def test_time_target_applies_to_the_default_run_on_cpu_only():
+    from comfy_nearid.demo import resolve_settings, time_target
+
+    default = resolve_settings("mobilenet-v2", pretrained=False)
+    t = time_target(default, 359.0, 2, "cpu")
+    assert t["met"] and t["minutes"] == round(359 / 60, 2) and "yes (6.0 min on 2 core(s))" in t["line"]
+    t = time_target(default, 382.0, 2, "cpu")
+    assert not t["met"] and "NO (6.4 min" in t["line"]
+    # the target says nothing about other runs
+    assert time_target(default, 100.0, 2, "cuda") is None
+    assert time_target(resolve_settings("mobilenet-v2", quick=True, pretrained=False), 100.0, 2, "cpu") is None
+    assert time_target(resolve_settings("mobilenet-v2", minutes=3, pretrained=False), 100.0, 2, "cpu") is None
+    assert time_target(resolve_settings("mobilenet-v2", identities=200, pretrained=False), 100.0, 2, "cpu") is None

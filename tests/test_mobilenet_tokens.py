@@ -158,3 +158,18 @@ def test_feature_cache_identity_names_the_token_version(mobilenet):
     assert identity.tokens == 2 and identity.dim == 294
     old = CacheIdentity(**{**identity.__dict__, "tokens": 1, "dim": 256})
     assert any(d.startswith("tokens:") for d in identity.differences(old))
+
+
+def test_tokens_alone_equal_the_tokens_of_the_joint_pass(mobilenet):
+    """forward() skips the layers of the own pooled readout; its tokens are the joint pass's."""
+    pixels = torch.randn(2, 3, 224, 224)
+    calls = []
+    hook = mobilenet.backbone.trunk.features[18].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        alone = mobilenet.backbone(pixels)
+        assert not calls  # the 1x1 convolution to 1280 channels did not run
+        joint, pooled = mobilenet.backbone.tokens_and_pooled(pixels)
+        assert calls and pooled.shape == (2, 1280)
+    finally:
+        hook.remove()
+    assert torch.equal(alone, joint)

@@ -260,3 +260,12 @@ def test_siglip_backbone_uses_tanh_gelu_and_729_tokens_for_so400m():
     assert trunk.blocks[0].mlp.fc1.out_features == 4304
     acts = {type(m).__name__ for m in trunk.modules() if "GELU" in type(m).__name__}
     assert acts == {"GELUTanh"}
+
+
+def test_siglip_tokens_alone_equal_the_tokens_of_the_joint_pass():
+    from comfy_nearid.model import load_model
+
+    model = load_model(backbone="tiny-siglip", pretrained=False, device="cpu", seed=0)
+    side = model.spec.image_size
+    pixels = torch.randn(2, 3, side, side)
+    assert torch.equal(model.backbone(pixels), model.backbone.tokens_and_pooled(pixels)[0])

@@ -59,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
     print(result.table)
     phases = ", ".join(f"{k} {v:.0f} s" for k, v in t.items() if k != "total")
     print(f"finished in {t['total']:.0f} s ({t['total'] / 60:.1f} min; {phases}) on {os.cpu_count()} CPU core(s)")
+    if result.extra.get("time_target"):
+        print(result.extra["time_target"]["line"])
     print(f"head for ComfyUI (copy into ComfyUI/models/nearid/): {result.head_path}")
     print(f"report: {result.report_path}")
     print(f"summary: {result.summary_path}   settings: {result.config_path}")
