@@ -17,7 +17,7 @@ path (the head in its former ``nn.MultiheadAttention`` form, ``mha_head_forward`
 parameters; one cache read per example stacked by ``default_collate``; the per-tensor AdamW
 loop; glibc's default malloc), the single-query head on that same data path, and the library's
 path (single-query head, whole-batch cache reads, fused AdamW, freed
-large blocks kept for reuse: ``trainer.loop.keep_freed_memory``). It prints each speed-up per epoch against the
+large blocks kept for reuse: ``comfy_nearid.malloc.keep_freed_memory``). It prints each speed-up per epoch against the
 original (target >= 3x).
 """
 

@@ -1,12 +1,16 @@
-"""MobileNetV2 tokens per second: the registry's backbone (batch norms folded into the
-convolutions, ``comfy_nearid.backbones.fold_batch_norms``) vs the same network unfolded,
-side by side, at several batch sizes, on the same pixels and threads.
+"""MobileNetV2 tokens per second, three builds of the same weights side by side, at several
+batch sizes, on the same pixels and threads:
+
+- unfolded: torchvision's network as it is (convolution, batch norm, ReLU6);
+- folded: the batch norms folded into the convolutions (``backbones.fold_batch_norms``);
+- registry: folded, and each convolution + ReLU6 run as one oneDNN call on CPU
+  (``backbones.fuse_conv_relu6``): what ``build_backbone`` makes.
 
     python benchmarks/bench_mobilenet.py                    # ImageNet weights if on disk, else random
     python benchmarks/bench_mobilenet.py --batches 8 16 64 --repeats 7
 
-Prints images/s of both and their ratio per batch size, and the largest difference of the
-tokens (the folded network differs from the unfolded one by float rounding only).
+Prints images/s of each and the ratios per batch size (tokens + pooled vector), and the
+largest difference of the tokens against the unfolded network (float rounding only).
 """
 
 from __future__ import annotations
@@ -45,30 +49,36 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = get_backbone_spec("mobilenet-v2")
-    # the unfolded network: the registry's build with the fold switched off; the folded one:
-    # a copy of it, folded (so both hold the same weights, pretrained or random)
-    saved = backbones.fold_batch_norms
-    backbones.fold_batch_norms = lambda module: 0
+    # the unfolded network: the registry's build with the fold and the fusion switched off;
+    # the other two: copies of it (so all three hold the same weights, pretrained or random)
+    saved = backbones.fold_batch_norms, backbones.fuse_conv_relu6
+    backbones.fold_batch_norms = backbones.fuse_conv_relu6 = lambda module: 0
     try:
         try:
             unfolded, weights = build_backbone(spec), "ImageNet"
         except WeightsNotFoundError:
             unfolded, weights = build_backbone(spec, pretrained=False), "random"
     finally:
-        backbones.fold_batch_norms = saved
+        backbones.fold_batch_norms, backbones.fuse_conv_relu6 = saved
     folded = Backbone(spec, copy.deepcopy(unfolded.trunk))
     backbones.fold_batch_norms(folded.trunk)
-    print(f"mobilenet-v2 ({weights} weights), {torch.get_num_threads()} threads, {spec.image_size} px")
+    registry = Backbone(spec, copy.deepcopy(folded.trunk))
+    fused = backbones.fuse_conv_relu6(registry.trunk)
+    print(f"mobilenet-v2 ({weights} weights), {torch.get_num_threads()} threads, {spec.image_size} px, "
+          f"{fused} convolution + ReLU6 pairs fused (oneDNN: {backbones._fused_conv_available()})")
     with torch.inference_mode():
         x = torch.randn(2, 3, spec.image_size, spec.image_size)
-        diff = (folded(x) - unfolded(x)).abs().max().item()
-        print(f"max abs token difference folded vs unfolded: {diff:.2e}")
-        print("batch | unfolded img/s | folded img/s | folded / unfolded")
+        reference = unfolded(x)
+        print(f"max abs token difference folded vs unfolded: {(folded(x) - reference).abs().max().item():.2e}")
+        print(f"max abs token difference registry vs unfolded: {(registry(x) - reference).abs().max().item():.2e}")
+        print("batch | unfolded img/s | folded img/s | registry img/s | folded / unfolded | registry / folded | registry / unfolded")
         for b in args.batches:
             x = torch.randn(b, 3, spec.image_size, spec.image_size)
             t_unfolded = median_seconds(lambda: unfolded.tokens_and_pooled(x), args.repeats)
             t_folded = median_seconds(lambda: folded.tokens_and_pooled(x), args.repeats)
-            print(f"{b:5d} | {b / t_unfolded:14.1f} | {b / t_folded:12.1f} | {t_unfolded / t_folded:.2f}x")
+            t_registry = median_seconds(lambda: registry.tokens_and_pooled(x), args.repeats)
+            print(f"{b:5d} | {b / t_unfolded:14.1f} | {b / t_folded:12.1f} | {b / t_registry:14.1f} | "
+                  f"{t_unfolded / t_folded:17.2f}x | {t_folded / t_registry:17.2f}x | {t_unfolded / t_registry:19.2f}x")
     return 0
 
 

@@ -101,6 +101,22 @@ def test_mobilenet_fold_benchmark_runs_and_compares_the_same_network(capsys):
 
     assert bench_mobilenet.main(["--batches", "2", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
-    diff = float(out.split("folded vs unfolded: ")[1].split()[0])
-    assert diff < 1e-3  # the same weights, folded: float rounding only
-    assert "folded / unfolded" in out and out.strip().splitlines()[-1].startswith("    2 |")
+    for build in ("folded", "registry"):
+        diff = float(out.split(f"{build} vs unfolded: ")[1].split()[0])
+        assert diff < 1e-3  # the same weights, folded (and fused): float rounding only
+    assert "35 convolution + ReLU6 pairs fused" in out
+    assert "registry / folded" in out and out.strip().splitlines()[-1].startswith("    2 |")
+
+
+def test_malloc_benchmark_compares_both_modes_in_fresh_processes(capsys):
+    import platform
+
+    import bench_malloc
+
+    assert bench_malloc.main(["--batch", "2", "--passes", "2", "--rounds", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    rows = {line.split("|")[1].strip(): line for line in lines if line.startswith("    1 |")}
+    assert set(rows) == {"default", "kept"}
+    assert all(int(row.split("|")[3]) >= 0 for row in rows.values())  # page faults column
+    if platform.libc_ver()[0] == "glibc":
+        assert lines[-1].startswith("kept / default: median ")

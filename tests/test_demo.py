@@ -396,3 +396,25 @@ def test_time_target_applies_to_the_default_run_on_cpu_only():
     assert time_target(resolve_settings("mobilenet-v2", quick=True, pretrained=False), 100.0, 2, "cpu") is None
     assert time_target(resolve_settings("mobilenet-v2", minutes=3, pretrained=False), 100.0, 2, "cpu") is None
     assert time_target(resolve_settings("mobilenet-v2", identities=200, pretrained=False), 100.0, 2, "cpu") is None
+
+
+def test_the_time_verdict_says_when_the_hypervisor_took_the_cpu(tmp_path):
+    """Steal read from a /proc/stat-format file (the first line's eighth number), as a share of
+    all ticks between two readings: 30 of 180 ticks here (hand-counted)."""
+    from comfy_nearid.demo import cpu_ticks, resolve_settings, steal_share, time_target
+
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 20 50 5 0 5 20 0 0\ncpu0 50 0 10 25 2 0 2 10 0 0\n")
+    before = cpu_ticks(stat)
+    assert before == (200, 20)
+    stat.write_text("cpu  200 0 40 80 5 0 5 50 0 0\n")
+    after = cpu_ticks(stat)
+    assert after == (380, 50) and steal_share(before, after) == pytest.approx(30 / 180)
+    assert cpu_ticks(tmp_path / "missing") is None and steal_share(None, after) is None
+    stat.write_text("intr 1 2 3\n")
+    assert cpu_ticks(stat) is None
+    default = resolve_settings("mobilenet-v2", pretrained=False)
+    t = time_target(default, 400.0, 2, "cpu", steal=30 / 180)
+    assert not t["met"] and t["steal"] == 0.167 and "gave 17% of this machine's CPU time to other machines" in t["line"]
+    quiet = time_target(default, 300.0, 2, "cpu", steal=0.01)
+    assert quiet["met"] and "hypervisor" not in quiet["line"] and quiet["steal"] == 0.01

@@ -173,3 +173,54 @@ def test_tokens_alone_equal_the_tokens_of_the_joint_pass(mobilenet):
     finally:
         hook.remove()
     assert torch.equal(alone, joint)
+
+
+@pytest.mark.parametrize("groups,bias,layout", [(1, True, "nchw"), (8, True, "channels_last"), (1, False, "channels_last")])
+def test_fused_convolution_with_relu6_equals_the_two_steps(groups, bias, layout):
+    """Conv2dReLU6 (one oneDNN call on CPU) against torch's convolution then clamp to [0, 6]."""
+    from comfy_nearid.backbones import Conv2dReLU6
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=groups, bias=bias)
+    conv.weight.data.mul_(8.0)  # outputs well past 6 and below 0: both ends of the clamp act
+    fused = Conv2dReLU6(8, 16, 3, stride=2, padding=1, groups=groups, bias=bias)
+    fused.load_state_dict(conv.state_dict())
+    x = torch.randn(3, 8, 20, 20)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = conv(x).clamp(0.0, 6.0)
+        got = fused(x)
+    assert (expected == 0).any() and (expected == 6).any()
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+    # fallbacks: gradients, float64
+    xg = x.detach().clone().requires_grad_(True)
+    fused(xg).sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert torch.allclose(fused.double()(x.double()), conv.double()(x.double()).clamp(0, 6))
+
+
+def test_fusion_keeps_the_state_dict_and_fuses_every_conv_relu6_pair():
+    from torchvision.models import mobilenet_v2
+
+    from comfy_nearid.backbones import Conv2dReLU6, fold_batch_norms, fuse_conv_relu6
+
+    torch.manual_seed(1)
+    reference = mobilenet_v2().eval()
+    for bn in (m for m in reference.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    relu6 = sum(isinstance(m, torch.nn.ReLU6) for m in reference.modules())
+    import copy
+
+    trunk = copy.deepcopy(reference)
+    fold_batch_norms(trunk)
+    keys = {k: v.shape for k, v in trunk.state_dict().items()}
+    assert fuse_conv_relu6(trunk) == relu6 == 35
+    assert {k: v.shape for k, v in trunk.state_dict().items()} == keys
+    assert not any(isinstance(m, torch.nn.ReLU6) for m in trunk.modules())
+    assert sum(isinstance(m, Conv2dReLU6) for m in trunk.modules()) == 35
+    x = torch.randn(2, 3, 96, 96).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert torch.allclose(trunk.features(x), reference.features(x), atol=1e-4, rtol=1e-4)

@@ -276,3 +276,33 @@ def test_verbose_cli_logs_this_package_not_the_png_decoder(tmp_path, caplog):
     logging.getLogger("comfy_nearid.data").debug("still on")
     names = [r.name for r in caplog.records]
     assert "comfy_nearid.data" in names and not [n for n in names if n.startswith("PIL")], names
+
+
+def test_a_shared_render_memo_changes_no_pixel():
+    """The renders of one view share shape coverages through a memo (a view, then its object,
+    part and colour distractors, as render_identity draws them): every render equals the same
+    render made alone, without a memo, exactly."""
+    from comfy_nearid.data.synth import SynthConfig, _edit, _identity_spec, _view_setups
+    from comfy_nearid.data.synth_render import new_render_memo, render_object
+
+    config = SynthConfig(n_train=6, n_test=0, n_mtg=0)
+    shared_entries = alone_entries = 0
+    for index in range(6):
+        spec = _identity_spec(config, "train", index)
+        setup = _view_setups(config, "train", index, spec, 1)[0]
+        rng = np.random.default_rng(index)
+        variants = [spec] + [_edit(level, spec, rng)[0] for level in ("object", "part", "colour")]
+        memo = new_render_memo()
+        for variant in variants:
+            with_memo = render_object(variant, setup.pose, setup.light, config.image_size, memo)
+            own = new_render_memo()
+            alone = render_object(variant, setup.pose, setup.light, config.image_size, own)
+            alone_entries += len(own._values)
+            assert with_memo.box == alone.box
+            np.testing.assert_array_equal(with_memo.colour, alone.colour)
+            np.testing.assert_array_equal(with_memo.alpha, alone.alpha)
+            assert len(with_memo.part_cover) == len(alone.part_cover)
+            for a, b in zip(with_memo.part_cover, alone.part_cover):
+                np.testing.assert_array_equal(a, b)
+        shared_entries += len(memo._values)
+    assert 0 < shared_entries < alone_entries  # shapes were computed once for several renders

@@ -116,12 +116,3 @@ def test_training_from_the_cache_equals_the_per_example_path_and_adamw_loop(tmp_
     np.testing.assert_allclose(losses_b, losses_a, rtol=1e-6, atol=0)
     for key in head_a:
         torch.testing.assert_close(head_b[key], head_a[key], rtol=0, atol=1e-6)
-
-
-def test_freed_large_blocks_are_kept_where_the_c_library_is_glibc():
-    import platform
-
-    from trainer.loop import keep_freed_memory
-
-    applied = keep_freed_memory()
-    assert applied is (platform.libc_ver()[0] == "glibc")

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from comfy_nearid.errors import ConfigError, DatasetError, NearIDError
 from comfy_nearid.launch import hold_if_requested
+from comfy_nearid.malloc import keep_freed_memory
 from comfy_nearid.model import embed_tokens
 
 from .checkpointing import TrainingProgress, remove_stale_temporaries, resolve_resume, save_checkpoint
@@ -795,22 +796,3 @@ def train(config: TrainConfig, model: Any = None) -> TrainResult:
         )
     keep_freed_memory()
     return _Run(config, model).run()
-
-
-def keep_freed_memory() -> bool:
-    """Let glibc's malloc keep and reuse large freed blocks instead of handing them back to the
-    kernel (returns whether it applied). Every step allocates the same tens of MB (the batch's
-    tokens, their float32 copy, activations); by default glibc serves blocks past 32 MB with
-    fresh ``mmap`` pages and unmaps them when freed, so each step page-faults and zeroes them
-    anew, which cost about a third of a step from the feature cache on CPU. Memory use stays
-    the step's peak. A no-op where the C library is not glibc."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h> parameter numbers
-    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, (1 << 31) - 1))

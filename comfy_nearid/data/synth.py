@@ -47,6 +47,7 @@ from .synth_render import (
     light_background,
     object_extent,
     render_background,
+    new_render_memo,
     render_object,
     sample_lighting,
     sample_pose,
@@ -203,14 +204,15 @@ def render_identity(config: SynthConfig, split: str, index: int) -> RenderedIden
     views_meta, distractor_meta = [], {level: [] for level in config.levels}
     for k, setup in enumerate(_view_setups(config, split, index, spec, config.n_views)):
         background = light_background(_background(config, split, setup.background_index), setup.light)
-        rgb, mask = composite(background, render_object(spec, setup.pose, setup.light, size), setup.light)
+        memo = new_render_memo()  # the view and its distractors share pose and most shapes
+        rgb, mask = composite(background, render_object(spec, setup.pose, setup.light, size, memo), setup.light)
         out.images[f"view{k + 1}.png"], out.images[f"mask{k + 1}.png"] = rgb, mask
         views_meta.append({"background": background_id(split, setup.background_index),
                            "pose": setup.pose.to_dict(), "lighting": setup.light.to_dict()})
         for level in config.levels:
             rng = config.random_stream(split, _STREAM_DISTRACTOR, index, _LEVEL_CODE[level], k + 1)
             edited, changed = _edit(level, spec, rng)
-            rgb, mask = composite(background, render_object(edited, setup.pose, setup.light, size), setup.light)
+            rgb, mask = composite(background, render_object(edited, setup.pose, setup.light, size, memo), setup.light)
             out.images[f"{level}/distractor{k + 1}.png"], out.images[f"{level}/mask{k + 1}.png"] = rgb, mask
             distractor_meta[level].append({"changed": changed, "description": edited.describe(), "spec": edited.to_dict()})
     out.meta = {
@@ -235,8 +237,9 @@ def render_mtg_identity(config: SynthConfig, index: int) -> RenderedIdentity:
     views_meta = []
     for k, setup in enumerate(_view_setups(config, split, index, spec, 2)):
         background = light_background(_background(config, split, setup.background_index), setup.light)
-        original: RenderedObject = render_object(spec, setup.pose, setup.light, size)
-        changed: RenderedObject = render_object(edited, setup.pose, setup.light, size)
+        memo = new_render_memo()
+        original: RenderedObject = render_object(spec, setup.pose, setup.light, size, memo)
+        changed: RenderedObject = render_object(edited, setup.pose, setup.light, size, memo)
         out.images[f"view{k + 1}.png"], out.images[f"object_mask{k + 1}.png"] = composite(background, original, setup.light)
         out.images[f"edited{k + 1}.png"], _ = composite(background, changed, setup.light)
         # The edited region: where the part is visible before or after the edit.

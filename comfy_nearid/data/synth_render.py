@@ -239,22 +239,28 @@ def pattern_amount(pattern: PatternSpec, u: np.ndarray, v: np.ndarray, px: float
     return amount
 
 
-def _decal_layers(decal: DecalSpec, u: np.ndarray, v: np.ndarray) -> list[tuple[np.ndarray, RGB]]:
-    """(signed distance, colour) layers of the emblem, bottom to top."""
+def _decal_distances(decal: DecalSpec, u: np.ndarray, v: np.ndarray) -> list[np.ndarray]:
+    """Signed distances of the emblem's layers, bottom to top (colours: :func:`_decal_colours`)."""
     x, y, R = u - F32(decal.u), v - F32(decal.v), decal.radius
     if decal.kind == "eye":
-        return [(_circle(x, y, 0, 0, R), decal.colour), (_circle(x, y, 0.15 * R, 0.1 * R, 0.5 * R), decal.inner),
-                (_circle(x, y, -0.05 * R, -0.15 * R, 0.15 * R), (1.0, 1.0, 1.0))]
+        return [_circle(x, y, 0, 0, R), _circle(x, y, 0.15 * R, 0.1 * R, 0.5 * R), _circle(x, y, -0.05 * R, -0.15 * R, 0.15 * R)]
     if decal.kind == "star":
         theta = np.arctan2(y, x) + F32(math.pi / 2)
         r = F32(0.5 * R) + F32(0.5 * R) * np.abs(np.cos(F32(2.5) * theta)) ** F32(3.0)
-        return [(np.hypot(x, y) - r, decal.colour), (_circle(x, y, 0, 0, 0.22 * R), decal.inner)]
+        return [np.hypot(x, y) - r, _circle(x, y, 0, 0, 0.22 * R)]
     if decal.kind == "diamond":
-        return [((np.abs(x) + np.abs(y) - F32(R)) * F32(0.7071), decal.colour),
-                ((np.abs(x) + np.abs(y) - F32(0.45 * R)) * F32(0.7071), decal.inner)]
+        return [(np.abs(x) + np.abs(y) - F32(R)) * F32(0.7071), (np.abs(x) + np.abs(y) - F32(0.45 * R)) * F32(0.7071)]
     if decal.kind == "ring":
-        return [(np.abs(np.hypot(x, y) - F32(0.72 * R)) - F32(0.22 * R), decal.colour),
-                (_circle(x, y, 0, 0, 0.25 * R), decal.inner)]
+        return [np.abs(np.hypot(x, y) - F32(0.72 * R)) - F32(0.22 * R), _circle(x, y, 0, 0, 0.25 * R)]
+    return []
+
+
+def _decal_colours(decal: DecalSpec) -> list[RGB]:
+    """Colours of the emblem's layers, in the order of :func:`_decal_distances`."""
+    if decal.kind == "eye":
+        return [decal.colour, decal.inner, (1.0, 1.0, 1.0)]
+    if decal.kind in ("star", "diamond", "ring"):
+        return [decal.colour, decal.inner]
     return []
 
 
@@ -295,18 +301,50 @@ class _Canvas:
     def fill(self, d: np.ndarray, px: float, colour: np.ndarray | RGB, outline: RGB | None = None,
              outline_width: float = 0.0, track: bool = False, clip: np.ndarray | None = None) -> None:
         """Fill the region d < 0 with ``colour`` ([h,w,3] or RGB), with an inner outline band."""
-        alpha = _cover(d, px)
-        if clip is not None:
-            alpha = alpha * clip
+        self.fill_cover(_coverages(d, px, outline is not None, outline_width, clip), colour, outline, track)
+
+    def fill_cover(self, cover: tuple[np.ndarray, np.ndarray | None], colour: np.ndarray | RGB,
+                   outline: RGB | None = None, track: bool = False) -> None:
+        """:meth:`fill` from the shape's coverages ``(alpha, inner)`` (:func:`_coverages`)."""
+        alpha, inner = cover
         colour = np.asarray(colour, F32)
         if outline is None:
             premult = colour * alpha[..., None]
         else:
-            inner = _cover(d + F32(outline_width), px)
-            if clip is not None:
-                inner = inner * clip
             premult = colour * inner[..., None] + np.asarray(outline, F32) * (alpha - inner)[..., None]
         self.over(premult, alpha, track)
+
+
+def _coverages(d: np.ndarray, px: float, outlined: bool, outline_width: float,
+               clip: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """A shape's antialiased coverage, and (when ``outlined``) the coverage inside its outline
+    band of ``outline_width``; both multiplied by ``clip`` when given."""
+    alpha = _cover(d, px)
+    if clip is not None:
+        alpha = alpha * clip
+    if not outlined:
+        return alpha, None
+    inner = _cover(d + F32(outline_width), px)
+    if clip is not None:
+        inner = inner * clip
+    return alpha, inner
+
+
+class _Memo:
+    """Shape geometry shared by the renders of one view: the view and its distractors have the
+    same pose, and a colour or part edit leaves most shapes unchanged, so their coverages are
+    computed once (``render_object(..., memo=)``). Keyed by everything a coverage depends on;
+    the values are never written to, so every render gives the bytes it gives alone."""
+
+    def __init__(self) -> None:
+        self._values: dict[tuple, object] = {}
+
+    def get(self, key: tuple, compute):  # noqa: ANN001, ANN201 (any value)
+        try:
+            return self._values[key]
+        except KeyError:
+            value = self._values[key] = compute()
+            return value
 
 
 def _object_frame(pose: Pose, box: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -320,12 +358,23 @@ def _object_frame(pose: Pose, box: tuple[int, int, int, int]) -> tuple[np.ndarra
     return u, v, dx, dy
 
 
-def render_object(spec: ObjectSpec, pose: Pose, light: Lighting, size: int) -> RenderedObject:
-    """Draw ``spec`` at ``pose`` on a ``size`` x ``size`` image (only its bounding box)."""
+def new_render_memo() -> _Memo:
+    """A memo for the renders of one view (see :func:`render_object`)."""
+    return _Memo()
+
+
+def render_object(spec: ObjectSpec, pose: Pose, light: Lighting, size: int, memo: _Memo | None = None) -> RenderedObject:
+    """Draw ``spec`` at ``pose`` on a ``size`` x ``size`` image (only its bounding box).
+
+    ``memo`` (:func:`new_render_memo`), shared by the renders of one view, computes each shape's
+    coverage once across them; the output is the same with or without it.
+    """
+    memo = memo if memo is not None else _Memo()
     extent = object_extent(spec) * pose.scale + 2.0
     box = (max(int(pose.cy - extent), 0), min(int(math.ceil(pose.cy + extent)), size),
            max(int(pose.cx - extent), 0), min(int(math.ceil(pose.cx + extent)), size))
-    u, v, dx, dy = _object_frame(pose, box)
+    frame = (box, pose)
+    u, v, dx, dy = memo.get(("frame", *frame), lambda: _object_frame(pose, box))
     h, w = box[1] - box[0], box[3] - box[2]
     u, v = np.broadcast_to(u, (h, w)), np.broadcast_to(v, (h, w))
     px = 1.0 / pose.scale
@@ -333,29 +382,45 @@ def render_object(spec: ObjectSpec, pose: Pose, light: Lighting, size: int) -> R
     outline = spec.outline_colour
     # Parts first (under the body), each in its own frame: x outward from its anchor.
     for part, (au, av) in zip(spec.parts, part_anchors(spec)):
-        ca, sa = F32(math.cos(part.angle)), F32(math.sin(part.angle))
-        x = (u - F32(au)) * ca + (v - F32(av)) * sa
-        y = (v - F32(av)) * ca - (u - F32(au)) * sa
+        geometry = (part.kind, part.angle, part.length, part.width, au, av)
+
+        def part_frame(au: float = au, av: float = av, part: PartSpec = part) -> tuple[np.ndarray, np.ndarray]:
+            ca, sa = F32(math.cos(part.angle)), F32(math.sin(part.angle))
+            return (u - F32(au)) * ca + (v - F32(av)) * sa, (v - F32(av)) * ca - (u - F32(au)) * sa
+
+        x, y = memo.get(("part frame", *frame, *geometry), part_frame)
         colour: np.ndarray | RGB = part.colour
         if part.banded:
             bands_per_unit = 3.0 / part.length  # three bands along the part, antialiased
-            band = np.clip(F32(0.5) + np.sin(x * F32(TWO_PI * bands_per_unit)) * F32(1.0 / (TWO_PI * bands_per_unit * px)), 0, 1)
+            band = memo.get(("bands", *frame, *geometry), lambda x=x, b=bands_per_unit: np.clip(
+                F32(0.5) + np.sin(x * F32(TWO_PI * b)) * F32(1.0 / (TWO_PI * b * px)), 0, 1))
             colour = np.asarray(part.colour, F32) * (F32(1.0) - F32(0.45) * band)[..., None]
-        canvas.fill(part_distance(part, x, y), px, colour, outline, spec.outline_width * 0.8, track=True)
+        width = spec.outline_width * 0.8
+        cover = memo.get(("part", *frame, *geometry, width),
+                         lambda x=x, y=y, part=part: _coverages(part_distance(part, x, y), px, True, width, None))
+        canvas.fill_cover(cover, colour, outline, track=True)
     # Body with its pattern and outline.
-    d_body = body_distance(spec.body, u, v)
-    amount = pattern_amount(spec.pattern, u, v, px)[..., None]
-    body_rgb = np.asarray(spec.body_colour, F32) * (F32(1.0) - amount) + np.asarray(spec.pattern.colour, F32) * amount
-    canvas.fill(d_body, px, body_rgb, outline, spec.outline_width)
-    # Emblem, kept inside the body's outline.
-    inside = _cover(d_body + F32(spec.outline_width), px)
-    for d, colour in _decal_layers(spec.decal, u, v):
-        canvas.fill(d, px, colour, clip=inside)
+    body_cover = memo.get(("body", *frame, spec.body, spec.outline_width),
+                          lambda: _coverages(body_distance(spec.body, u, v), px, True, spec.outline_width, None))
+    pattern = spec.pattern
+    amount = memo.get(("pattern", *frame, pattern.kind, pattern.frequency, pattern.angle, pattern.phase, pattern.spots),
+                      lambda: pattern_amount(pattern, u, v, px)[..., None])
+    body_rgb = np.asarray(spec.body_colour, F32) * (F32(1.0) - amount) + np.asarray(pattern.colour, F32) * amount
+    canvas.fill_cover(body_cover, body_rgb, outline)
+    # Emblem, kept inside the body's outline (the body's inner coverage).
+    decal = spec.decal
+    layers = memo.get(("decal", *frame, spec.body, spec.outline_width, decal.kind, decal.u, decal.v, decal.radius),
+                      lambda: [_coverages(d, px, False, 0.0, body_cover[1]) for d in _decal_distances(decal, u, v)])
+    for cover, colour in zip(layers, _decal_colours(decal), strict=True):
+        canvas.fill_cover(cover, colour)
     # Directional shading: a soft light gradient across the object, over one body radius
     # (not the object's extent, so that editing a part leaves the rest of the object alone).
-    towards_light = dx * F32(math.cos(light.direction)) + dy * F32(math.sin(light.direction))
-    shade = F32(1.0) + F32(light.shade / pose.scale) * towards_light
-    canvas.colour *= np.clip(shade, 0.6, 1.4)[..., None]
+    def shading() -> np.ndarray:
+        towards_light = dx * F32(math.cos(light.direction)) + dy * F32(math.sin(light.direction))
+        shade = F32(1.0) + F32(light.shade / pose.scale) * towards_light
+        return np.clip(shade, 0.6, 1.4)[..., None]
+
+    canvas.colour *= memo.get(("shade", *frame, light.shade, light.direction), shading)
     return RenderedObject(canvas.colour, canvas.alpha, canvas.tracked, box)
 
 
