@@ -395,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     if "throughput" in parts:  # [5] runs the CLI in this process: the same OpenMP policy as `nearid`
         from comfy_nearid.cli import default_openmp_policy
 
-        default_openmp_policy(os.environ, "torch" in sys.modules)
+        default_openmp_policy(os.environ, "torch" in sys.modules, "score")
     with tempfile.TemporaryDirectory(prefix="nearid-bench-") as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)

@@ -60,8 +60,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = next((a for a in argv if a in COMMANDS), None)
-    return build_parser(command).parse_args(argv)
+    return build_parser(command_of(argv)).parse_args(argv)
 
 
 # Exit statuses: 2 = the input is wrong (a NearIDError: fix the file/option it names),
@@ -110,21 +109,33 @@ def _one_line(e: BaseException) -> str:
     return text or type(e).__name__
 
 
-#: OpenMP's wait policy in a ``nearid`` process when the environment names none: idle OpenMP
-#: threads sleep instead of spinning. The commands decode images in threads beside torch's
+#: OpenMP's wait policy of the scoring commands when the environment names none: idle OpenMP
+#: threads sleep instead of spinning. Scoring decodes large images in threads beside torch's
 #: own; spinning threads burn the cycles those need (and any other process's). Measured with
 #: ``benchmarks/bench_scoring.py --only throughput`` (which prints both policies side by side).
 OMP_WAIT_POLICY_DEFAULT = "PASSIVE"
+#: The commands that get :data:`OMP_WAIT_POLICY_DEFAULT`. Not the backbone-bound ones: with
+#: sleeping threads every one of MobileNetV2's ~60 small operations per pass waits for its
+#: threads to wake, and its passes ran at 67 to 98 img/s against 115 to 157 with OpenMP's own
+#: default (spin briefly, then sleep), side by side on 2 cores; ``ACTIVE`` (spin forever) in
+#: turn starves the demo's generator processes.
+PASSIVE_OPENMP_COMMANDS = frozenset({"score", "consistency"})
 
 
-def default_openmp_policy(environ: "os._Environ[str] | dict[str, str]", torch_loaded: bool) -> None:
-    """Set ``OMP_WAIT_POLICY`` to :data:`OMP_WAIT_POLICY_DEFAULT` unless ``environ`` already
-    names one (the user's choice wins) or torch is already loaded (its OpenMP runtime read the
-    policy when it loaded; setting it later would only mislead)."""
-    if not torch_loaded:
+def default_openmp_policy(environ: "os._Environ[str] | dict[str, str]", torch_loaded: bool, command: str | None) -> None:
+    """Set ``OMP_WAIT_POLICY`` to :data:`OMP_WAIT_POLICY_DEFAULT` for the commands of
+    :data:`PASSIVE_OPENMP_COMMANDS`, unless ``environ`` already names one (the user's choice
+    wins) or torch is already loaded (its OpenMP runtime read the policy when it loaded;
+    setting it later would only mislead)."""
+    if not torch_loaded and command in PASSIVE_OPENMP_COMMANDS:
         environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY_DEFAULT)
 
 
+def command_of(argv: Sequence[str]) -> str | None:
+    """The command an argument list names (its first known command word), or None."""
+    return next((a for a in argv if a in COMMANDS), None)
+
+
 def entry_point() -> None:
-    default_openmp_policy(os.environ, "torch" in sys.modules)
+    default_openmp_policy(os.environ, "torch" in sys.modules, command_of(sys.argv[1:]))
     sys.exit(main())

@@ -155,14 +155,21 @@ def test_two_accelerate_processes_give_the_same_rows_as_one(tmp_path):
 
 
 def test_the_console_entry_makes_idle_openmp_threads_sleep_unless_told_otherwise():
-    from comfy_nearid.cli import default_openmp_policy
+    from comfy_nearid.cli import command_of, default_openmp_policy
 
-    environ: dict[str, str] = {}
-    default_openmp_policy(environ, torch_loaded=False)
-    assert environ == {"OMP_WAIT_POLICY": "PASSIVE"}
+    for command in ("score", "consistency"):
+        environ: dict[str, str] = {}
+        default_openmp_policy(environ, torch_loaded=False, command=command)
+        assert environ == {"OMP_WAIT_POLICY": "PASSIVE"}
     chosen = {"OMP_WAIT_POLICY": "ACTIVE"}  # the user's environment wins
-    default_openmp_policy(chosen, torch_loaded=False)
+    default_openmp_policy(chosen, torch_loaded=False, command="score")
     assert chosen == {"OMP_WAIT_POLICY": "ACTIVE"}
     late: dict[str, str] = {}  # torch's OpenMP already read the policy: nothing pretends otherwise
-    default_openmp_policy(late, torch_loaded=True)
+    default_openmp_policy(late, torch_loaded=True, command="score")
     assert late == {}
+    # the backbone-bound commands keep OpenMP's own default (spin briefly, then sleep)
+    for command in ("demo", "eval", "calibrate", "synth", None):
+        untouched: dict[str, str] = {}
+        default_openmp_policy(untouched, torch_loaded=False, command=command)
+        assert untouched == {}
+    assert command_of(["-v", "demo", "--quick"]) == "demo" and command_of(["--version"]) is None
