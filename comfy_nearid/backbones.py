@@ -7,8 +7,10 @@ families exist:
   through open_clip's own config so the two never disagree), built with GELU in its tanh form
   as in the reference; tokens are the final-LayerNorm patch tokens, no class token. Its own
   pooling is the pretrained MAP head (``attn_pool``).
-- ``mobilenet_v2``: torchvision's ImageNet MobileNetV2; tokens are the stride-16 map joined
-  with the upsampled stride-32 map, layer-normalised (no affine); its own pooling is the
+- ``mobilenet_v2``: torchvision's ImageNet MobileNetV2 (batch norms folded into the
+  convolutions, each convolution + ReLU6 one oneDNN call on CPU); tokens are the stride-16,
+  upsampled stride-32 and pooled stride-8 maps, each layer-normalised (no affine), and the
+  colour statistics of the pixels under each token (token version 2); its own pooling is the
   global average of the final 1280-channel map.
 - ``timm_vit``: a timm ViT with a class token (DINO, DINOv2); tokens are the final-norm patch
   tokens (prefix tokens dropped), its own pooling is the final-norm CLS token (DINO-I, DINOv2).
