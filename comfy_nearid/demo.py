@@ -857,7 +857,6 @@ def run_demo(
         WeightsNotFoundError: the backbone's weights are not on disk.
     """
     from .data import generate_benchmark
-
     from .malloc import keep_freed_memory
 
     started, started_ticks = time.perf_counter(), cpu_ticks()

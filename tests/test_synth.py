@@ -283,7 +283,7 @@ def test_a_shared_render_memo_changes_no_pixel():
     part and colour distractors, as render_identity draws them): every render equals the same
     render made alone, without a memo, exactly."""
     from comfy_nearid.data.synth import SynthConfig, _edit, _identity_spec, _view_setups
-    from comfy_nearid.data.synth_render import new_render_memo, render_object
+    from comfy_nearid.data.synth_render import RenderMemo, render_object
 
     config = SynthConfig(n_train=6, n_test=0, n_mtg=0)
     shared_entries = alone_entries = 0
@@ -292,10 +292,10 @@ def test_a_shared_render_memo_changes_no_pixel():
         setup = _view_setups(config, "train", index, spec, 1)[0]
         rng = np.random.default_rng(index)
         variants = [spec] + [_edit(level, spec, rng)[0] for level in ("object", "part", "colour")]
-        memo = new_render_memo()
+        memo = RenderMemo()
         for variant in variants:
             with_memo = render_object(variant, setup.pose, setup.light, config.image_size, memo)
-            own = new_render_memo()
+            own = RenderMemo()
             alone = render_object(variant, setup.pose, setup.light, config.image_size, own)
             alone_entries += len(own._values)
             assert with_memo.box == alone.box

@@ -41,13 +41,13 @@ from .mtg import MTG_SOURCE
 from .synth_render import (
     Lighting,
     Pose,
+    RenderMemo,
     RenderedObject,
     composite,
     cover_mask,
     light_background,
     object_extent,
     render_background,
-    new_render_memo,
     render_object,
     sample_lighting,
     sample_pose,
@@ -204,7 +204,7 @@ def render_identity(config: SynthConfig, split: str, index: int) -> RenderedIden
     views_meta, distractor_meta = [], {level: [] for level in config.levels}
     for k, setup in enumerate(_view_setups(config, split, index, spec, config.n_views)):
         background = light_background(_background(config, split, setup.background_index), setup.light)
-        memo = new_render_memo()  # the view and its distractors share pose and most shapes
+        memo = RenderMemo()  # the view and its distractors share pose and most shapes
         rgb, mask = composite(background, render_object(spec, setup.pose, setup.light, size, memo), setup.light)
         out.images[f"view{k + 1}.png"], out.images[f"mask{k + 1}.png"] = rgb, mask
         views_meta.append({"background": background_id(split, setup.background_index),
@@ -237,7 +237,7 @@ def render_mtg_identity(config: SynthConfig, index: int) -> RenderedIdentity:
     views_meta = []
     for k, setup in enumerate(_view_setups(config, split, index, spec, 2)):
         background = light_background(_background(config, split, setup.background_index), setup.light)
-        memo = new_render_memo()
+        memo = RenderMemo()
         original: RenderedObject = render_object(spec, setup.pose, setup.light, size, memo)
         changed: RenderedObject = render_object(edited, setup.pose, setup.light, size, memo)
         out.images[f"view{k + 1}.png"], out.images[f"object_mask{k + 1}.png"] = composite(background, original, setup.light)

@@ -298,14 +298,10 @@ class _Canvas:
         if track:
             self.tracked.append(alpha.copy())
 
-    def fill(self, d: np.ndarray, px: float, colour: np.ndarray | RGB, outline: RGB | None = None,
-             outline_width: float = 0.0, track: bool = False, clip: np.ndarray | None = None) -> None:
-        """Fill the region d < 0 with ``colour`` ([h,w,3] or RGB), with an inner outline band."""
-        self.fill_cover(_coverages(d, px, outline is not None, outline_width, clip), colour, outline, track)
-
     def fill_cover(self, cover: tuple[np.ndarray, np.ndarray | None], colour: np.ndarray | RGB,
                    outline: RGB | None = None, track: bool = False) -> None:
-        """:meth:`fill` from the shape's coverages ``(alpha, inner)`` (:func:`_coverages`)."""
+        """Fill a shape with ``colour`` ([h,w,3] or RGB) from its coverages ``(alpha, inner)``
+        (:func:`_coverages`); with ``outline``, the band between them takes the outline colour."""
         alpha, inner = cover
         colour = np.asarray(colour, F32)
         if outline is None:
@@ -330,7 +326,7 @@ def _coverages(d: np.ndarray, px: float, outlined: bool, outline_width: float,
     return alpha, inner
 
 
-class _Memo:
+class RenderMemo:
     """Shape geometry shared by the renders of one view: the view and its distractors have the
     same pose, and a colour or part edit leaves most shapes unchanged, so their coverages are
     computed once (``render_object(..., memo=)``). Keyed by everything a coverage depends on;
@@ -358,18 +354,13 @@ def _object_frame(pose: Pose, box: tuple[int, int, int, int]) -> tuple[np.ndarra
     return u, v, dx, dy
 
 
-def new_render_memo() -> _Memo:
-    """A memo for the renders of one view (see :func:`render_object`)."""
-    return _Memo()
-
-
-def render_object(spec: ObjectSpec, pose: Pose, light: Lighting, size: int, memo: _Memo | None = None) -> RenderedObject:
+def render_object(spec: ObjectSpec, pose: Pose, light: Lighting, size: int, memo: RenderMemo | None = None) -> RenderedObject:
     """Draw ``spec`` at ``pose`` on a ``size`` x ``size`` image (only its bounding box).
 
-    ``memo`` (:func:`new_render_memo`), shared by the renders of one view, computes each shape's
+    ``memo`` (a :class:`RenderMemo`), shared by the renders of one view, computes each shape's
     coverage once across them; the output is the same with or without it.
     """
-    memo = memo if memo is not None else _Memo()
+    memo = memo if memo is not None else RenderMemo()
     extent = object_extent(spec) * pose.scale + 2.0
     box = (max(int(pose.cy - extent), 0), min(int(math.ceil(pose.cy + extent)), size),
            max(int(pose.cx - extent), 0), min(int(math.ceil(pose.cx + extent)), size))
