@@ -19,6 +19,14 @@ loop; glibc's default malloc), the single-query head on that same data path, and
 path (single-query head, whole-batch cache reads, fused AdamW, freed
 large blocks kept for reuse: ``comfy_nearid.malloc.keep_freed_memory``). It prints each speed-up per epoch against the
 original (target >= 3x).
+
+``--compare-build`` times building the cache instead (the training split's views and
+distractors of every level, ``--images`` of them, ``--rounds`` rounds alternating): decode
+threads beside the backbone on all its threads (``cores=1``, the former path) against
+whole batches side by side, one per core (``batches_on_cores``, the library's CPU path).
+Same images, same batches, one process; it prints images per second and the ratio per round.
+
+    python benchmarks/bench_feature_cache.py --compare-build --data runs/demo/data
 """
 
 from __future__ import annotations
@@ -46,6 +54,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--compare-head", action="store_true",
                    help="time cached epochs with the former MHA-form head vs the single-query head")
+    p.add_argument("--compare-build", action="store_true",
+                   help="time building the cache: decode threads beside the backbone vs one batch per core")
+    p.add_argument("--images", type=int, default=2400, help="--compare-build: images embedded per round")
+    p.add_argument("--rounds", type=int, default=3, help="--compare-build: rounds, the two paths alternating")
+    p.add_argument("--image-batch", type=int, default=8, help="--compare-build: images per backbone pass")
     p.add_argument("--mode", choices=["live", "cached", "cached-mha", "cached-per-example"], help=argparse.SUPPRESS)  # child process
     p.add_argument("--cache-dir", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -164,12 +177,57 @@ def ensure_data(args: argparse.Namespace) -> None:
         generate_benchmark(args.data, args.n_train, 8, n_mtg=0, seed=0, overwrite=True, progress=False, workers=2)
 
 
+def compare_build(args: argparse.Namespace) -> int:
+    """Cache build, both CPU paths alternating in this process (see the module docstring)."""
+    import statistics
+
+    import numpy as np
+    import torch
+
+    from comfy_nearid.data import FolderDataset
+    from comfy_nearid.malloc import keep_freed_memory
+    from comfy_nearid.model import load_model
+    from trainer.data import scan_layout
+    from trainer.feature_cache import _collect, _embed_into
+
+    keep_freed_memory()
+    torch.set_num_threads(args.threads)
+    model = load_model(backbone=args.backbone, readout="mean", pretrained=not args.no_pretrained)
+    dataset = FolderDataset(args.data, split="train")
+    pending: dict = {}
+    _collect(dataset, scan_layout(dataset), pending)
+    images = list(pending.values())[: args.images]
+    shape = (len(images), model.spec.num_tokens, model.spec.embed_dim)
+    print(f"backbone {args.backbone}, {len(images)} images of {args.data}, {args.image_batch} per pass, "
+          f"{args.threads} threads, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"{'round':>6s}{'decode threads beside':>24s}{'one batch per core':>22s}{'ratio':>8s}")
+    ratios, outputs = [], {}
+    for r in range(args.rounds):
+        speeds = {}
+        for cores in (1, args.threads):
+            tokens = np.zeros(shape, np.float16)
+            masks = np.ones(shape[:2], bool)
+            started = time.perf_counter()
+            _embed_into(model, images, tokens, masks, args.image_batch, False, cores=cores)
+            speeds[cores] = len(images) / (time.perf_counter() - started)
+            outputs[cores] = tokens, masks
+        ratios.append(speeds[args.threads] / speeds[1])
+        print(f"{r + 1:6d}{speeds[1]:18.1f} img/s{speeds[args.threads]:16.1f} img/s{ratios[-1]:7.2f}x", flush=True)
+    (t1, m1), (tn, mn) = outputs[1], outputs[args.threads]
+    diff = np.abs(t1.astype(np.float32) - tn.astype(np.float32)).max()
+    print(f"ratio median {statistics.median(ratios):.2f}x (range {min(ratios):.2f}-{max(ratios):.2f}); same masks: "
+          f"{bool(np.array_equal(m1, mn))}; tokens bit-equal {float((t1 == tn).mean()):.1%}, largest difference {diff:.2g}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.mode:
         child(args)
         return 0
     ensure_data(args)
+    if args.compare_build:
+        return compare_build(args)
     modes = ("cached-mha", "cached-per-example", "cached") if args.compare_head else ("live", "cached")
     shared_cache = tempfile.TemporaryDirectory() if args.compare_head else None
     results = {}

@@ -31,6 +31,23 @@ def test_background_only_fails_and_object_only_succeeds_on_tiny_fixture(tmp_path
     assert background.summary["ci95"]["ssr"][1] < obj.summary["ci95"]["ssr"][0]
 
 
+def test_batches_side_by_side_on_cores_give_the_same_table(tmp_path):
+    """Scorer.cores > 1 (each thread decodes and embeds its own batches) changes how the work
+    runs, not what it computes: same similarities, same summary, rows in dataset order."""
+    import dataclasses
+
+    from comfy_nearid.errors import InvalidInputError
+
+    root = write_tiny_dataset(tmp_path / "ds", n_samples=9, seed=3)
+    one = feature_scorer("object", batch_size=4)
+    on_cores = dataclasses.replace(one, cores=2)
+    a, b = (evaluate_dataset([s], FolderDataset(root), n_resamples=50, progress=False)[0] for s in (one, on_cores))
+    assert a.summary == b.summary
+    assert a.table.rows() == b.table.rows()
+    with pytest.raises(InvalidInputError, match="scorer 'x': cores must be >= 1, got 0"):
+        Scorer("x", one.embed_fn, cores=0)
+
+
 # ------------------------------------------------------------------ synthetic benchmark
 
 

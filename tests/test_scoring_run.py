@@ -283,6 +283,68 @@ def test_prefetch_keeps_order_and_bounds_the_batches_in_memory():
     assert peak[0] <= 3 * 5  # the batch in hand plus `depth` batches ahead
 
 
+def test_batches_on_cores_keeps_order_bounds_batches_in_flight_and_runs_torch_on_one_thread():
+    import torch
+
+    from comfy_nearid.prefetch import batches_on_cores
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    lock = threading.Lock()
+    started_not_consumed: list[int] = []
+    peak, threads_seen = [0], set()
+
+    def work(batch):
+        with lock:
+            started_not_consumed.append(batch[0])
+            peak[0] = max(peak[0], len(started_not_consumed))
+        threads_seen.add(torch.get_num_threads())
+        x = torch.arange(len(batch), dtype=torch.float64) + batch[0]
+        return (x * 10).tolist()
+
+    try:
+        batches = [list(range(k * 5, k * 5 + 5)) for k in range(12)]
+        seen = []
+        for batch, result in batches_on_cores(work, batches, cores=2):
+            assert result == [i * 10.0 for i in batch]
+            seen.extend(batch)
+            with lock:
+                started_not_consumed.remove(batch[0])
+        assert seen == list(range(60))
+        assert peak[0] <= 2 * 2  # two batches per core at most, whatever the number of batches
+        assert threads_seen == {1}  # torch ran on one thread in each worker
+        assert torch.get_num_threads() == 2  # and has its threads back
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_batches_on_cores_passes_a_failure_on_and_restores_torch_threads():
+    import torch
+
+    from comfy_nearid.prefetch import batches_on_cores
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+
+    def work(batch):
+        if batch[0] == 3:
+            raise InvalidInputError(f"cannot decode image {batch[0]}")
+        return batch
+
+    try:
+        with pytest.raises(InvalidInputError, match="cannot decode image 3"):
+            list(batches_on_cores(work, [[k] for k in range(8)], cores=2))
+        assert torch.get_num_threads() == 2
+        # one core: inline, in this thread, torch's threads untouched
+        callers = []
+        out = list(batches_on_cores(lambda b: callers.append((threading.current_thread(), torch.get_num_threads())) or b,
+                                    [[1], [2]], cores=1))
+        assert out == [([1], [1]), ([2], [2])]
+        assert callers == [(threading.current_thread(), 2)] * 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_decode_threads_write_the_pixels_into_the_batch_the_model_reads(tiny_model, tmp_path, one_subject):
     """The in-place batch fill: each batch's buffer is what the forward pass gets (no stacking
     of per-image tensors), holding exactly the preprocessed pixels, and the rows are exact."""

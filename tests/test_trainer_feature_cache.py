@@ -35,11 +35,22 @@ def _reader(root):
     return ds, scan_layout(ds)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_cache_rows_hold_each_images_backbone_tokens(tmp_path, dataset_root, dtype):
+@pytest.fixture
+def torch_threads():
+    """Sets torch's thread count for one test (the module runs on 1), restored after."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+# threads 1: decode threads beside the backbone; 2: one batch per core (batches_on_cores)
+@pytest.mark.parametrize("dtype,threads", [("float32", 1), ("float16", 1), ("float32", 2), ("float16", 2)])
+def test_cache_rows_hold_each_images_backbone_tokens(tmp_path, dataset_root, dtype, threads, torch_threads):
     model = _model()
     ds, layout = _reader(dataset_root)
+    torch_threads(threads)
     cache, (rows,) = prepare_cache(tmp_path / "c", model, dtype, [(ds, layout)], batch_size=5, progress=False)
+    assert torch.get_num_threads() == threads  # the per-core build gives torch its threads back
     sample = ds[layout.samples[3].index]
     for slot in (ImageSlot(0), ImageSlot(2), ImageSlot(1, "part")):
         ref = slot.ref(sample)

@@ -247,14 +247,20 @@ def _embed_into(
     batch_size: int,
     progress: bool,
     decode_threads: int = 2,
+    cores: int | None = None,
 ) -> None:
-    """Embed ``images`` in batches into the memory maps (row ``i`` = ``images[i]``); the next
-    batches' images and masks are decoded in ``decode_threads`` threads while the backbone
-    runs (:func:`comfy_nearid.prefetch.prefetch`)."""
+    """Embed ``images`` in batches into the memory maps (row ``i`` = ``images[i]``).
+
+    On a CPU, ``cores`` (default: torch's thread count) threads each decode and embed whole
+    batches of their own (:func:`comfy_nearid.prefetch.batches_on_cores`); on a GPU, or with
+    ``cores=1``, the next batches' images and masks are decoded in ``decode_threads`` threads
+    while the backbone runs (:func:`comfy_nearid.prefetch.prefetch`). Each image's tokens are the same
+    either way up to the backbone's float rounding: batches are the same ``batch_size`` runs
+    of ``images``."""
     import torch
 
     from comfy_nearid.model import mask_token_grid
-    from comfy_nearid.prefetch import prefetch
+    from comfy_nearid.prefetch import batches_on_cores, prefetch
 
     side = model.spec.image_size
 
@@ -262,13 +268,27 @@ def _embed_into(
         model.preprocess(im.ref.load(), out=out)
         return None if im.mask is None else mask_token_grid(im.mask.load(), model.spec).numpy()
 
+    def embed(chunk: Sequence[_PendingImage]) -> tuple[np.ndarray, list["np.ndarray | None"]]:
+        pixels = torch.empty(len(chunk), 3, side, side)
+        masks = [prepare(im, out=row) for im, row in zip(chunk, pixels)]
+        return model.tokens(pixels).cpu().numpy().astype(tokens_out.dtype), masks
+
     batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+    if model.device.type != "cpu":
+        cores = 1
+    elif cores is None:
+        cores = torch.get_num_threads()
+    if cores > 1:
+        embedded: Iterable[tuple[Sequence[_PendingImage], tuple[np.ndarray, list[Any]]]] = batches_on_cores(
+            embed, batches, cores)
+    else:
+        embedded = ((chunk, (model.tokens(pixels).cpu().numpy().astype(tokens_out.dtype), masks))
+                    for chunk, masks, pixels in prefetch(prepare, batches, decode_threads, depth=2,
+                                                         pixel_buffer=lambda n: torch.empty(n, 3, side, side)))
     bar = tqdm(total=len(images), desc="feature cache", unit="img", disable=not progress)
     start = 0
-    for chunk, masks, pixels in prefetch(prepare, batches, decode_threads, depth=2,
-                                         pixel_buffer=lambda n: torch.empty(n, 3, side, side)):
-        tokens = model.tokens(pixels).cpu()
-        tokens_out[start : start + len(chunk)] = tokens.numpy().astype(tokens_out.dtype)
+    for chunk, (tokens, masks) in embedded:
+        tokens_out[start : start + len(chunk)] = tokens
         for i, mask in enumerate(masks):
             if mask is not None:
                 masks_out[start + i] = mask

@@ -156,11 +156,14 @@ def embed_images(
     mask_mode: MaskMode = "attention",
     mask_keep: MaskKeep = "foreground",
     decode_threads: int = 2,
+    cores: int = 1,
 ) -> np.ndarray:
     """Embed ``(image, mask)`` refs in batches; returns ``[N, D]`` float64 unit vectors.
 
     ``decode_threads`` threads decode the next two batches while ``embed_fn`` runs (0: decode
-    inline).
+    inline). With ``cores > 1`` (a thread-safe ``embed_fn`` computing on the CPU), ``cores``
+    threads instead each decode and embed whole batches of their own, torch on one thread
+    each (:func:`~comfy_nearid.prefetch.batches_on_cores`).
 
     With ``use_masks``, ``mask_mode="attention"`` hands each image's mask (or ``None``) to
     ``embed_fn``; ``"pixels"`` hands it the reference's masked copy instead
@@ -175,23 +178,30 @@ def embed_images(
     if batch_size < 1:
         raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
     check_mask_options(mask_mode, mask_keep)
-    from ..prefetch import prefetch
+    from ..prefetch import batches_on_cores, prefetch
 
     def load(item: tuple["ImageRef", "ImageRef | None"]) -> tuple[Any, Any]:
         ref, mask = item
         return ref.load(), (None if mask is None or not use_masks else mask.load())
 
+    def embed(loaded: Sequence[tuple[Any, Any]]) -> np.ndarray:
+        images = [image for image, _ in loaded]
+        masks = [mask for _, mask in loaded] if use_masks else None
+        if masks is not None and mask_mode == "pixels":
+            images = [im if m is None else apply_pixel_mask(im, m, mask_keep) for im, m in zip(images, masks)]
+            masks = None
+        return _to_numpy(embed_fn(images, masks), len(loaded))
+
     chunks: list[np.ndarray] = []
     batches = [items[start : start + batch_size] for start in range(0, len(items), batch_size)]
+    if cores > 1:
+        embedded: Iterable[tuple[Any, np.ndarray]] = batches_on_cores(
+            lambda batch: embed([load(item) for item in batch]), batches, cores)
+    else:  # the next batches' images are decoded in threads while embed_fn runs on this one
+        embedded = ((batch, embed(loaded)) for batch, loaded, _ in prefetch(load, batches, decode_threads, depth=2))
     with tqdm(total=len(items), desc=desc, unit="img", disable=not progress) as bar:
-        # the next batches' images are decoded in threads while embed_fn runs on this one
-        for batch, loaded, _ in prefetch(load, batches, decode_threads, depth=2):
-            images = [image for image, _ in loaded]
-            masks = [mask for _, mask in loaded] if use_masks else None
-            if masks is not None and mask_mode == "pixels":
-                images = [im if m is None else apply_pixel_mask(im, m, mask_keep) for im, m in zip(images, masks)]
-                masks = None
-            chunks.append(_to_numpy(embed_fn(images, masks), len(batch)))
+        for batch, chunk in embedded:
+            chunks.append(chunk)
             bar.update(len(batch))
     if not chunks:
         return np.zeros((0, 0), dtype=np.float64)
@@ -220,7 +230,7 @@ def _embed_distributed(items: Sequence[tuple["ImageRef", "ImageRef | None"]], sc
     if world <= 1:
         return embed_images(items, scorer.embed_fn, use_masks=scorer.use_masks, mask_mode=scorer.mask_mode,
                             mask_keep=scorer.mask_keep, batch_size=scorer.batch_size, progress=progress,
-                            desc=f"embedding ({scorer.name})")
+                            desc=f"embedding ({scorer.name})", cores=scorer.cores)
     import torch
     from accelerate import PartialState  # lazy: only when launched on several processes
     from accelerate.utils import gather_object
@@ -233,7 +243,7 @@ def _embed_distributed(items: Sequence[tuple["ImageRef", "ImageRef | None"]], sc
     local = embed_images([items[i] for i in share], scorer.embed_fn, use_masks=scorer.use_masks,
                          mask_mode=scorer.mask_mode, mask_keep=scorer.mask_keep,
                          batch_size=scorer.batch_size, progress=progress and state.is_main_process,
-                         desc=f"embedding ({scorer.name}, {state.num_processes} processes)")
+                         desc=f"embedding ({scorer.name}, {state.num_processes} processes)", cores=scorer.cores)
     gathered = gather_object([(share, local)])
     dim = next(e.shape[1] for idx, e in gathered if len(idx))
     out = np.full((len(items), dim), np.nan, dtype=np.float64)

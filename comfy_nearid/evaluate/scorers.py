@@ -48,6 +48,10 @@ class Scorer:
             the images (:func:`~comfy_nearid.masking.apply_pixel_mask`) and no masks.
         mask_keep: with ``"pixels"``: ``"foreground"`` blackens outside the mask,
             ``"background"`` inside it (a context-only probe).
+        cores: above 1, ``embed_fn`` is thread-safe and computes on the CPU: this many
+            batches are decoded and embedded side by side, torch on one thread each
+            (:func:`~comfy_nearid.prefetch.batches_on_cores`); 1 (default): the next batches
+            are decoded in threads while ``embed_fn`` runs.
     """
 
     name: str
@@ -58,9 +62,12 @@ class Scorer:
     cache_path: str | None = None
     mask_mode: MaskMode = "attention"
     mask_keep: MaskKeep = "foreground"
+    cores: int = 1
 
     def __post_init__(self) -> None:
         check_mask_options(self.mask_mode, self.mask_keep)
+        if self.cores < 1:
+            raise InvalidInputError(f"scorer {self.name!r}: cores must be >= 1, got {self.cores}")
 
 
 def check_mask_options(mask_mode: str, mask_keep: str) -> None:
