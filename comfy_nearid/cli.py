@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import traceback
+from dataclasses import dataclass
 from typing import Sequence
 
 from . import __version__
@@ -31,11 +32,40 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "backbones": ("comfy_nearid.commands.backbones", "list registered backbones and where their weights are looked for"),
 }
 
-# The commands that run a backbone over many images: each pass reuses the previous pass's
-# freed buffers (comfy_nearid.malloc). Not `synth`: its numpy rendering ran slower with the
-# setting (13.2-13.6 s against 15.0-19.2 s for 200 identities, side by side); the demo turns
-# it on after its generation step.
-BACKBONE_COMMANDS = frozenset({"score", "consistency", "eval", "calibrate"})
+@dataclass(frozen=True)
+class ProcessSettings:
+    """How ``nearid <command>`` sets up its process (the command owns it) before it runs.
+
+    keep_freed_memory: glibc keeps large freed blocks for reuse (:mod:`comfy_nearid.malloc`),
+        so each backbone pass reuses the last one's buffers instead of page-faulting fresh ones.
+        Not for ``synth``: its numpy rendering ran slower with it (13.2-13.6 s against
+        15.0-19.2 s for 200 identities, side by side); the demo turns it on after generating.
+    passive_openmp: ``OMP_WAIT_POLICY=PASSIVE`` unless the environment names a policy (idle
+        OpenMP threads sleep instead of spinning). Scoring decodes large images in threads
+        beside torch's own, and spinning threads burn the cycles those need (measured with
+        ``benchmarks/bench_scoring.py --only throughput``, both policies side by side). Not
+        the backbone-bound commands: with sleeping threads each of MobileNetV2's ~60 small
+        operations per pass waits for its threads to wake (67 to 98 img/s against 115 to 157
+        with OpenMP's own default, spin briefly then sleep, side by side on 2 cores); and
+        ``ACTIVE`` (spin forever) starves the demo's generator processes.
+    """
+
+    keep_freed_memory: bool = False
+    passive_openmp: bool = False
+
+
+#: The one table of per-command process settings; a command not named gets the defaults.
+PROCESS_SETTINGS: dict[str, ProcessSettings] = {
+    "score": ProcessSettings(keep_freed_memory=True, passive_openmp=True),
+    "consistency": ProcessSettings(keep_freed_memory=True, passive_openmp=True),
+    "eval": ProcessSettings(keep_freed_memory=True),
+    "calibrate": ProcessSettings(keep_freed_memory=True),
+}
+
+
+def process_settings(command: str | None) -> ProcessSettings:
+    """The :class:`ProcessSettings` of ``command`` (the defaults for any other)."""
+    return PROCESS_SETTINGS.get(command or "", ProcessSettings())
 
 
 def _load_command(name: str):
@@ -82,8 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         build_parser().print_help()
         return EXIT_BAD_INPUT
-    if args.command in BACKBONE_COMMANDS:
-        keep_freed_memory()  # the command owns the process: large tensor buffers are reused, not re-faulted
+    if process_settings(args.command).keep_freed_memory:
+        keep_freed_memory()
     try:
         return int(_load_command(args.command).run(args) or 0)
     except NearIDError as e:
@@ -109,25 +139,16 @@ def _one_line(e: BaseException) -> str:
     return text or type(e).__name__
 
 
-#: OpenMP's wait policy of the scoring commands when the environment names none: idle OpenMP
-#: threads sleep instead of spinning. Scoring decodes large images in threads beside torch's
-#: own; spinning threads burn the cycles those need (and any other process's). Measured with
-#: ``benchmarks/bench_scoring.py --only throughput`` (which prints both policies side by side).
+#: The wait policy of the commands with :attr:`ProcessSettings.passive_openmp`.
 OMP_WAIT_POLICY_DEFAULT = "PASSIVE"
-#: The commands that get :data:`OMP_WAIT_POLICY_DEFAULT`. Not the backbone-bound ones: with
-#: sleeping threads every one of MobileNetV2's ~60 small operations per pass waits for its
-#: threads to wake, and its passes ran at 67 to 98 img/s against 115 to 157 with OpenMP's own
-#: default (spin briefly, then sleep), side by side on 2 cores; ``ACTIVE`` (spin forever) in
-#: turn starves the demo's generator processes.
-PASSIVE_OPENMP_COMMANDS = frozenset({"score", "consistency"})
 
 
 def default_openmp_policy(environ: "os._Environ[str] | dict[str, str]", torch_loaded: bool, command: str | None) -> None:
-    """Set ``OMP_WAIT_POLICY`` to :data:`OMP_WAIT_POLICY_DEFAULT` for the commands of
-    :data:`PASSIVE_OPENMP_COMMANDS`, unless ``environ`` already names one (the user's choice
-    wins) or torch is already loaded (its OpenMP runtime read the policy when it loaded;
-    setting it later would only mislead)."""
-    if not torch_loaded and command in PASSIVE_OPENMP_COMMANDS:
+    """Set ``OMP_WAIT_POLICY`` to :data:`OMP_WAIT_POLICY_DEFAULT` for the commands whose
+    :class:`ProcessSettings` ask for it, unless ``environ`` already names one (the user's
+    choice wins) or torch is already loaded (its OpenMP runtime read the policy when it
+    loaded; setting it later would only mislead)."""
+    if not torch_loaded and process_settings(command).passive_openmp:
         environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY_DEFAULT)
 
 

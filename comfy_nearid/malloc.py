@@ -12,7 +12,7 @@ feature cache gained about a third per step the same way (``trainer.train``).
 :func:`keep_freed_memory` raises the mmap threshold to 1 GiB and the trim threshold to 2 GiB:
 freed blocks stay in the process and the next allocation reuses them. Memory use stays at
 the peak instead of going down between passes. The ``nearid`` commands that run a backbone
-(``cli.BACKBONE_COMMANDS``), the demo after its generation step and ``trainer.train`` call it
+(``cli.PROCESS_SETTINGS``), the demo after its generation step and ``trainer.train`` call it
 (they own their process); the ComfyUI nodes do not (the process is ComfyUI's). Not the
 synthetic generator: its many mid-sized numpy arrays ran slower with it. A no-op returning
 False where the C library is not glibc.

@@ -120,3 +120,26 @@ def test_malloc_benchmark_compares_both_modes_in_fresh_processes(capsys):
     assert all(int(row.split("|")[3]) >= 0 for row in rows.values())  # page faults column
     if platform.libc_ver()[0] == "glibc":
         assert lines[-1].startswith("kept / default: median ")
+
+
+def test_feature_cache_build_benchmark_compares_both_cpu_paths_on_the_same_images(tmp_path, capsys):
+    """--compare-build: both paths embed the same images into the same rows (masks equal,
+    tokens equal up to float rounding) and the ratio line is printed."""
+    import bench_feature_cache
+
+    from comfy_nearid.data.synth import generate_benchmark
+
+    data = tmp_path / "bench"
+    generate_benchmark(data, 4, 1, image_size=64, n_mtg=0, seed=0, progress=False, workers=1)
+    before = torch.get_num_threads()
+    try:
+        assert bench_feature_cache.main(["--compare-build", "--data", str(data), "--backbone", "tiny-siglip",
+                                         "--no-pretrained", "--images", "30", "--rounds", "1", "--image-batch", "4",
+                                         "--threads", "2"]) == 0
+    finally:
+        torch.set_num_threads(before)
+    out = capsys.readouterr().out
+    assert "30 images of" in out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("ratio median ") and "same masks: True" in last
+    assert float(last.split("largest difference ")[1]) < 1e-2

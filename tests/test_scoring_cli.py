@@ -173,3 +173,13 @@ def test_the_console_entry_makes_idle_openmp_threads_sleep_unless_told_otherwise
         default_openmp_policy(untouched, torch_loaded=False, command=command)
         assert untouched == {}
     assert command_of(["-v", "demo", "--quick"]) == "demo" and command_of(["--version"]) is None
+
+
+def test_every_command_in_the_process_settings_table_exists():
+    from comfy_nearid.cli import COMMANDS, PROCESS_SETTINGS, process_settings
+
+    assert set(PROCESS_SETTINGS) <= set(COMMANDS)
+    # the commands that run a backbone over many images keep freed buffers; the generator
+    # (numpy rendering) and the demo (which turns it on after generating) do not here
+    assert {c for c in COMMANDS if process_settings(c).keep_freed_memory} == {"score", "consistency", "eval", "calibrate"}
+    assert not process_settings("synth").keep_freed_memory and not process_settings(None).passive_openmp
