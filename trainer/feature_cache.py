@@ -254,9 +254,9 @@ def _embed_into(
     On a CPU, ``cores`` (default: torch's thread count) threads each decode and embed whole
     batches of their own (:func:`comfy_nearid.prefetch.batches_on_cores`); on a GPU, or with
     ``cores=1``, the next batches' images and masks are decoded in ``decode_threads`` threads
-    while the backbone runs (:func:`comfy_nearid.prefetch.prefetch`). Each image's tokens are the same
-    either way up to the backbone's float rounding: batches are the same ``batch_size`` runs
-    of ``images``."""
+    while the backbone runs (:func:`comfy_nearid.prefetch.prefetch`). Each image's tokens are
+    the same either way up to the backbone's float rounding (one thread or several per
+    operator); the batches are the same ``batch_size`` runs of ``images``."""
     import torch
 
     from comfy_nearid.model import mask_token_grid
