@@ -95,6 +95,8 @@ def test_target_check_applies_the_issue_targets():
         t = target_check(lv, "head:h", cal)
         assert not t["met"] and not t["checks"][name], name
         assert "NOT all met" in _format_targets(t)
+    # the quick preset is told the targets are the default run's
+    assert _format_targets(t, quick=True).startswith("Targets of the default run (not of --quick")
     with pytest.raises(InvalidInputError, match="head:other"):
         target_check(levels, "head:other")
 

@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--minutes", type=float, default=None, metavar="M",
                         help="training time budget in minutes: the steps are scaled to what fits on this machine "
                              "(default: a fixed plan of 24 epochs, quick 12: the same head on any machine)")
-    parser.add_argument("--quick", action="store_true", help="a smaller run of about 2 minutes on 2 CPU cores")
+    parser.add_argument("--quick", action="store_true", help="a smaller run of about 1 minute on 2 CPU cores (a much weaker head)")
     parser.add_argument("--overwrite", action="store_true", help="replace the demo run already in --out")
     parser.add_argument("--seed", type=int, default=0, help="seed of the benchmark, head and training (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda (default: %(default)s)")
