@@ -150,3 +150,51 @@ def test_actor_phases_from_hand_worked_timestamps():
     assert phases["steady_images_per_s"] == pytest.approx(40 / 4.5 + 20 / 4)
     assert phases["busy"] == pytest.approx((4 + 4) / (4.5 + 4))
     assert actor_phases([], 0.0) == {}
+
+
+def test_partitioned_runs_keep_the_mapping_files_label_columns(scale_image_set, tmp_path, capsys):
+    """A mapping file's extra columns reach the parquet rows, each image's own (the same
+    values `nearid score` writes into its rows file); resuming with other columns is refused."""
+    import pyarrow.parquet as pq
+
+    from comfy_nearid.scoring import read_rows
+
+    root, _ = scale_image_set
+    mapping = tmp_path / "m.csv"
+    lines = ["subject,references,generated,checkpoint,method"]
+    for n, subject in enumerate(("cat", "dog")):
+        lines.append(f"{subject},{root / 'refs' / subject},{root / 'gen' / subject},ckpt-{100 * (n + 1)},lora")
+    mapping.write_text("\n".join(lines) + "\n")
+    common = ["score", "--mapping", str(mapping), "--batch-size", "4", *TINY_MODEL_ARGS, "--no-cache"]
+    assert main([*common, "-o", str(tmp_path / "rows.csv")]) == 0
+    streamed = {r.path: r.labels for r in read_rows(tmp_path / "rows.csv")}
+    assert all(set(labels) == {"checkpoint", "method"} for labels in streamed.values())
+    out = tmp_path / "parts"
+    assert main([*common, "--partition-size", "4", "-o", str(out)]) == 0
+    tables = [pq.read_table(p) for p in sorted(out.glob("*.parquet"))]
+    assert all(t.column_names[-2:] == ["checkpoint", "method"] for t in tables)
+    got = {rec["path"]: {"checkpoint": rec["checkpoint"], "method": rec["method"]}
+           for t in tables for rec in t.to_pylist()}
+    assert got == streamed and len(got) == 14
+    # the dog's images carry the dog's checkpoint, worked out from the file written above
+    assert {v["checkpoint"] for p, v in got.items() if f"{root / 'gen' / 'dog'}" in p} == {"ckpt-200"}
+    assert json.loads((out / "_config.json").read_text())["label_columns"] == ["checkpoint", "method"]
+    capsys.readouterr()
+    # resuming the same folder from a mapping without those columns would mix row layouts
+    plain = tmp_path / "plain.csv"
+    plain.write_text("\n".join(line.rsplit(",", 2)[0] for line in lines) + "\n")
+    rc = main(["score", "--mapping", str(plain), "--batch-size", "4", *TINY_MODEL_ARGS, "--no-cache",
+               "--partition-size", "4", "-o", str(out), "--resume"])
+    assert rc == EXIT_BAD_INPUT
+    assert "label_columns=['checkpoint', 'method']" in capsys.readouterr().err
+    # outputs written before the config recorded label columns (none) still resume
+    old = tmp_path / "old"
+    plain_run = ["score", "--mapping", str(plain), "--batch-size", "4", *TINY_MODEL_ARGS, "--no-cache",
+                 "--partition-size", "4", "-o", str(old)]
+    assert main(plain_run) == 0
+    config = json.loads((old / "_config.json").read_text())
+    assert config.pop("label_columns") == []
+    (old / "_config.json").write_text(json.dumps(config))
+    (old / "part-00001.parquet").unlink()
+    assert main([*plain_run, "--resume"]) == 0
+    assert "3 taken from the previous run" in capsys.readouterr().out

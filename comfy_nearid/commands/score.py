@@ -264,7 +264,8 @@ def _partitioned(args: argparse.Namespace) -> bool:
 
 
 def _partitions_and_references(args: argparse.Namespace):
-    """``(layout, partitions, subject -> reference files, subject field)`` of a partitioned run."""
+    """``(layout, partitions, subject -> reference files, subject field, path -> label columns)``
+    of a partitioned run (labels: a folder plan's mapping file columns, else none)."""
     from ..scoring.sources import (
         SubjectField, looks_like_shards, plan_partitions, read_reference_mapping, reference_subjects_from_root,
         shard_partitions,
@@ -272,13 +273,10 @@ def _partitions_and_references(args: argparse.Namespace):
 
     if not looks_like_shards([str(g) for g in args.generated]):
         layout, plan = _build_plan(args)
-        if plan.label_names:
-            logger.warning("the mapping columns %s are not written by partitioned runs (parquet rows keep the "
-                           "`nearid score` columns only); score without --partition-size/--engine ray to keep them",
-                           ", ".join(plan.label_names))
         references = {s.name: s.references for s in plan.subjects}
         size = DEFAULT_PARTITION_SIZE if args.partition_size is None else args.partition_size
-        return layout, plan_partitions(plan, size), references, SubjectField(args.subject_field)
+        labels = {str(it.path): dict(it.labels) for it in plan.items} if plan.label_names else {}
+        return layout, plan_partitions(plan, size), references, SubjectField(args.subject_field), labels
     chosen = [name for name, given in (("--reference", bool(args.reference)), ("--mapping", args.mapping is not None),
                                        ("--references-root", args.references_root is not None)) if given]
     if len(chosen) != 1:
@@ -298,7 +296,7 @@ def _partitions_and_references(args: argparse.Namespace):
     else:
         references = reference_subjects_from_root(args.references_root)
         subject = SubjectField(args.subject_field)
-    return "shards", shard_partitions([str(g) for g in args.generated]), references, subject
+    return "shards", shard_partitions([str(g) for g in args.generated]), references, subject, {}
 
 
 def _run_partitioned(args: argparse.Namespace) -> int:
@@ -314,7 +312,7 @@ def _run_partitioned(args: argparse.Namespace) -> int:
     if args.concurrency < 1 or args.gpus_per_worker < 0 or args.cpus_per_worker <= 0:
         raise InvalidInputError(f"--concurrency must be >= 1, --gpus-per-worker >= 0 and --cpus-per-worker > 0; got "
                                 f"{args.concurrency}, {args.gpus_per_worker}, {args.cpus_per_worker}")
-    layout, partitions, references, subject = _partitions_and_references(args)
+    layout, partitions, references, subject, labels = _partitions_and_references(args)
     from ..scoring import default_batch_size
 
     if args.threads is not None:
@@ -354,7 +352,8 @@ def _run_partitioned(args: argparse.Namespace) -> int:
     }
     try:
         result = score_partitions(model, partitions, references, args.output, options=options, engine=engine,
-                                  cache=cache, resume=args.resume, overwrite=args.overwrite, run_config=run_config)
+                                  cache=cache, resume=args.resume, overwrite=args.overwrite, run_config=run_config,
+                                  labels=labels)
     finally:
         if cache is not None:
             cache.close()

@@ -18,7 +18,8 @@ the driver's model is like the workers', embed on the driver) and ``close()``.
 ``ranks`` = ranks and summary), which ``benchmarks/bench_ray.py`` prints.
 
 Output folder: ``<name>.parquet`` per partition (columns of ``nearid score``: path, subject,
-cosines, score, match, calibrated, rank, error), ``_summary.json`` and ``_config.json``; a parquet
+cosines, score, match, calibrated, rank, error, then a mapping file's label columns, which the
+driver attaches by path as it writes), ``_summary.json`` and ``_config.json``; a parquet
 reader given the folder sees only the rows.
 """
 
@@ -99,8 +100,9 @@ def score_partition(unit: ScoringUnit, partition: Partition, options: PartitionO
     return rows
 
 
-def rows_table(rows: Sequence[ScoreRow], **constant_columns: Any) -> "pa.Table":
-    """Rows as an arrow table with the ``nearid score`` columns (plus constant columns)."""
+def rows_table(rows: Sequence[ScoreRow], label_names: Sequence[str] = (), **constant_columns: Any) -> "pa.Table":
+    """Rows as an arrow table with the ``nearid score`` columns, then ``label_names`` (string
+    columns from each row's ``labels``, "" where a row has none), then constant columns."""
     import pyarrow as pa
 
     columns = {
@@ -113,6 +115,8 @@ def rows_table(rows: Sequence[ScoreRow], **constant_columns: Any) -> "pa.Table":
         "rank": pa.array([r.rank for r in rows], pa.int64()),
         "error": pa.array([r.error for r in rows], pa.string()),
     }
+    for name in label_names:
+        columns[name] = pa.array([r.labels.get(name, "") for r in rows], pa.string())
     for name, value in constant_columns.items():
         columns[name] = pa.array([value] * len(rows))
     return pa.table(columns)
@@ -164,6 +168,7 @@ def score_partitions(
     resume: bool = False,
     overwrite: bool = False,
     run_config: dict[str, Any] | None = None,
+    labels: Mapping[str, Mapping[str, str]] | None = None,
 ) -> PartitionRunResult:
     """Score every partition into ``output_dir`` and write the summary.
 
@@ -180,6 +185,9 @@ def score_partitions(
         resume: keep finished partitions (their file exists) and score only the others.
         overwrite: delete the previous outputs first.
         run_config: extra settings recorded in ``_config.json``.
+        labels: image path (as in the partitions' items) -> its mapping file's label columns
+            (``ScoringPlan`` items' ``labels``; every path the same column names): written
+            beside the rows' columns, as ``nearid score`` writes them into its rows file.
 
     Raises:
         InvalidInputError: outputs exist and neither ``resume`` nor ``overwrite`` is set.
@@ -196,7 +204,7 @@ def score_partitions(
     engine = engine or LocalEngine(model, cache)
     try:
         return _score_partitions(model, partitions, references, output_dir, options, engine, cache, resume,
-                                 overwrite, run_config)
+                                 overwrite, run_config, labels or {})
     finally:
         close = getattr(engine, "close", None)
         if close is not None:
@@ -205,12 +213,14 @@ def score_partitions(
 
 def _score_partitions(model: "IdentityModel", partitions: Sequence[Partition], references: Mapping[str, Sequence[Path]],
                       output_dir: Path, options: PartitionOptions, engine: Engine, cache: "EmbeddingCache | None",
-                      resume: bool, overwrite: bool, run_config: dict[str, Any] | None) -> PartitionRunResult:
+                      resume: bool, overwrite: bool, run_config: dict[str, Any] | None,
+                      labels: Mapping[str, Mapping[str, str]]) -> PartitionRunResult:
     from tqdm.auto import tqdm
 
     from ..embedding_cache import model_cache_identity
 
     names = [p.name for p in partitions]
+    label_names = tuple(next(iter(labels.values()), {}))
     timings = {"references": 0.0, "scoring": 0.0, "writing": 0.0, "ranks": 0.0}
     clock = time.perf_counter()
     # An engine whose workers differ from this process (GPU actors: bf16 by default) embeds
@@ -227,6 +237,7 @@ def _score_partitions(model: "IdentityModel", partitions: Sequence[Partition], r
         "calibration": calibration_description(model), "aggregate": options.aggregate,
         "batch_size": options.batch_size, "subject_field": asdict(options.subject),
         "num_partitions": len(partitions), "partitions": names,
+        "label_columns": list(label_names),
         "references": {name: [str(p) for p in refs] for name, refs in references.items()},
         **(run_config or {}),
     }
@@ -248,7 +259,9 @@ def _score_partitions(model: "IdentityModel", partitions: Sequence[Partition], r
         for name, rows in engine(todo, reference_embeddings, options, identity):
             written = time.perf_counter()
             timings["scoring"] += written - clock
-            write_table_atomic(partition_path(output_dir, name), rows_table(rows))
+            for row in rows if labels else ():
+                row.labels = dict(labels.get(row.path, {}))
+            write_table_atomic(partition_path(output_dir, name), rows_table(rows, label_names))
             clock = time.perf_counter()
             timings["writing"] += clock - written
             pending.discard(name)
@@ -259,7 +272,7 @@ def _score_partitions(model: "IdentityModel", partitions: Sequence[Partition], r
     bar.close()
     clock = time.perf_counter()
     for name in sorted(pending):  # a partition without any sample yields no rows
-        write_table_atomic(partition_path(output_dir, name), rows_table([]))
+        write_table_atomic(partition_path(output_dir, name), rows_table([], label_names))
     result = finalize_partitions(identity, options.aggregate, names, references, output_dir)
     result.num_resumed_partitions = resumed
     timings["ranks"] = time.perf_counter() - clock
@@ -298,11 +311,13 @@ def _prepare_output_dir(output_dir: Path, names: Sequence[str], resume: bool, ov
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError(f"cannot resume: {config_path} is unreadable ({e}); use --overwrite") from e
         for name in ("model_identity", "calibration", "aggregate", "batch_size", "subject_field", "partitions",
-                     "partition_size"):
-            if previous.get(name) != config.get(name):
+                     "partition_size", "label_columns"):
+            # outputs written before label columns existed hold none
+            before = previous.get(name, [] if name == "label_columns" else None)
+            if before != config.get(name):
                 shown = lambda v: repr(v) if len(repr(v)) < 200 else f"{repr(v)[:200]}..."  # noqa: E731
                 raise ConfigError(
-                    f"cannot resume {output_dir}: it was written with {name}={shown(previous.get(name))}, "
+                    f"cannot resume {output_dir}: it was written with {name}={shown(before)}, "
                     f"this run uses {shown(config.get(name))}; use the same inputs and settings or --overwrite")
 
 
