@@ -441,11 +441,11 @@ class FrozenFeatures:
 
     @property
     def cores(self) -> int:
-        """Batches the evaluator may embed side by side (:attr:`Scorer.cores`): torch's
-        threads on CPU, 1 on a GPU."""
-        import torch
+        """Batches the evaluator may embed side by side (:attr:`Scorer.cores`,
+        :func:`~comfy_nearid.prefetch.cores_for` the model's device)."""
+        from .prefetch import cores_for
 
-        return torch.get_num_threads() if self.model.device.type == "cpu" else 1
+        return cores_for(self.model.device)
 
     def _lookup(self, images: Sequence["Image.Image"]) -> list[tuple["torch.Tensor", "torch.Tensor"]]:
         keys = [self._digest(im) for im in images]

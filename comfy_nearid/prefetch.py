@@ -6,7 +6,8 @@ the model runs on the current one (PIL's decoders and the numpy/torch copies rel
 
 On a CPU whose cores the model already keeps busy, decode threads beside it only interrupt
 its parallel regions; :func:`batches_on_cores` instead runs whole batches (decode and
-model) side by side, one per core, each on one thread (the trainer's feature cache).
+model) side by side, one per core, each on one thread (the trainer's feature cache, the
+evaluator's scorers with ``cores > 1``); :func:`cores_for` says how many for a device.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 R = TypeVar("R")
 
-__all__ = ["batches_on_cores", "prefetch"]
+__all__ = ["batches_on_cores", "cores_for", "prefetch"]
 
 
 def prefetch(
@@ -76,6 +77,14 @@ def prefetch(
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def cores_for(device: "torch.device | str") -> int:
+    """How many batches :func:`batches_on_cores` runs side by side for a model on ``device``:
+    torch's thread count on a CPU; 1 elsewhere (a GPU is fed by decode threads instead)."""
+    import torch
+
+    return torch.get_num_threads() if torch.device(device).type == "cpu" else 1
+
+
 @contextmanager
 def _one_thread_per_op() -> Iterator[None]:
     """torch's intra-op threads set to 1 (the setting is process-wide), restored afterwards."""
@@ -99,8 +108,8 @@ def batches_on_cores(
     For CPU work that is decode plus a model: a model on N intra-op threads stops at every
     operator for its slowest thread, and decode threads running beside it are what makes one
     slow; N independent single-threaded batches never wait for each other. Measured on the
-    demo's MobileNetV2 feature cache, 2 cores: ~15% more images per second than decode
-    threads beside a two-thread model (``benchmarks/bench_feature_cache.py --cores``).
+    demo's MobileNetV2 feature cache, 2 cores: 1.21x the images per second of decode threads
+    beside a two-thread model (``benchmarks/bench_feature_cache.py --compare-build``).
 
     ``work`` must be thread-safe (torch's operators and PIL's decoders release the GIL). torch's
     intra-op thread count is process-wide: it is 1 while this runs, so nothing else in the

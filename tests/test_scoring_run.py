@@ -318,6 +318,15 @@ def test_batches_on_cores_keeps_order_bounds_batches_in_flight_and_runs_torch_on
         torch.set_num_threads(before)
 
 
+def test_cores_for_a_device_is_torchs_threads_on_cpu_and_one_elsewhere():
+    import torch
+
+    from comfy_nearid.prefetch import cores_for
+
+    assert cores_for("cpu") == cores_for(torch.device("cpu")) == torch.get_num_threads()
+    assert cores_for("cuda") == cores_for(torch.device("cuda", 0)) == 1
+
+
 def test_batches_on_cores_passes_a_failure_on_and_restores_torch_threads():
     import torch
 

@@ -260,7 +260,7 @@ def _embed_into(
     import torch
 
     from comfy_nearid.model import mask_token_grid
-    from comfy_nearid.prefetch import batches_on_cores, prefetch
+    from comfy_nearid.prefetch import batches_on_cores, cores_for, prefetch
 
     side = model.spec.image_size
 
@@ -268,21 +268,21 @@ def _embed_into(
         model.preprocess(im.ref.load(), out=out)
         return None if im.mask is None else mask_token_grid(im.mask.load(), model.spec).numpy()
 
+    def tokens_of(pixels: "torch.Tensor") -> np.ndarray:
+        return model.tokens(pixels).cpu().numpy().astype(tokens_out.dtype)
+
     def embed(chunk: Sequence[_PendingImage]) -> tuple[np.ndarray, list["np.ndarray | None"]]:
         pixels = torch.empty(len(chunk), 3, side, side)
         masks = [prepare(im, out=row) for im, row in zip(chunk, pixels)]
-        return model.tokens(pixels).cpu().numpy().astype(tokens_out.dtype), masks
+        return tokens_of(pixels), masks
 
     batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
-    if model.device.type != "cpu":
-        cores = 1
-    elif cores is None:
-        cores = torch.get_num_threads()
+    cores = cores_for(model.device) if model.device.type != "cpu" or cores is None else cores
     if cores > 1:
         embedded: Iterable[tuple[Sequence[_PendingImage], tuple[np.ndarray, list[Any]]]] = batches_on_cores(
             embed, batches, cores)
     else:
-        embedded = ((chunk, (model.tokens(pixels).cpu().numpy().astype(tokens_out.dtype), masks))
+        embedded = ((chunk, (tokens_of(pixels), masks))
                     for chunk, masks, pixels in prefetch(prepare, batches, decode_threads, depth=2,
                                                          pixel_buffer=lambda n: torch.empty(n, 3, side, side)))
     bar = tqdm(total=len(images), desc="feature cache", unit="img", disable=not progress)
