@@ -17,6 +17,7 @@ from typing import Sequence
 
 from . import __version__
 from .errors import NearIDError
+from .launch import end_process_group, exit_process
 from .malloc import keep_freed_memory
 
 # name -> (module, one-line help)
@@ -131,6 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"nearid {args.command}: unexpected error: {type(e).__name__}: {_one_line(e)}{where}",
               file=sys.stderr)
         return EXIT_UNEXPECTED
+    finally:
+        end_process_group()
 
 
 def _one_line(e: BaseException) -> str:
@@ -159,4 +162,4 @@ def command_of(argv: Sequence[str]) -> str | None:
 
 def entry_point() -> None:
     default_openmp_policy(os.environ, "torch" in sys.modules, command_of(sys.argv[1:]))
-    sys.exit(main())
+    exit_process(main())

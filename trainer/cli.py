@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from comfy_nearid.errors import NearIDError
+from comfy_nearid.launch import end_process_group, exit_process
 
 CONFIGS_DIR = Path(__file__).with_name("configs")
 
@@ -76,6 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NearIDError as e:
         logging.getLogger("trainer").error("%s", e)
         return 2
+    finally:
+        end_process_group()
     if result.test is not None:
         print(f"test SSR {result.test['ssr']:.2f} PA {result.test['pa']:.2f}")
     print(f"head: {result.head_path} (step {result.global_step}, run dir {result.run_dir})")
@@ -83,4 +86,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry_point() -> None:
-    sys.exit(main())
+    exit_process(main())

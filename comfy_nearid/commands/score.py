@@ -421,8 +421,6 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if cache is not None:
             cache.close()
-        if state is not None:
-            state.destroy_process_group()
     if result is not None:
         _print_summary(result)
         if args.report is not None:
