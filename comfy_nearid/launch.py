@@ -6,9 +6,15 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-__all__ = ["LaunchInfo", "end_process_group", "exit_process", "launch_info", "process_device"]
+if TYPE_CHECKING:
+    from accelerate import PartialState
+
+__all__ = [
+    "LaunchInfo", "end_process_group", "exit_process", "launch_info", "prepare_process_group", "process_device",
+    "process_state",
+]
 
 # torchrun / `accelerate launch --multi_gpu` set WORLD_SIZE/RANK/LOCAL_RANK; MPI launchers
 # (which `accelerate launch --cpu --mpirun_hostfile` uses) set their own.
@@ -63,13 +69,36 @@ def process_device(device: str | None) -> str | None:
     return f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"
 
 
+def prepare_process_group() -> None:
+    """Import, before a process group forms, the torch module whose functions take the default
+    group as a default argument (``torch.distributed.nn``, which open_clip imports): imported
+    after the group formed, those defaults hold the group for the rest of the process, and
+    destroying it no longer stops gloo's worker threads. Everything that forms a group calls
+    it first (:func:`process_state`, the trainer before its ``Accelerator``)."""
+    import importlib
+
+    try:
+        importlib.import_module("torch.distributed.nn")
+    except ImportError:  # torch built without distributed: no group can form anyway
+        pass
+
+
+def process_state(cpu: bool) -> "PartialState":
+    """accelerate's ``PartialState`` of this launch; the first call forms the process group
+    (gloo with ``cpu=True``: without CUDA, ``accelerate launch --multi_gpu`` processes must be
+    told to use the CPU). See :func:`prepare_process_group`."""
+    prepare_process_group()
+    from accelerate import PartialState
+
+    return PartialState(cpu=cpu)
+
+
 def end_process_group() -> None:
     """Destroy this process's default ``torch.distributed`` process group, if it formed one.
 
     The commands call it once their work is over, however it ended. Local: no collective, so a
     process that failed alone does not wait for the others. Does nothing when torch was never
-    imported or no group exists. (Destroying does not always stop gloo's worker threads:
-    see :func:`exit_process`.)"""
+    imported or no group exists."""
     torch = sys.modules.get("torch")
     if torch is None:
         return
@@ -87,8 +116,9 @@ def exit_process(code: int) -> NoReturn:
     the main thread finishes; it then needs the interpreter lock, and during finalization that
     kills it inside a C++ destructor: "terminate called without an active exception", SIGABRT,
     and the launcher reports a finished run as failed (seen in about 1 run in 12 of a
-    two-process ``nearid eval`` on 2 cores). Destroying the process group does not stop those
-    threads while anything still holds the group. A single process exits normally."""
+    two-process ``nearid eval`` on 2 cores; destroying the group first joins the threads only
+    when nothing else holds it, see :func:`prepare_process_group`). A single process exits
+    normally."""
     if launch_info().is_distributed:
         import logging
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from comfy_nearid.launch import LaunchInfo, launch_info, process_device
@@ -122,3 +124,40 @@ def test_exit_process_skips_finalization_only_in_a_multi_process_launch(world_si
     assert proc.stdout.startswith("written before the exit")
     assert "logged before the exit" in proc.stderr
     assert ("finalized" in proc.stdout) == (world_size == "1")
+
+
+_GROUP_SCRIPT = """
+import os, sys, tempfile
+from comfy_nearid.launch import end_process_group, prepare_process_group
+if sys.argv[1] == "prepared":
+    prepare_process_group()
+import torch.distributed as dist
+dist.init_process_group("gloo", init_method="file://" + os.path.join(tempfile.mkdtemp(), "rv"), rank=0, world_size=1)
+import torch.distributed.nn  # what importing open_clip (a model scorer) after the group formed does
+out = [None]
+dist.all_gather_object(out, {"rows": [1, 2]})
+end_process_group()
+threads = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print(sum(name.startswith("pt_gloo") for name in threads))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads thread names from /proc")
+@pytest.mark.parametrize("prepared", [True, False], ids=["prepared", "not-prepared"])
+def test_a_prepared_process_group_stops_its_threads_when_destroyed(prepared, tmp_path):
+    """torch.distributed.nn's functions take the default group as a default argument: imported
+    after the group formed (open_clip imports it), it holds the group, and destroying the group
+    leaves gloo's worker threads running. prepare_process_group imports it first."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    pytest.importorskip("torch.distributed")
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", _GROUP_SCRIPT, "prepared" if prepared else "plain"],
+                          env=dict(os.environ, PYTHONPATH=str(repo)), capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    gloo_threads = int(proc.stdout.strip().splitlines()[-1])
+    # the unprepared case shows the test can tell the two apart
+    assert (gloo_threads == 0) if prepared else (gloo_threads > 0)

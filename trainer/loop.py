@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from comfy_nearid.errors import ConfigError, DatasetError, NearIDError
-from comfy_nearid.launch import hold_if_requested
+from comfy_nearid.launch import hold_if_requested, prepare_process_group
 from comfy_nearid.malloc import keep_freed_memory
 from comfy_nearid.model import embed_tokens
 
@@ -123,6 +123,7 @@ def _make_accelerator(config: TrainConfig, run_dir: Path):
         trackers.append(CSVTracker("nearid", run_dir / "logs"))
     elif config.logging.tracker == "tensorboard":
         trackers.append("tensorboard")
+    prepare_process_group()  # the Accelerator forms the process group
     return Accelerator(
         mixed_precision=config.train.mixed_precision,
         gradient_accumulation_steps=config.train.gradient_accumulation_steps,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import logging
 import os
 import sys
@@ -161,13 +162,15 @@ def _process_shard(device: str):
     if _launched_world_size() <= 1:
         return ProcessShard(), None
     try:
+        importlib.import_module("accelerate")
         import torch
-        from accelerate import PartialState
     except ImportError as e:
         raise InvalidInputError("running on several processes needs accelerate: pip install accelerate") from e
+    from ..launch import process_state
+
     # accelerate only forms a CPU process group (gloo) when told the run is on the CPU.
     on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    state = PartialState(cpu=on_cpu)
+    state = process_state(cpu=on_cpu)
     if state.num_processes <= 1:
         raise InvalidInputError(
             f"{_launched_world_size()} processes were launched but accelerate formed no process group; "

@@ -232,11 +232,11 @@ def _embed_distributed(items: Sequence[tuple["ImageRef", "ImageRef | None"]], sc
                             mask_keep=scorer.mask_keep, batch_size=scorer.batch_size, progress=progress,
                             desc=f"embedding ({scorer.name})", cores=scorer.cores)
     import torch
-    from accelerate import PartialState  # lazy: only when launched on several processes
-    from accelerate.utils import gather_object
+    from accelerate.utils import gather_object  # lazy: only when launched on several processes
 
-    # without CUDA, `accelerate launch --multi_gpu` processes must be told to use gloo on CPU
-    state = PartialState(cpu=not torch.cuda.is_available())
+    from ..launch import process_state
+
+    state = process_state(cpu=not torch.cuda.is_available())
     share = list(range(state.process_index, len(items), state.num_processes))
     logger.info("process %d/%d embeds %d of %d distinct images", state.process_index, state.num_processes,
                 len(share), len(items))
