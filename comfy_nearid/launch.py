@@ -88,10 +88,17 @@ def prepare_process_group() -> None:
 def process_state(cpu: bool) -> "PartialState":
     """accelerate's ``PartialState`` of this launch; the first call forms the process group
     (gloo with ``cpu=True``: without CUDA, ``accelerate launch --multi_gpu`` processes must be
-    told to use the CPU). See :func:`prepare_process_group`."""
-    prepare_process_group()
-    from accelerate import PartialState
+    told to use the CPU). See :func:`prepare_process_group`.
 
+    Raises:
+        InvalidInputError: accelerate is not installed."""
+    try:
+        from accelerate import PartialState
+    except ImportError as e:
+        from .errors import InvalidInputError
+
+        raise InvalidInputError("running on several processes needs accelerate: pip install accelerate") from e
+    prepare_process_group()
     return PartialState(cpu=cpu)
 
 

@@ -161,3 +161,13 @@ def test_a_prepared_process_group_stops_its_threads_when_destroyed(prepared, tmp
     gloo_threads = int(proc.stdout.strip().splitlines()[-1])
     # the unprepared case shows the test can tell the two apart
     assert (gloo_threads == 0) if prepared else (gloo_threads > 0)
+
+
+def test_forming_a_group_without_accelerate_says_what_to_install(monkeypatch):
+    """`nearid score` and `nearid eval` under a multi-process launch form their group here."""
+    from comfy_nearid.errors import InvalidInputError
+    from comfy_nearid.launch import process_state
+
+    monkeypatch.setitem(sys.modules, "accelerate", None)  # `import accelerate` raises ImportError
+    with pytest.raises(InvalidInputError, match="needs accelerate: pip install accelerate"):
+        process_state(cpu=True)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import logging
 import os
 import sys
@@ -161,11 +160,8 @@ def _process_shard(device: str):
 
     if _launched_world_size() <= 1:
         return ProcessShard(), None
-    try:
-        importlib.import_module("accelerate")
-        import torch
-    except ImportError as e:
-        raise InvalidInputError("running on several processes needs accelerate: pip install accelerate") from e
+    import torch
+
     from ..launch import process_state
 
     # accelerate only forms a CPU process group (gloo) when told the run is on the CPU.
