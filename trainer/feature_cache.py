@@ -277,7 +277,8 @@ def _embed_into(
         return tokens_of(pixels), masks
 
     batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
-    cores = cores_for(model.device) if model.device.type != "cpu" or cores is None else cores
+    if cores is None or model.device.type != "cpu":  # a GPU is fed by decode threads, whatever was asked
+        cores = cores_for(model.device)
     if cores > 1:
         embedded: Iterable[tuple[Sequence[_PendingImage], tuple[np.ndarray, list[Any]]]] = batches_on_cores(
             embed, batches, cores)

@@ -259,8 +259,9 @@ def _score_partitions(model: "IdentityModel", partitions: Sequence[Partition], r
         for name, rows in engine(todo, reference_embeddings, options, identity):
             written = time.perf_counter()
             timings["scoring"] += written - clock
-            for row in rows if labels else ():
-                row.labels = dict(labels.get(row.path, {}))
+            if labels:
+                for row in rows:
+                    row.labels = dict(labels.get(row.path, {}))
             write_table_atomic(partition_path(output_dir, name), rows_table(rows, label_names))
             clock = time.perf_counter()
             timings["writing"] += clock - written
